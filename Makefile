@@ -1,0 +1,35 @@
+# Everything a fresh machine (Python 3.11 + pip) needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first, pinned: an unpinned torch resolves to a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.base: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.base
+	$(BIN)/phi3 fetch
+	$(BIN)/phi3 chat
+
+test: $(VENV)/.test
+	$(BIN)/phi3 fetch
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.test
+	$(BIN)/phi3 fetch
+	$(BIN)/python benchmarks/bench_decode.py --write BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info

