@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import torch
 
 from phi3.errors import Phi3Error
-from phi3.model import Transformer
+from phi3.model import KVCache, Transformer
 from phi3.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -150,6 +150,22 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
 
 
+def advance(model: Transformer, cache: KVCache, tokens: torch.Tensor,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Feed the tokens the cache has not seen yet (tokens [B, n] is the whole sequence so far)
+    and return the last position's logits.
+
+    LongRoPE switches to its long factors once the sequence passes the original context; keys
+    rotated with the short ones are then stale, so the whole sequence is re-encoded, which is what
+    transformers' generate does for Phi-3 and makes every step equal a full forward."""
+    if cache.length:
+        fed = tokens.shape[1] - cache.length
+        if bool((model.uses_long_rope(cache.next_position + fed) != cache.rope_long).any()):
+            cache.reset()
+    start = cache.length
+    return model(tokens[:, start:], cache, mask[:, start:] if mask is not None else None, last_only=True)
+
+
 def _decode_loop(model: Transformer, prompts: list[list[int]], params: SamplingParams,
                  stop_ids: set[int], rows: list[_Row]) -> Iterator[list[tuple[int, str]]]:
     """Run the batched decode; after each step yield (row index, new text) for every row that
@@ -173,7 +189,7 @@ def _decode_loop(model: Transformer, prompts: list[list[int]], params: SamplingP
     length = longest
 
     with torch.inference_mode():
-        logits = model(tokens[:, :length], cache, mask[:, :length] if padded else None, last_only=True)
+        logits = advance(model, cache, tokens[:, :length], mask[:, :length] if padded else None)
         for step in range(params.max_new_tokens):
             history = tokens[:, :length] if params.repetition_penalty != 1.0 else None
             next_ids = sampler(logits[:, -1], history)
@@ -201,15 +217,7 @@ def _decode_loop(model: Transformer, prompts: list[list[int]], params: SamplingP
             yield events
             if not bool(alive.any()) or step == params.max_new_tokens - 1:
                 break
-            if model.uses_long_rope(length) and cache.rope_long is False:
-                # LongRoPE switches to its long factors once the sequence passes the original
-                # context; keys rotated with the short ones are stale, so re-encode everything
-                # (what transformers' generate does for Phi-3).
-                cache.reset()
-                logits = model(tokens[:, :length], cache, mask[:, :length] if padded else None, last_only=True)
-            else:
-                logits = model(tokens[:, length - 1:length], cache,
-                               mask[:, length - 1:length] if padded else None, last_only=True)
+            logits = advance(model, cache, tokens[:, :length], mask[:, :length] if padded else None)
 
 
 def _validate(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> None:

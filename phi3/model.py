@@ -51,14 +51,15 @@ class KVCache:
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
         self.max_len = max_len
-        self.rope_long: bool | None = None  # which LongRoPE factor set the cached keys were rotated with
+        # Per row: whether the cached keys were rotated with LongRoPE's long factor set.
+        self.rope_long = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.has_padding = False
 
     def reset(self) -> None:
         self.length = 0
         self.valid.zero_()
         self.next_position.zero_()
-        self.rope_long = None
+        self.rope_long.zero_()
         self.has_padding = False
 
 
@@ -171,10 +172,13 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def uses_long_rope(self, sequence_length: int) -> bool:
-        """LongRoPE picks the long factors once the sequence exceeds the original context."""
-        return (self.config.rope_scaling is not None
-                and sequence_length > self.config.original_max_position_embeddings)
+    def uses_long_rope(self, sequence_length: torch.Tensor) -> torch.Tensor:
+        """LongRoPE picks the long factors once a sequence exceeds the original context. Each row
+        decides for itself (transformers decides once for the whole batch), so that a sequence's
+        result never depends on what it was batched with."""
+        if self.config.rope_scaling is None:
+            return torch.zeros_like(sequence_length, dtype=torch.bool)
+        return sequence_length > self.config.original_max_position_embeddings
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         if max_len > self.config.max_position_embeddings:
@@ -182,8 +186,12 @@ class Transformer(nn.Module):
                 f"{max_len} tokens exceed the model's context of {self.config.max_position_embeddings}")
         return KVCache(self.config, batch_size, max_len, self.dtype, self.device)
 
-    def rotary(self, positions: torch.Tensor, long: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq_long if long else self.inv_freq_short
+    def rotary(self, positions: torch.Tensor, long: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, 1, T, head_dim] for positions [B, T]; `long` [B] picks each row's factors."""
+        if self.config.rope_scaling is None or not bool(long.any()):
+            inv_freq = self.inv_freq_short[None, None, :]
+        else:
+            inv_freq = torch.where(long[:, None], self.inv_freq_long, self.inv_freq_short)[:, None, :]
         freqs = positions[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
@@ -210,12 +218,12 @@ class Transformer(nn.Module):
             offset = cache.next_position if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
             positions = offset[:, None] + new_valid.long().cumsum(-1) - 1
             positions = positions.clamp(min=0)
-        max_pos = int(positions.max()) + 1
-        long = self.uses_long_rope(max_pos)
+        long = self.uses_long_rope(positions.max(dim=1).values + 1)
         padded = attention_mask is not None and not bool(new_valid.all())
         if cache is not None:
-            if cache.length > 0 and cache.rope_long is not None and cache.rope_long != long:
-                raise Phi3Error("KV cache was filled with the other LongRoPE factor set; re-encode the sequence")
+            if cache.length > 0 and bool((cache.rope_long != long).any()):
+                raise Phi3Error("KV cache holds keys rotated with the other LongRoPE factor set; "
+                                "re-encode the sequence (phi3.generate.advance does)")
             cache.rope_long = long
             cache.valid[:, start:S] = new_valid
             cache.next_position = positions[:, -1] + 1

@@ -309,19 +309,9 @@ def load_tokenizer(folder: str | Path, eos_ids: Iterable[int] = ()) -> Tokenizer
             raise Phi3Error(f"{folder / 'tokenizer.json'} could not be read: {e}") from None
         kind = "tokenizer.json"
     elif (folder / "tokenizer.model").exists():
-        import sentencepiece as spm
-        sp = spm.SentencePieceProcessor()
-        try:
-            sp.Load(str(folder / "tokenizer.model"))
-        except Exception as e:
-            raise Phi3Error(f"{folder / 'tokenizer.model'} could not be read: {e}") from None
-        n = sp.GetPieceSize()
-        pieces = [sp.IdToPiece(i) for i in range(n)]
-        scores = [sp.GetScore(i) for i in range(n)]
-        types = [BYTE if sp.IsByte(i) else CONTROL if sp.IsControl(i) else UNKNOWN if sp.IsUnknown(i)
-                 else USER_DEFINED if sp.IsUnused(i) is False and _is_user_defined(sp, i) else NORMAL
-                 for i in range(n)]
-        tk = build_spm_tokenizer(pieces, scores, types, add_space_prefix=True, unk_id=sp.unk_id())
+        pieces, scores, types, add_prefix, unk_id = read_sentencepiece_model(folder / "tokenizer.model")
+        n = len(pieces)
+        tk = build_spm_tokenizer(pieces, scores, types, add_space_prefix=add_prefix, unk_id=unk_id)
         extra = [(i, v) for i, v in sorted(added.items()) if i >= n]
         for i, v in extra:
             if i != tk.get_vocab_size(with_added_tokens=True):
@@ -351,6 +341,20 @@ def load_tokenizer(folder: str | Path, eos_ids: Iterable[int] = ()) -> Tokenizer
                      special_tokens=specials, kind=kind)
 
 
-def _is_user_defined(sp, i: int) -> bool:
-    # sentencepiece has no IsUserDefined; user-defined pieces have score 0 and are not bytes/control.
-    return sp.GetScore(i) == 0.0 and not sp.IsByte(i) and not sp.IsControl(i) and not sp.IsUnknown(i) and i > 2
+def read_sentencepiece_model(path: Path) -> tuple[list[str], list[float], list[int], bool, int]:
+    """Pieces, scores, piece types (numbered as GGUF numbers them), add_dummy_prefix and the unk id
+    of a SentencePiece model file, read through sentencepiece's own protobuf schema."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+    proto = sp_pb2.ModelProto()
+    try:
+        proto.ParseFromString(Path(path).read_bytes())
+    except Exception as e:
+        raise Phi3Error(f"{path} is not a SentencePiece model ({e})") from None
+    if not proto.pieces:
+        raise Phi3Error(f"{path} is not a SentencePiece model (no pieces)")
+    if proto.trainer_spec.model_type != 2:  # BPE
+        raise Phi3Error(f"{path}: only SentencePiece BPE models are supported (Llama/Phi-3 style)")
+    pieces = [p.piece for p in proto.pieces]
+    scores = [p.score for p in proto.pieces]
+    types = [p.type for p in proto.pieces]
+    return pieces, scores, types, proto.normalizer_spec.add_dummy_prefix, proto.trainer_spec.unk_id

