@@ -216,7 +216,10 @@ def build_bpe_tokenizer(tokens: Sequence[str], merges: Sequence[str], types: Seq
 
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    try:
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    except Exception as e:
+        raise Phi3Error(f"corrupt BPE vocabulary: {e}") from None
     if pre in ("smollm",):
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),

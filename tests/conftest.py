@@ -97,6 +97,8 @@ def save_hf_model(model, cfg: ModelConfig, folder: Path, shards: int = 1) -> Pat
     from safetensors.torch import save_file
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
     names = sorted(state)
     if shards == 1:
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -120,3 +122,89 @@ def run_cli(*args: str, stdin: str | None = None, timeout: int = 600) -> subproc
     env.pop("PHI3_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "phi3.cli", *args], input=stdin or "", capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+def _permute_for_llama_cpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    # llama.cpp's converter interleaves the rotary halves of Llama q/k rows.
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], arch: str,
+                    qtype: str = "F32", raw_blocks: dict[str, tuple[bytes, str]] | None = None) -> Path:
+    """A GGUF file in llama.cpp's layout for `arch` ('llama' or 'phi3') from a Hugging Face state
+    dict, with a byte-level tokenizer. 2-D weights are stored as `qtype`; `raw_blocks` overrides
+    single tensors with raw bytes of a given GGML type."""
+    import gguf
+    import numpy as np
+    w = gguf.GGUFWriter(str(path), arch)
+    hd = cfg.dim_per_head
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(hd)
+    w.add_vocab_size(cfg.vocab_size)
+    if arch == "phi3":
+        w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+        if cfg.sliding_window:
+            w.add_sliding_window(cfg.sliding_window)
+    tok = json.loads(tiny_tokenizer_json(cfg.vocab_size))
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab] + [a["content"] for a in tok["added_tokens"]] + ["ĠĠ"]
+    types = [1] * len(vocab) + [3] * len(tok["added_tokens"]) + [1]
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)]
+    types += [5] * (cfg.vocab_size - len(types))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(["Ġ Ġ"])
+    w.add_eos_token_id(tokens.index("<|endoftext|>"))
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+    def put(name: str, t: torch.Tensor) -> None:
+        if raw_blocks and name in raw_blocks:
+            data, kind = raw_blocks[name]
+            qt = gguf.GGMLQuantizationType[kind]
+            arr = np.frombuffer(data, dtype=np.uint8).reshape(t.shape[0], -1)
+            w.add_tensor(name, arr, raw_dtype=qt)
+            return
+        a = t.detach().float().numpy()
+        if a.ndim == 2 and qtype != "F32":
+            qt = gguf.GGMLQuantizationType[qtype]
+            # the writer infers the logical shape from the byte shape of quantized data
+            w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(name, a)
+
+    put("token_embd.weight", state["model.embed_tokens.weight"])
+    put("output_norm.weight", state["model.norm.weight"])
+    if "lm_head.weight" in state and not cfg.tie_word_embeddings:
+        put("output.weight", state["lm_head.weight"])
+    if arch == "phi3" and cfg.rope_scaling is not None:
+        w.add_tensor("rope_factors_long.weight", np.array(cfg.rope_scaling.long_factor, dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(cfg.rope_scaling.short_factor, dtype=np.float32))
+    for i in range(cfg.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        put(b + "attn_norm.weight", state[p + "input_layernorm.weight"])
+        put(b + "ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
+        put(b + "attn_output.weight", state[p + "self_attn.o_proj.weight"])
+        put(b + "ffn_down.weight", state[p + "mlp.down_proj.weight"])
+        if arch == "phi3":
+            put(b + "attn_qkv.weight", state[p + "self_attn.qkv_proj.weight"])
+            put(b + "ffn_up.weight", state[p + "mlp.gate_up_proj.weight"])
+        else:
+            put(b + "attn_q.weight", _permute_for_llama_cpp(state[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+            put(b + "attn_k.weight", _permute_for_llama_cpp(state[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+            put(b + "attn_v.weight", state[p + "self_attn.v_proj.weight"])
+            put(b + "ffn_gate.weight", state[p + "mlp.gate_proj.weight"])
+            put(b + "ffn_up.weight", state[p + "mlp.up_proj.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,185 @@
+"""Loading Hugging Face folders (Phi-3 and Llama layouts, sharded) and GGUF files, and
+`phi3 convert` back to a folder transformers loads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from phi3.checkpoint import load
+from phi3.config import config_from_hf_dict
+from phi3.generate import SamplingParams, generate
+from tests.conftest import hf_reference, run_cli, save_hf_model, tiny_config, write_tiny_gguf
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    torch.manual_seed(0)
+    return torch.randint(0, 256, (2, 40))
+
+
+def test_sharded_folder_equals_single(tmp_path, ids):
+    cfg = tiny_config("medium")
+    hf = hf_reference(cfg)
+    one = load(save_hf_model(hf, cfg, tmp_path / "one"), dtype="float32")
+    three = load(save_hf_model(hf, cfg, tmp_path / "three", shards=3), dtype="float32")
+    assert (tmp_path / "three" / "model.safetensors.index.json").exists()
+    with torch.no_grad():
+        assert torch.equal(one.model(ids), three.model(ids))
+        assert max_diff(one.model(ids), hf(ids).logits) <= 1e-4
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_layout_is_fused_at_load(tmp_path, ids, tied):
+    cfg = tiny_config("medium").with_(model_type="llama", tie_word_embeddings=tied, rope_theta=100000.0)
+    hf = hf_reference(cfg)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ours = load(save_hf_model(hf, cfg, tmp_path / "llama"), dtype="float32")
+    assert ours.config.tie_word_embeddings is tied
+    with torch.no_grad():
+        assert max_diff(ours.model(ids), hf(ids).logits) <= 1e-4
+
+
+def test_mistral_config_is_read():
+    cfg = config_from_hf_dict({"model_type": "mistral", "hidden_size": 64, "intermediate_size": 128,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "vocab_size": 300, "sliding_window": 4096, "max_position_embeddings": 32768,
+                               "rope_theta": 1e6})
+    assert (cfg.model_type, cfg.sliding_window, cfg.num_key_value_heads, cfg.rope_theta) == ("mistral", 4096, 2, 1e6)
+
+
+@pytest.mark.parametrize("arch,kind", [("phi3", "mini-128k"), ("phi3", "mini-4k"), ("llama", "medium")])
+def test_gguf_f32_matches_transformers(tmp_path, arch, kind):
+    cfg = tiny_config(kind)
+    if arch == "llama":
+        cfg = cfg.with_(model_type="llama")
+    hf = hf_reference(cfg)
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", cfg, hf.state_dict(), arch)
+    ours = load(path, dtype="float32")
+    assert ours.config.model_type == arch
+    if cfg.rope_scaling is not None:  # GGUF stores the factors as float32
+        assert ours.config.rope_scaling.long_factor == pytest.approx(cfg.rope_scaling.long_factor, rel=1e-6)
+        assert ours.config.rope_scaling.short_factor == pytest.approx(cfg.rope_scaling.short_factor, rel=1e-6)
+    assert ours.config.sliding_window == cfg.sliding_window
+    torch.manual_seed(1)
+    x = torch.randint(0, 256, (1, 48))
+    with torch.no_grad():
+        assert max_diff(ours.model(x), hf(x).logits) <= 1e-4
+
+
+def _random_k_blocks(kind: str, n_blocks: int, rng: np.random.Generator) -> bytes:
+    """Valid K-quant super-blocks: random quants and scales, finite fp16 d/dmin."""
+    size = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[kind]
+    raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    d = np.full((n_blocks, 1), 0.001, dtype=np.float16).view(np.uint8)
+    if kind == "Q6_K":
+        raw[:, -2:] = d
+    else:
+        raw[:, 0:2] = d
+        raw[:, 2:4] = np.full((n_blocks, 1), 0.002, dtype=np.float16).view(np.uint8)
+    return raw.tobytes()
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_quant_types_match_transformers_loader(tmp_path, qtype):
+    """Each type is dequantized as transformers' GGUF loader dequantizes it."""
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config("medium").with_(model_type="llama", hidden_size=256, intermediate_size=256,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    hf = hf_reference(cfg)
+    raw = None
+    base_type = qtype
+    if qtype.endswith("_K"):
+        rng = np.random.default_rng(0)
+        base_type = "F32"
+        raw = {"blk.0.ffn_down.weight": (_random_k_blocks(qtype, 256, rng), qtype),
+               "blk.1.attn_output.weight": (_random_k_blocks(qtype, 256, rng), qtype)}
+    path = write_tiny_gguf(tmp_path / f"{qtype}.gguf", cfg, hf.state_dict(), "llama", qtype=base_type,
+                           raw_blocks=raw)
+    ours = load(path, dtype="float32")
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    x = torch.randint(0, 256, (1, 24))
+    with torch.no_grad():
+        assert max_diff(ours.model(x), ref(x).logits) <= 1e-3
+
+
+def test_convert_gguf_to_folder_loads_in_transformers(tmp_path, smollm_gguf):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "smollm-hf"
+    r = run_cli("convert", str(smollm_gguf), str(out))
+    assert r.returncode == 0, r.stderr
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).exists()
+    ours = load(smollm_gguf, dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = ours.tokenizer.encode_chat(messages)
+    assert ids == list(hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert max_diff(ours.model(x), hf(x).logits) <= 1e-4
+    reloaded = load(out, dtype="float32")
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(x), ours.model(x))
+
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a prime number is.",
+    "List three fruits.",
+    "How do I reverse a list in Python?",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm_pair(smollm_gguf):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm_gguf.parent), gguf_file=smollm_gguf.name,
+                                              dtype=torch.float32).eval()
+    return load(smollm_gguf, dtype="float32"), hf
+
+
+def test_smollm_logits_match_transformers(smollm_pair):
+    ours, hf = smollm_pair
+    for prompt in PROMPTS[:2]:
+        x = torch.tensor([ours.tokenizer.encode_chat([{"role": "user", "content": prompt}])])
+        with torch.no_grad():
+            assert max_diff(ours.model(x), hf(x).logits) <= 1e-3
+
+
+def test_smollm_greedy_ids_match_transformers(smollm_pair, smollm_gguf):
+    """`phi3 generate` (the CLI, 64 new tokens) gives transformers' greedy ids on every prompt."""
+    ours, hf = smollm_pair
+    for prompt in PROMPTS:
+        r = run_cli("generate", "--model", str(smollm_gguf), "--prompt", prompt, "--max-tokens", "64",
+                    "--dtype", "float32", "--json")
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)["token_ids"]
+        ids = ours.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
+                              eos_token_id=sorted(ours.tokenizer.stop_ids), pad_token_id=2)
+        expected = out[0, len(ids):].tolist()
+        if expected and expected[-1] in ours.tokenizer.stop_ids:
+            expected = expected[:-1]
+        assert got == expected, prompt
+
+
+def test_batched_generation_on_real_model(smollm_pair):
+    ours, _ = smollm_pair
+    tok = ours.tokenizer
+    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS[:3]]
+    params = SamplingParams(max_new_tokens=24)
+    batch = generate(ours.model, tok, prompts, params)
+    single = [generate(ours.model, tok, [p], params)[0] for p in prompts]
+    assert [b.token_ids for b in batch] == [s.token_ids for s in single]
+    assert "Paris" in batch[0].text
