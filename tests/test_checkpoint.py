@@ -15,6 +15,13 @@ from phi3.generate import SamplingParams, generate
 from tests.conftest import hf_reference, run_cli, save_hf_model, tiny_config, write_tiny_gguf
 
 
+def dense_gguf():
+    """transformers keeps GGUF weights packed and unpacks them on every forward unless told to
+    dequantize once at load, which is what phi3 does too."""
+    from transformers import GgufConfig
+    return GgufConfig(dequantize=True)
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
@@ -104,7 +111,8 @@ def test_gguf_quant_types_match_transformers_loader(tmp_path, qtype):
     path = write_tiny_gguf(tmp_path / f"{qtype}.gguf", cfg, hf.state_dict(), "llama", qtype=base_type,
                            raw_blocks=raw)
     ours = load(path, dtype="float32")
-    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32,
+                                               quantization_config=dense_gguf()).eval()
     x = torch.randint(0, 256, (1, 24))
     with torch.no_grad():
         assert max_diff(ours.model(x), ref(x).logits) <= 1e-3
@@ -144,7 +152,7 @@ PROMPTS = [
 def smollm_pair(smollm_gguf):
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(str(smollm_gguf.parent), gguf_file=smollm_gguf.name,
-                                              dtype=torch.float32).eval()
+                                              dtype=torch.float32, quantization_config=dense_gguf()).eval()
     return load(smollm_gguf, dtype="float32"), hf
 
 
