@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from phi3 import quant
 from phi3.config import ModelConfig, RopeScaling, config_from_hf_dict, load_config
 from phi3.errors import Phi3Error
 from phi3.model import Transformer, count_parameters, rope_inv_freq
@@ -163,8 +164,17 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
     return model.to(dtype=dtype)
 
 
-def _finish(model: Transformer, state: dict[str, torch.Tensor], device: str) -> Transformer:
-    expected = {k: v for k, v in model.state_dict().items()}
+def _finish(model: Transformer, state: dict[str, torch.Tensor], device: str,
+            packed: dict[str, "quant.QuantLinear"] | None = None) -> Transformer:
+    for name, q in (packed or {}).items():
+        parent, _, attr = name.rpartition(".")
+        old = model.get_submodule(name)
+        if (old.out_features, old.in_features) != (q.out_features, q.in_features):
+            raise Phi3Error(f"shape mismatch for {name}.weight: checkpoint has {(q.out_features, q.in_features)}, "
+                            f"config implies {(old.out_features, old.in_features)}")
+        setattr(model.get_submodule(parent) if parent else model, attr, q)
+    packed_prefixes = tuple(f"{name}." for name in (packed or {}))
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(packed_prefixes)}
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
         state.pop("lm_head.weight", None)
@@ -388,40 +398,71 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype,
-                progress: bool = False) -> dict[str, torch.Tensor]:
+def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool,
+                progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, quant.QuantLinear]]:
+    """Dense tensors by Hugging Face name, and the linear layers kept in block formats."""
     state: dict[str, torch.Tensor] = {}
+    packed: dict[str, quant.QuantLinear] = {}
+    llama = cfg.model_type == "llama"  # llama.cpp permutes Llama's q/k rows (not Phi-3's)
 
     def get(name: str) -> torch.Tensor:
         if name not in tensors:
             raise Phi3Error(f"GGUF file is missing tensor {name}")
         return torch.from_numpy(_tensor_numpy(tensors[name]))
 
+    def packable(names: list[str]) -> bool:
+        kinds = {tensors[n].tensor_type.name for n in names}
+        return (keep_quantized and len(kinds) == 1 and kinds <= set(quant.QUANT_KINDS)
+                and all(len(tensors[n].shape) == 2 and int(tensors[n].shape[0]) % quant.BLOCK == 0 for n in names))
+
+    def linear(dst: str, sources: list[str], heads: list[int | None]) -> None:
+        for src in sources:
+            if src not in tensors:
+                raise Phi3Error(f"GGUF file is missing tensor {src}")
+        if packable(sources):
+            parts = []
+            for src, h in zip(sources, heads):
+                t = tensors[src]
+                cols, rows = int(t.shape[0]), int(t.shape[1])
+                q = quant.from_gguf_blocks(t.tensor_type.name, t.data, rows, cols)
+                if h is not None:
+                    q = quant.permute_rows(q, _unpermute_rope(torch.arange(rows)[:, None], h)[:, 0])
+                parts.append(q)
+            packed[dst] = quant.concat_rows(parts) if len(parts) > 1 else parts[0]
+            return
+        dense = [get(src) for src in sources]
+        dense = [_unpermute_rope(w, h) if h is not None else w for w, h in zip(dense, heads)]
+        state[dst + ".weight"] = (torch.cat(dense) if len(dense) > 1 else dense[0]).to(dtype)
+
     state["model.embed_tokens.weight"] = get("token_embd.weight").to(dtype)
     state["model.norm.weight"] = get("output_norm.weight").to(dtype)
-    if not cfg.tie_word_embeddings:
-        state["lm_head.weight"] = get("output.weight").to(dtype)
+    linear("lm_head", ["output.weight" if "output.weight" in tensors else "token_embd.weight"], [None])
     layers = range(cfg.num_hidden_layers)
     if progress:
         from tqdm import tqdm
         layers = tqdm(layers, desc="loading", unit="layer", leave=False)
     for i in layers:
         p, b = f"model.layers.{i}.", f"blk.{i}."
-        for src, dst in _GGUF_LAYER_NAMES.items():
-            if src == "attn_qkv" and b + "attn_qkv.weight" not in tensors:
-                q = _unpermute_rope(get(b + "attn_q.weight"), cfg.num_attention_heads) if cfg.model_type == "llama" else get(b + "attn_q.weight")
-                k = _unpermute_rope(get(b + "attn_k.weight"), cfg.num_key_value_heads) if cfg.model_type == "llama" else get(b + "attn_k.weight")
-                state[p + dst] = torch.cat([q, k, get(b + "attn_v.weight")]).to(dtype)
-                continue
-            state[p + dst] = get(b + src + ".weight").to(dtype)
-        if b + "ffn_gate.weight" in tensors:
-            state[p + "mlp.gate_up_proj.weight"] = torch.cat([get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")]).to(dtype)
+        state[p + "input_layernorm.weight"] = get(b + "attn_norm.weight").to(dtype)
+        state[p + "post_attention_layernorm.weight"] = get(b + "ffn_norm.weight").to(dtype)
+        if b + "attn_qkv.weight" in tensors:
+            linear(p + "self_attn.qkv_proj", [b + "attn_qkv.weight"], [None])
         else:
-            state[p + "mlp.gate_up_proj.weight"] = get(b + "ffn_up.weight").to(dtype)
-    return state
+            linear(p + "self_attn.qkv_proj", [b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"],
+                   [cfg.num_attention_heads if llama else None, cfg.num_key_value_heads if llama else None, None])
+        linear(p + "self_attn.o_proj", [b + "attn_output.weight"], [None])
+        if b + "ffn_gate.weight" in tensors:
+            linear(p + "mlp.gate_up_proj", [b + "ffn_gate.weight", b + "ffn_up.weight"], [None, None])
+        else:
+            linear(p + "mlp.gate_up_proj", [b + "ffn_up.weight"], [None])
+        linear(p + "mlp.down_proj", [b + "ffn_down.weight"], [None])
+    return state, packed
 
 
-def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu") -> LoadedModel:
+def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
+              keep_quantized: bool = True) -> LoadedModel:
+    """Load a GGUF model. Q4_0/Q4_1/Q8_0 linear weights stay in their block format (see quant.py)
+    when `keep_quantized` and the CPU kernel is available; everything else is dequantized."""
     reader = open_gguf(path)
     fields = gguf_fields(reader)
     tensors = {t.name: t for t in reader.tensors}
@@ -434,8 +475,9 @@ def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str 
         cfg = cfg.with_(eos_token_id=(tokenizer.eos_id,))
     torch_dtype = resolve_dtype(dtype)
     model = _empty_model(cfg, torch_dtype)
-    state = _gguf_state(tensors, cfg, torch_dtype, progress=cfg.num_parameters() > 1e9)
-    model = _finish(model, state, device)
+    keep = keep_quantized and device == "cpu" and quant.kernel_available()
+    state, packed = _gguf_state(tensors, cfg, torch_dtype, keep, progress=cfg.num_parameters() > 1e9)
+    model = _finish(model, state, device, packed)
     return LoadedModel(model, tokenizer, cfg, path, "gguf", path.stat().st_size, types)
 
 

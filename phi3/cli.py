@@ -199,7 +199,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src = Path(args.gguf)
     if not src.exists():
         raise Phi3Error(f"no such file: {src}")
-    lm = load_gguf(src, dtype=args.dtype)
+    lm = load_gguf(src, dtype=args.dtype, keep_quantized=False)
     save_hf_folder(lm, Path(args.out_dir))
     print(f"wrote {args.out_dir} (config.json, model.safetensors, tokenizer files)")
     return 0

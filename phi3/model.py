@@ -29,7 +29,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 even for 16-bit activations, as the reference does.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
+        # 16-bit activations: normalise in float32 and round before the weight, as the reference does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -76,20 +78,20 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None, is_causal: bool,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split((q_size, kv_size, kv_size), dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, KV = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, self.head_dim)
+        # Rotate queries and keys together: one set of ops instead of two.
+        qk = apply_rotary(qkv[:, :, :H + KV], cos, sin)
+        q = qk[:, :, :H].transpose(1, 2)
+        k = qk[:, :, H:].transpose(1, 2)
+        v = qkv[:, :, H + KV:].transpose(1, 2)
         if cache is not None:
             start, end = cache.length, cache.length + T
             cache.k[layer, :, :, start:end] = k
             cache.v[layer, :, :, start:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, q_size))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != KV)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -162,14 +164,15 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        # A packed lm_head (quant.QuantLinear) holds its own copy of the embedding's blocks.
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def uses_long_rope(self, sequence_length: torch.Tensor) -> torch.Tensor:
@@ -187,7 +190,7 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len, self.dtype, self.device)
 
     def rotary(self, positions: torch.Tensor, long: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [B, 1, T, head_dim] for positions [B, T]; `long` [B] picks each row's factors."""
+        """cos/sin [B, T, 1, head_dim] for positions [B, T]; `long` [B] picks each row's factors."""
         if self.config.rope_scaling is None or not bool(long.any()):
             inv_freq = self.inv_freq_short[None, None, :]
         else:
@@ -197,8 +200,8 @@ class Transformer(nn.Module):
         cos, sin = emb.cos(), emb.sin()
         if self.rope_scale != 1.0:
             cos, sin = cos * self.rope_scale, sin * self.rope_scale
-        # [B, 1, T, head_dim] broadcasts over heads.
-        return cos.to(self.dtype).unsqueeze(1), sin.to(self.dtype).unsqueeze(1)
+        # [B, T, 1, head_dim] broadcasts over heads.
+        return cos.to(self.dtype).unsqueeze(2), sin.to(self.dtype).unsqueeze(2)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None,

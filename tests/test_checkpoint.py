@@ -132,11 +132,12 @@ def test_convert_gguf_to_folder_loads_in_transformers(tmp_path, smollm_gguf):
     ids = ours.tokenizer.encode_chat(messages)
     assert ids == list(hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
     x = torch.tensor([ids])
-    with torch.no_grad():
-        assert max_diff(ours.model(x), hf(x).logits) <= 1e-4
     reloaded = load(out, dtype="float32")
     with torch.no_grad():
-        assert torch.equal(reloaded.model(x), ours.model(x))
+        expected = hf(x).logits
+        assert max_diff(reloaded.model(x), expected) <= 1e-4  # dense weights on both sides
+        # the GGUF itself runs on packed 4-bit weights, summed in another order
+        assert max_diff(ours.model(x), expected) <= 1e-3
 
 
 PROMPTS = [

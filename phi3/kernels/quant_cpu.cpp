@@ -1,0 +1,116 @@
+// Matrix products with weights kept in llama.cpp's block formats, for CPU decoding.
+//
+// Why our own kernel: PyTorch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) only runs fast
+// with bfloat16 activations and rounds the block scales to bfloat16; with float32 activations it
+// is ~30x slower than a dense matmul. Decoding reads every weight once per token, so the bytes per
+// weight set the speed: 4-bit blocks read 7x less than float32.
+//
+// Layout (repacked from GGUF at load): for an [N, K] weight in blocks of 32 along K,
+//   q4: qs [N, K/2] uint8 (block b of a row: bytes 16b..16b+15; low nibble = element j,
+//       high nibble = element j+16), scale [N, K/32] float, min [N, K/32] float:
+//       w = scale * q + min  (Q4_0 folds its -8 into min = -8 * scale)
+//   q8: qs [N, K] int8, scale [N, K/32] float: w = scale * q
+// Products are accumulated in float32: y[m, n] = sum_b scale * (sum_j q_j x_j) + min * sum_j x_j.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+void check(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scale, int64_t k_per_byte) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous(), "qs: contiguous [N, K/", k_per_byte, "]");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous(), "scale: contiguous float32");
+  TORCH_CHECK(x.size(1) == qs.size(1) * k_per_byte, "K mismatch: x has ", x.size(1), ", weight ", qs.size(1) * k_per_byte);
+  TORCH_CHECK(x.size(1) % kBlock == 0, "K must be a multiple of 32");
+}
+
+// Grain: rows per task, so that each thread streams a long contiguous stretch of weights.
+constexpr int64_t kGrain = 64;
+
+}  // namespace
+
+torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scale, torch::Tensor min) {
+  check(x, qs, scale, 2);
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / kBlock;
+  auto y = torch::empty({M, N}, x.options());
+  // Sum of each block of x, for the min term.
+  auto xsum = x.view({M, nb, kBlock}).sum(-1).contiguous();
+  const float* xp = x.data_ptr<float>();
+  const float* xs = xsum.data_ptr<float>();
+  const uint8_t* qp = qs.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* mp = min.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const __m512i low = _mm512_set1_epi32(0x0F);
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<__m512> acc(M);
+    std::vector<float> acc_min(M);
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t m = 0; m < M; ++m) { acc[m] = _mm512_setzero_ps(); acc_min[m] = 0.f; }
+      const uint8_t* row = qp + n * (K / 2);
+      const float* srow = sp + n * nb;
+      const float* mrow = mp + n * nb;
+      for (int64_t b = 0; b < nb; ++b) {
+        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low));
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+        const __m512 s = _mm512_set1_ps(srow[b]);
+        const float mn = mrow[b];
+        for (int64_t m = 0; m < M; ++m) {
+          const float* xb = xp + m * K + b * kBlock;
+          __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+          dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), dot);
+          acc[m] = _mm512_fmadd_ps(dot, s, acc[m]);
+          acc_min[m] += mn * xs[m * nb + b];
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = hsum(acc[m]) + acc_min[m];
+    }
+  });
+  return y;
+}
+
+torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scale) {
+  check(x, qs, scale, 1);
+  TORCH_CHECK(qs.scalar_type() == torch::kChar, "q8 qs: int8");
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / kBlock;
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = qs.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<__m512> acc(M);
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      const int8_t* row = qp + n * K;
+      const float* srow = sp + n * nb;
+      for (int64_t b = 0; b < nb; ++b) {
+        __m256i q32 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q32)));
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q32, 1)));
+        const __m512 s = _mm512_set1_ps(srow[b]);
+        for (int64_t m = 0; m < M; ++m) {
+          const float* xb = xp + m * K + b * kBlock;
+          __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+          dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), dot);
+          acc[m] = _mm512_fmadd_ps(dot, s, acc[m]);
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = hsum(acc[m]);
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q4_matmul", &q4_matmul, "x [M,K] float32 @ q4 block weight [N,K]^T -> [M,N]");
+  m.def("q8_matmul", &q8_matmul, "x [M,K] float32 @ q8 block weight [N,K]^T -> [M,N]");
+}

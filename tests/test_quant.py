@@ -1,0 +1,60 @@
+"""Block-format weights: repacking from GGUF bytes and the CPU kernel against dense float32."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from phi3 import quant
+
+
+def blocks(kind: str, rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    data = gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind])
+    return data, gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind])
+
+
+@pytest.mark.parametrize("kind", quant.QUANT_KINDS)
+def test_repacked_blocks_dequantize_exactly(kind):
+    data, dense = blocks(kind, 48, 96)
+    q = quant.from_gguf_blocks(kind, data, 48, 96)
+    assert torch.equal(q.dequantize(), torch.from_numpy(dense))
+
+
+@pytest.mark.parametrize("kind", quant.QUANT_KINDS)
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_kernel_matches_dense(kind, m):
+    if not quant.kernel_available():
+        pytest.skip(f"quantized CPU kernel unavailable: {quant.kernel_error()}")
+    data, dense = blocks(kind, 200, 320, seed=m)
+    q = quant.from_gguf_blocks(kind, data, 200, 320)
+    x = torch.randn(2, m, 320)
+    expected = x @ torch.from_numpy(dense).t()
+    got = q(x)
+    assert got.shape == (2, m, 200)
+    assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+    # bfloat16 activations go through the same float32 kernel
+    got16 = q(x.bfloat16())
+    assert got16.dtype == torch.bfloat16
+    assert (got16.float() - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()
+
+
+def test_fallback_without_kernel_gives_the_same_numbers(monkeypatch):
+    data, dense = blocks("Q4_1", 64, 128)
+    q = quant.from_gguf_blocks("Q4_1", data, 64, 128)
+    x = torch.randn(1, 128)
+    monkeypatch.setattr(quant, "_ext", None)
+    monkeypatch.setattr(quant, "_ext_error", "disabled for this test")
+    assert torch.allclose(q(x), x @ torch.from_numpy(dense).t(), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_concatenate_and_permute():
+    (a, da), (b, db) = blocks("Q8_0", 32, 64, 1), blocks("Q8_0", 16, 64, 2)
+    qa, qb = quant.from_gguf_blocks("Q8_0", a, 32, 64), quant.from_gguf_blocks("Q8_0", b, 16, 64)
+    both = quant.concat_rows([qa, qb])
+    assert torch.equal(both.dequantize(), torch.from_numpy(np.concatenate([da, db])))
+    order = torch.randperm(48)
+    assert torch.equal(quant.permute_rows(both, order).dequantize(), both.dequantize()[order])
