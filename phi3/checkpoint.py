@@ -132,12 +132,14 @@ def _fetch_from_hub(repo_id: str) -> Path:
 
 # --- Loading ------------------------------------------------------------------------------------
 
-def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
-    """'auto' is float32 on CPUs: see `phi3 generate --help` for the measurements behind it."""
+def resolve_dtype(name: str | torch.dtype | None, stored: str | None = None) -> torch.dtype:
+    """The compute dtype. 'auto' keeps a bfloat16 checkpoint in bfloat16 (as it was trained; float32
+    would double its memory) and computes everything else in float32: GGUF block weights are
+    multiplied in float32 by our kernel anyway, and float16 on CPUs is a risk of overflow."""
     if isinstance(name, torch.dtype):
         return name
     if name in (None, "auto"):
-        return torch.float32
+        return torch.bfloat16 if stored == "bfloat16" else torch.float32
     if name not in DTYPES:
         raise Phi3Error(f"unknown dtype {name!r}; choose float32, bfloat16, float16 or auto")
     return DTYPES[name]
@@ -265,7 +267,7 @@ def _fuse_llama_layout(name: str, tensor: torch.Tensor, pending: dict[str, torch
 
 def load_hf_folder(folder: Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu") -> LoadedModel:
     cfg = load_config(folder)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, cfg.torch_dtype)
     files = _safetensors_files(folder)
     model = _empty_model(cfg, torch_dtype)
     state: dict[str, torch.Tensor] = {}

@@ -14,9 +14,11 @@ from typing import Any, Sequence
 
 from phi3.errors import Phi3Error
 
-DTYPE_HELP = ("compute precision: float32, bfloat16, float16 or auto (default). auto picks float32 on "
-              "CPUs: on our 2-core AVX-512 test machine bfloat16 decodes SmolLM2-135M no faster "
-              "(see BENCHMARKS.md) and float32 keeps greedy results identical to the reference")
+DTYPE_HELP = ("compute precision: float32, bfloat16, float16 or auto (default). auto computes GGUF "
+              "models in float32 (their 4/8-bit weights are multiplied in float32 by phi3's kernel; "
+              "bfloat16 activations only add conversions and were slower on our test CPU, see "
+              "BENCHMARKS.md) and Hugging Face checkpoints in their stored dtype when that is "
+              "bfloat16, else float32")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                       help="precision of the written weights (default float32: exact dequantized values)")
 
-    sub.add_parser("fetch", help="download the default model (SmolLM2-135M-Instruct) into the cache")
+    sub.add_parser("fetch", help="download the default model (SmolLM2-135M-Instruct) into the cache "
+                                 "and build the quantized CPU kernel")
     return parser
 
 
@@ -206,8 +209,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    from phi3 import quant
     from phi3.checkpoint import fetch_default_model
     print(fetch_default_model())
+    if not quant.kernel_available():  # built now rather than on the first chat
+        print(f"phi3: no quantized CPU kernel ({quant.kernel_error()}); GGUF weights will be dequantized",
+              file=sys.stderr)
     return 0
 
 

@@ -89,15 +89,12 @@ class QuantLinear(nn.Module):
         return self.qs.numel() * self.qs.element_size() + (self.scale.numel() + self.minimum.numel()) * 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
-        ext = kernel()
+        ext = _ext if _ext is not None else kernel()
         if ext is None:
-            y = x2 @ self.dequantize().t()
-        elif self.kind == "q4":
-            y = ext.q4_matmul(x2, self.qs, self.scale, self.minimum)
-        else:
-            y = ext.q8_matmul(x2, self.qs, self.scale)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            return (x.float() @ self.dequantize().t()).to(x.dtype)
+        if self.kind == "q4":
+            return ext.q4_matmul(x, self.qs, self.scale, self.minimum)
+        return ext.q8_matmul(x, self.qs, self.scale)
 
     def dequantize(self) -> torch.Tensor:
         """The dense float32 weight [out, in]."""

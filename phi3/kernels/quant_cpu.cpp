@@ -36,7 +36,7 @@ constexpr int64_t kGrain = 64;
 
 }  // namespace
 
-torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scale, torch::Tensor min) {
+torch::Tensor q4_matmul_f32(torch::Tensor x, torch::Tensor qs, torch::Tensor scale, torch::Tensor min) {
   check(x, qs, scale, 2);
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / kBlock;
   auto y = torch::empty({M, N}, x.options());
@@ -49,6 +49,44 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scale, 
   const float* mp = min.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const __m512i low = _mm512_set1_epi32(0x0F);
+  if (M == 1) {
+    // Decoding: one activation row. Two accumulators break the FMA dependency chain, and the
+    // min term is one dot product of the row's mins with the block sums of x.
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const uint8_t* row = qp + n * (K / 2);
+        const float* srow = sp + n * nb;
+        const float* mrow = mp + n * nb;
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        int64_t b = 0;
+        for (; b + 1 < nb; b += 2) {
+          __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
+          __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16 + 16)));
+          const float* xb = xp + b * kBlock;
+          __m512 d0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q0, low)), _mm512_loadu_ps(xb));
+          d0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q0, 4)), _mm512_loadu_ps(xb + 16), d0);
+          __m512 d1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q1, low)), _mm512_loadu_ps(xb + 32));
+          d1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q1, 4)), _mm512_loadu_ps(xb + 48), d1);
+          acc0 = _mm512_fmadd_ps(d0, _mm512_set1_ps(srow[b]), acc0);
+          acc1 = _mm512_fmadd_ps(d1, _mm512_set1_ps(srow[b + 1]), acc1);
+        }
+        for (; b < nb; ++b) {
+          __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
+          const float* xb = xp + b * kBlock;
+          __m512 d0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q0, low)), _mm512_loadu_ps(xb));
+          d0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q0, 4)), _mm512_loadu_ps(xb + 16), d0);
+          acc0 = _mm512_fmadd_ps(d0, _mm512_set1_ps(srow[b]), acc0);
+        }
+        __m512 mins = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 16 <= nb; j += 16) mins = _mm512_fmadd_ps(_mm512_loadu_ps(mrow + j), _mm512_loadu_ps(xs + j), mins);
+        float tail = 0.f;
+        for (; j < nb; ++j) tail += mrow[j] * xs[j];
+        yp[n] = hsum(_mm512_add_ps(acc0, acc1)) + hsum(mins) + tail;
+      }
+    });
+    return y;
+  }
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<__m512> acc(M);
     std::vector<float> acc_min(M);
@@ -77,7 +115,7 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scale, 
   return y;
 }
 
-torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scale) {
+torch::Tensor q8_matmul_f32(torch::Tensor x, torch::Tensor qs, torch::Tensor scale) {
   check(x, qs, scale, 1);
   TORCH_CHECK(qs.scalar_type() == torch::kChar, "q8 qs: int8");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / kBlock;
@@ -86,6 +124,27 @@ torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scale) 
   const int8_t* qp = qs.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  if (M == 1) {
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int8_t* row = qp + n * K;
+        const float* srow = sp + n * nb;
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b) {
+          __m256i q32 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
+          const float* xb = xp + b * kBlock;
+          __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q32))),
+                                     _mm512_loadu_ps(xb));
+          dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q32, 1))),
+                                _mm512_loadu_ps(xb + 16), dot);
+          if (b & 1) acc1 = _mm512_fmadd_ps(dot, _mm512_set1_ps(srow[b]), acc1);
+          else acc0 = _mm512_fmadd_ps(dot, _mm512_set1_ps(srow[b]), acc0);
+        }
+        yp[n] = hsum(_mm512_add_ps(acc0, acc1));
+      }
+    });
+    return y;
+  }
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<__m512> acc(M);
     for (int64_t n = begin; n < end; ++n) {
@@ -110,7 +169,22 @@ torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scale) 
   return y;
 }
 
+// Entry points: any floating activations [..., K]; products in float32, returned in x's dtype.
+torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scale, torch::Tensor min) {
+  auto shape = x.sizes().vec();
+  auto y = q4_matmul_f32(x.reshape({-1, shape.back()}).to(torch::kFloat).contiguous(), qs, scale, min);
+  shape.back() = qs.size(0);
+  return y.to(x.scalar_type()).view(shape);
+}
+
+torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scale) {
+  auto shape = x.sizes().vec();
+  auto y = q8_matmul_f32(x.reshape({-1, shape.back()}).to(torch::kFloat).contiguous(), qs, scale);
+  shape.back() = qs.size(0);
+  return y.to(x.scalar_type()).view(shape);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_matmul", &q4_matmul, "x [M,K] float32 @ q4 block weight [N,K]^T -> [M,N]");
-  m.def("q8_matmul", &q8_matmul, "x [M,K] float32 @ q8 block weight [N,K]^T -> [M,N]");
+  m.def("q4_matmul", &q4_matmul, "x [..., K] @ q4 block weight [N, K]^T -> [..., N]");
+  m.def("q8_matmul", &q8_matmul, "x [..., K] @ q8 block weight [N, K]^T -> [..., N]");
 }
