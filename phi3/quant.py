@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 BLOCK = 32
+PROMPT_ROWS = 16  # from this many activation rows on, unpack the weight and use a dense matmul
 QUANT_KINDS = ("Q4_0", "Q4_1", "Q8_0")
 _SOURCE = Path(__file__).parent / "kernels" / "quant_cpu.cpp"
 _ext: Any = None
@@ -92,6 +93,10 @@ class QuantLinear(nn.Module):
         ext = _ext if _ext is not None else kernel()
         if ext is None:
             return (x.float() @ self.dequantize().t()).to(x.dtype)
+        if x.numel() >= PROMPT_ROWS * self.in_features:
+            # Many rows (a prompt): unpack once and let a dense matmul reuse each weight.
+            w = ext.dequantize(self.qs, self.scale, self.minimum, self.kind == "q4")
+            return (x.float() @ w.t()).to(x.dtype)
         if self.kind == "q4":
             return ext.q4_matmul(x, self.qs, self.scale, self.minimum)
         return ext.q8_matmul(x, self.qs, self.scale)

@@ -25,7 +25,7 @@ def test_repacked_blocks_dequantize_exactly(kind):
 
 
 @pytest.mark.parametrize("kind", quant.QUANT_KINDS)
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 17, 40])
 def test_kernel_matches_dense(kind, m):
     if not quant.kernel_available():
         pytest.skip(f"quantized CPU kernel unavailable: {quant.kernel_error()}")

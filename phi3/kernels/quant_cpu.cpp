@@ -169,6 +169,41 @@ torch::Tensor q8_matmul_f32(torch::Tensor x, torch::Tensor qs, torch::Tensor sca
   return y;
 }
 
+// Dense float32 [N, K] weights from blocks: for prompts, where a dense matmul (MKL) reuses each
+// weight across many rows better than the row-at-a-time kernels above.
+torch::Tensor dequantize(torch::Tensor qs, torch::Tensor scale, torch::Tensor min, bool q4) {
+  const int64_t N = qs.size(0), K = q4 ? qs.size(1) * 2 : qs.size(1), nb = K / kBlock;
+  auto w = torch::empty({N, K}, scale.options());
+  float* wp = w.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  const float* mp = q4 ? min.data_ptr<float>() : nullptr;
+  const __m512i low = _mm512_set1_epi32(0x0F);
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m512 s = _mm512_set1_ps(sp[n * nb + b]);
+        float* out = wp + n * K + b * kBlock;
+        __m512 lo, hi;
+        if (q4) {
+          const uint8_t* row = qs.data_ptr<uint8_t>() + n * (K / 2) + b * 16;
+          __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+          const __m512 m = _mm512_set1_ps(mp[n * nb + b]);
+          lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), s, m);
+          hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), s, m);
+        } else {
+          const int8_t* row = qs.data_ptr<int8_t>() + n * K + b * kBlock;
+          __m256i q32 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+          lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q32))), s);
+          hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q32, 1))), s);
+        }
+        _mm512_storeu_ps(out, lo);
+        _mm512_storeu_ps(out + 16, hi);
+      }
+    }
+  });
+  return w;
+}
+
 // Entry points: any floating activations [..., K]; products in float32, returned in x's dtype.
 torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scale, torch::Tensor min) {
   auto shape = x.sizes().vec();
@@ -186,5 +221,6 @@ torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scale) 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_matmul", &q4_matmul, "x [..., K] @ q4 block weight [N, K]^T -> [..., N]");
+  m.def("dequantize", &dequantize, "blocks -> dense float32 [N, K]");
   m.def("q8_matmul", &q8_matmul, "x [..., K] @ q8 block weight [N, K]^T -> [..., N]");
 }
