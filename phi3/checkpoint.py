@@ -438,7 +438,10 @@ def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, k
 
     state["model.embed_tokens.weight"] = get("token_embd.weight").to(dtype)
     state["model.norm.weight"] = get("output_norm.weight").to(dtype)
-    linear("lm_head", ["output.weight" if "output.weight" in tensors else "token_embd.weight"], [None])
+    if "output.weight" in tensors:
+        linear("lm_head", ["output.weight"], [None])
+    elif packable(["token_embd.weight"]):  # tied: the head multiplies the embedding's blocks
+        linear("lm_head", ["token_embd.weight"], [None])
     layers = range(cfg.num_hidden_layers)
     if progress:
         from tqdm import tqdm

@@ -68,6 +68,13 @@ def tiny_folder(tmp_path_factory):
     return save_hf_model(hf_reference(cfg), cfg, tmp_path_factory.mktemp("tiny")), cfg
 
 
+def copy_of(folder, dst):
+    dst.mkdir()
+    for f in folder.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
 def test_missing_path():
     assert_one_line_error(run_cli("generate", "--model", "/no/such/model", "-p", "hi"), "model not found")
     assert_one_line_error(run_cli("info", "/no/such/file.gguf"), "no such file")
@@ -82,20 +89,15 @@ def test_hub_id_without_network_says_how_to_pass_a_local_model(tmp_path, monkeyp
 
 def test_truncated_safetensors(tiny_folder, tmp_path):
     folder, _ = tiny_folder
-    bad = tmp_path / "trunc"
-    bad.mkdir()
-    for f in folder.iterdir():
-        data = f.read_bytes()
-        (bad / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    bad = copy_of(folder, tmp_path / "trunc")
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
     assert_one_line_error(run_cli("generate", "--model", str(bad), "-p", "hi"), "truncated")
 
 
 def test_corrupt_safetensors(tiny_folder, tmp_path):
     folder, _ = tiny_folder
-    bad = tmp_path / "corrupt"
-    bad.mkdir()
-    for f in folder.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_of(folder, tmp_path / "corrupt")
     data = bytearray((bad / "model.safetensors").read_bytes())
     data[8:20] = b"not json!!!!"
     (bad / "model.safetensors").write_bytes(bytes(data))
@@ -118,10 +120,7 @@ def test_truncated_and_corrupt_gguf(tmp_path):
 
 def test_unknown_architecture(tiny_folder, tmp_path):
     folder, _ = tiny_folder
-    bad = tmp_path / "neox"
-    bad.mkdir()
-    for f in folder.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_of(folder, tmp_path / "neox")
     cfg = json.loads((bad / "config.json").read_text())
     cfg["model_type"] = "gpt_neox"
     (bad / "config.json").write_text(json.dumps(cfg))
@@ -149,10 +148,7 @@ def test_unknown_quantization_type(tmp_path):
 
 def test_shape_mismatch(tiny_folder, tmp_path):
     folder, _ = tiny_folder
-    bad = tmp_path / "shape"
-    bad.mkdir()
-    for f in folder.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_of(folder, tmp_path / "shape")
     cfg = json.loads((bad / "config.json").read_text())
     cfg["intermediate_size"] = 100
     (bad / "config.json").write_text(json.dumps(cfg))
