@@ -49,6 +49,10 @@ def kernel() -> Any:
         return None
     try:
         from torch.utils.cpp_extension import load
+        # pip installs ninja next to this interpreter, which is not on PATH unless the venv is active.
+        bin_dir = str(Path(sys.executable).parent)
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
         src = _SOURCE.read_bytes()
         tag = hashlib.sha1(src + torch.__version__.encode()).hexdigest()[:10]
         build = Path(os.environ.get("PHI3_CACHE") or Path.home() / ".cache" / "phi3") / "kernels" / tag
