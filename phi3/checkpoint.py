@@ -482,6 +482,10 @@ def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str 
     model = _empty_model(cfg, torch_dtype)
     keep = keep_quantized and device == "cpu" and quant.kernel_available()
     state, packed = _gguf_state(tensors, cfg, torch_dtype, keep, progress=cfg.num_parameters() > 1e9)
+    if torch_dtype == torch.bfloat16:
+        for q in packed.values():
+            if q.kind == "q4":
+                q.to_int4pack()
     model = _finish(model, state, device, packed)
     return LoadedModel(model, tokenizer, cfg, path, "gguf", path.stat().st_size, types)
 

@@ -91,9 +91,28 @@ class QuantLinear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        return self.qs.numel() * self.qs.element_size() + (self.scale.numel() + self.minimum.numel()) * 4
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.scale, self.minimum))
+
+    def to_int4pack(self) -> None:
+        """Switch a Q4 weight to PyTorch's own int4 CPU kernel, for bfloat16 activations: it does
+        the layer matmuls of a SmolLM2 decode step in 2.4 ms where ours takes 4.4 ms, but keeps
+        scale and min in bfloat16 (a rounding the bfloat16 mode makes anyway)."""
+        assert self.kind == "q4"
+        n, k = self.out_features, self.in_features
+        q = torch.cat([(self.qs & 0x0F).view(n, k // BLOCK, 16), (self.qs >> 4).view(n, k // BLOCK, 16)], -1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, k).to(torch.int32), 8)
+        # The kernel computes (q - 8) * scale + zero per group of 32: zero = min + 8 * scale.
+        scales_zeros = torch.stack([self.scale, self.minimum + 8 * self.scale], -1).transpose(0, 1)
+        self.kind = "q4pack"
+        self.qs = packed
+        self.scale = scales_zeros.contiguous().to(torch.bfloat16)
+        self.minimum = torch.zeros(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "q4pack":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, self.in_features).to(torch.bfloat16), self.qs, BLOCK, self.scale)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         ext = _ext if _ext is not None else kernel()
         if ext is None:
             return (x.float() @ self.dequantize().t()).to(x.dtype)
@@ -108,6 +127,9 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The dense float32 weight [out, in]."""
         n, k = self.out_features, self.in_features
+        if self.kind == "q4pack":
+            eye = torch.eye(k, dtype=torch.bfloat16)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qs, BLOCK, self.scale).float().t().contiguous()
         if self.kind == "q4":
             lo = (self.qs & 0x0F).view(n, k // BLOCK, 16)
             hi = (self.qs >> 4).view(n, k // BLOCK, 16)

@@ -58,3 +58,17 @@ def test_rows_concatenate_and_permute():
     assert torch.equal(both.dequantize(), torch.from_numpy(np.concatenate([da, db])))
     order = torch.randperm(48)
     assert torch.equal(quant.permute_rows(both, order).dequantize(), both.dequantize()[order])
+
+
+def test_int4pack_for_bfloat16_matches_dense():
+    data, dense = blocks("Q4_1", 96, 256, seed=5)
+    q = quant.from_gguf_blocks("Q4_1", data, 96, 256)
+    q.to_int4pack()
+    w = torch.from_numpy(dense)
+    # only the rounding of scale and min to bfloat16 separates the weights
+    assert (q.dequantize() - w).abs().max().item() <= 2e-2 * w.abs().max().item()
+    x = torch.randn(3, 256).bfloat16()
+    expected = x.float() @ w.t()
+    got = q(x)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max().item() <= 3e-2 * expected.abs().max().item()
