@@ -302,7 +302,10 @@ def load_tokenizer(folder: str | Path, eos_ids: Iterable[int] = ()) -> Tokenizer
     folder = Path(folder)
     config: dict[str, Any] = {}
     if (folder / "tokenizer_config.json").exists():
-        config = json.loads((folder / "tokenizer_config.json").read_text())
+        try:
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise Phi3Error(f"{folder / 'tokenizer_config.json'} is not valid JSON ({e.msg} at line {e.lineno})") from None
     added = {int(i): v for i, v in (config.get("added_tokens_decoder") or {}).items()}
     if (folder / "tokenizer.json").exists():
         from tokenizers import Tokenizer as HFTokenizer
@@ -314,7 +317,8 @@ def load_tokenizer(folder: str | Path, eos_ids: Iterable[int] = ()) -> Tokenizer
     elif (folder / "tokenizer.model").exists():
         pieces, scores, types, add_prefix, unk_id = read_sentencepiece_model(folder / "tokenizer.model")
         n = len(pieces)
-        tk = build_spm_tokenizer(pieces, scores, types, add_space_prefix=add_prefix, unk_id=unk_id)
+        tk = build_spm_tokenizer(pieces, scores, types, add_space_prefix=add_prefix, unk_id=unk_id,
+                                 added={i: v for i, v in added.items() if i < n})
         extra = [(i, v) for i, v in sorted(added.items()) if i >= n]
         for i, v in extra:
             if i != tk.get_vocab_size(with_added_tokens=True):
