@@ -192,3 +192,19 @@ def test_batched_generation_on_real_model(smollm_pair):
     single = [generate(ours.model, tok, [p], params)[0] for p in prompts]
     assert [b.token_ids for b in batch] == [s.token_ids for s in single]
     assert "Paris" in batch[0].text
+
+
+def test_convert_phi3_gguf_loads_as_phi3_in_transformers(tmp_path):
+    """A phi3-architecture GGUF (fused qkv/gate_up, LongRoPE factors as tensors) converts to a
+    Phi3ForCausalLM folder with the same logits."""
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config("mini-128k")
+    hf = hf_reference(cfg)
+    gguf_path = write_tiny_gguf(tmp_path / "phi3.gguf", cfg, hf.state_dict(), "phi3")
+    r = run_cli("convert", str(gguf_path), str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    converted = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    assert type(converted).__name__ == "Phi3ForCausalLM"
+    x = torch.randint(0, 256, (1, 40))  # past the original context of 32: long factors
+    with torch.no_grad():
+        assert max_diff(converted(x).logits, hf(x).logits) <= 1e-4
