@@ -158,7 +158,7 @@ def advance(model: Transformer, cache: KVCache, tokens: torch.Tensor,
     LongRoPE switches to its long factors once the sequence passes the original context; keys
     rotated with the short ones are then stale, so the whole sequence is re-encoded, which is what
     transformers' generate does for Phi-3 and makes every step equal a full forward."""
-    if cache.length:
+    if cache.length and model.config.rope_scaling is not None:
         fed = tokens.shape[1] - cache.length
         if bool((model.uses_long_rope(cache.next_position + fed) != cache.rope_long).any()):
             cache.reset()

@@ -186,9 +186,10 @@ class Transformer(nn.Module):
                 f"{max_len} tokens exceed the model's context of {self.config.max_position_embeddings}")
         return KVCache(self.config, batch_size, max_len, self.dtype, self.device)
 
-    def rotary(self, positions: torch.Tensor, long: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [B, T, 1, head_dim] for positions [B, T]; `long` [B] picks each row's factors."""
-        if self.config.rope_scaling is None or not bool(long.any()):
+    def rotary(self, positions: torch.Tensor, long: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, T, 1, head_dim] for positions [B, T]; `long` [B] picks each row's factors
+        (None: no LongRoPE)."""
+        if long is None or not bool(long.any()):
             inv_freq = self.inv_freq_short[None, None, :]
         else:
             inv_freq = torch.where(long[:, None], self.inv_freq_long, self.inv_freq_short)[:, None, :]
@@ -212,26 +213,31 @@ class Transformer(nn.Module):
         S = start + T
         if cache is not None and S > cache.max_len:
             raise Phi3Error(f"KV cache holds {cache.max_len} tokens; {S} requested")
-        new_valid = (attention_mask.bool() if attention_mask is not None
-                     else torch.ones(B, T, dtype=torch.bool, device=device))
+        padded = attention_mask is not None and not bool(attention_mask.all())
         if positions is None:
-            offset = cache.next_position if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
-            positions = offset[:, None] + new_valid.long().cumsum(-1) - 1
-            positions = positions.clamp(min=0)
-        long = self.uses_long_rope(positions.max(dim=1).values + 1)
-        padded = attention_mask is not None and not bool(new_valid.all())
+            # Decoding calls this once per token: skip the cumsum unless there is padding.
+            offset = cache.next_position[:, None] if cache is not None else torch.zeros(B, 1, dtype=torch.long, device=device)
+            if padded:
+                positions = (offset + attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                positions = offset + torch.arange(T, device=device)
+        long = None
+        if self.config.rope_scaling is not None:
+            long = self.uses_long_rope(positions.max(dim=1).values + 1)
         if cache is not None:
-            if cache.length > 0 and bool((cache.rope_long != long).any()):
-                raise Phi3Error("KV cache holds keys rotated with the other LongRoPE factor set; "
-                                "re-encode the sequence (phi3.generate.advance does)")
-            cache.rope_long = long
-            cache.valid[:, start:S] = new_valid
+            if long is not None:
+                if cache.length > 0 and bool((cache.rope_long != long).any()):
+                    raise Phi3Error("KV cache holds keys rotated with the other LongRoPE factor set; "
+                                    "re-encode the sequence (phi3.generate.advance does)")
+                cache.rope_long = long
+            cache.valid[:, start:S] = attention_mask.bool() if attention_mask is not None else True
             cache.next_position = positions[:, -1] + 1
             cache.has_padding = cache.has_padding or padded
             key_valid = cache.valid[:, :S]
             any_padding = cache.has_padding
         else:
-            key_valid = new_valid
+            key_valid = (attention_mask.bool() if attention_mask is not None
+                         else torch.ones(B, T, dtype=torch.bool, device=device))
             any_padding = padded
 
         window = self.config.sliding_window
