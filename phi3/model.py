@@ -18,8 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phi3 import quant
 from phi3.config import ModelConfig
 from phi3.errors import Phi3Error
+
+
+def cpu_kernels(x: torch.Tensor):
+    """phi3's compiled CPU kernels (see phi3/quant.py) when they apply to x, else None: decoding
+    one token pays PyTorch's per-call cost of tiny norms and attention ~30 times per token."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled():
+        return None
+    return quant.kernel()
 
 
 class RMSNorm(nn.Module):
@@ -29,8 +38,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused op; it normalises 16-bit inputs in float32 too (rounding once, where
-        # transformers rounds before and after the weight: a last-bit difference in bfloat16).
+        # One fused op in float32 math (16-bit inputs are rounded once, where transformers rounds
+        # before and after the weight: a last-bit difference in bfloat16).
+        ext = cpu_kernels(x)
+        if ext is not None:
+            return ext.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
@@ -87,6 +99,12 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start:end] = k
             cache.v[layer, :, :, start:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        ext = cpu_kernels(x) if cache is not None and T == 1 and self.head_dim % 16 == 0 and self.head_dim <= 128 else None
+        if ext is not None:  # one new token: our kernel reads the cache in place
+            allowed = mask[:, 0, 0, :] if mask is not None else torch.empty(0, dtype=torch.bool)
+            out = ext.attend_one(q.reshape(B, H, self.head_dim), cache.k[layer], cache.v[layer],
+                                 k.shape[2], allowed, self.head_dim ** -0.5)
+            return self.o_proj(out.reshape(B, 1, H * self.head_dim))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != KV)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.head_dim))
 

@@ -72,3 +72,25 @@ def test_int4pack_for_bfloat16_matches_dense():
     got = q(x)
     assert got.dtype == torch.bfloat16
     assert (got.float() - expected).abs().max().item() <= 3e-2 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_kernels_match_pytorch(dtype):
+    ext = quant.kernel()
+    if ext is None:
+        pytest.skip(f"CPU kernels unavailable: {quant.kernel_error()}")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    x, w = torch.randn(2, 3, 96).to(dtype), torch.randn(96).to(dtype)
+    ref = torch.nn.functional.rms_norm(x.float(), (96,), w.float(), 1e-5)
+    assert (ext.rms_norm(x, w, 1e-5).float() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    B, H, KV, S, hd = 2, 6, 2, 37, 96
+    q = torch.randn(B, H, hd).to(dtype)
+    k, v = torch.randn(B, KV, 50, hd).to(dtype), torch.randn(B, KV, 50, hd).to(dtype)
+    allowed = torch.rand(B, S) > 0.3
+    allowed[:, -1] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float()[:, :, None], k.float()[:, :, :S], v.float()[:, :, :S], attn_mask=allowed[:, None, None, :],
+        enable_gqa=True)[:, :, 0]
+    got = ext.attend_one(q, k, v, S, allowed, hd ** -0.5)
+    assert got.dtype == dtype
+    assert (got.float() - expected).abs().max().item() <= tol * expected.abs().max().item() + 1e-6
