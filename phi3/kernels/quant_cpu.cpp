@@ -233,9 +233,9 @@ void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t D, float 
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * D;
-      float ss = 0.f;
-      for (int64_t i = 0; i < D; ++i) { float v = as_float(xr[i]); ss += v * v; }
-      const float inv = 1.f / std::sqrt(ss / D + eps);
+      double ss = 0.0;  // double: the reference's vectorised float sum is closer to exact than a serial one
+      for (int64_t i = 0; i < D; ++i) { double v = as_float(xr[i]); ss += v * v; }
+      const float inv = 1.f / std::sqrt(static_cast<float>(ss / D) + eps);
       T* yr = y + r * D;
       for (int64_t i = 0; i < D; ++i) yr[i] = static_cast<T>(as_float(xr[i]) * inv * as_float(w[i]));
     }
