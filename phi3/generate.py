@@ -61,9 +61,13 @@ class _Row:
     """One sequence's output: ids, text released so far, and stop-string handling (text that
     could be the start of a stop string is held back until it is known not to be)."""
 
-    def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str], prompt_tokens: int) -> None:
-        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+    def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str], prompt_tokens: int,
+                 incremental: bool = True) -> None:
         self.stop = [s for s in stop if s]
+        # Text is decoded token by token only when someone reads it as it comes (streaming) or
+        # stop strings need watching; otherwise once at the end.
+        self.tokenizer = tokenizer
+        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None and (incremental or self.stop) else None
         self.prompt_tokens = prompt_tokens
         self.ids: list[int] = []
         self.text = ""  # everything decoded so far
@@ -79,7 +83,12 @@ class _Row:
 
     def end(self, reason: str) -> str:
         self.finish_reason = self.finish_reason or reason
-        if self.decoder is not None and reason != "stop_string":
+        if self.decoder is None:
+            if self.tokenizer is not None:
+                self.text = self.tokenizer.decode(self.ids)
+                self.released = len(self.text)
+            return ""
+        if reason != "stop_string":
             self.text += self.decoder.flush()
             return self._release(final=True)
         return ""
@@ -184,38 +193,36 @@ def _decode_loop(model: Transformer, prompts: list[list[int]], params: SamplingP
     padded = bool((mask[:, :longest] == 0).any())
     cache = model.new_cache(B, total)
     sampler = Sampler(params, device)
-    stop_tensor = torch.tensor(sorted(stop_ids) or [-1], device=device)
-    alive = torch.ones(B, dtype=torch.bool, device=device)
+    alive = [True] * B
     length = longest
 
     with torch.inference_mode():
         logits = advance(model, cache, tokens[:, :length], mask[:, :length] if padded else None)
         for step in range(params.max_new_tokens):
             history = tokens[:, :length] if params.repetition_penalty != 1.0 else None
-            next_ids = sampler(logits[:, -1], history)
-            next_ids = torch.where(alive, next_ids, torch.full_like(next_ids, pad))
-            tokens[:, length] = next_ids
+            # Rows are few: decide on plain Python ints rather than many tiny tensor ops per step.
+            next_ids = [t if a else pad for t, a in zip(sampler(logits[:, -1], history).tolist(), alive)]
+            tokens[:, length] = torch.tensor(next_ids, dtype=torch.long)
             mask[:, length] = 1
             length += 1
-            hit_stop = torch.isin(next_ids, stop_tensor) & alive
+            last = step == params.max_new_tokens - 1
             events = []
-            for i in range(B):
-                if not bool(alive[i]):
+            for i, tid in enumerate(next_ids):
+                if not alive[i]:
                     continue
-                tid = int(next_ids[i])
-                if bool(hit_stop[i]):
+                if tid in stop_ids:
                     rows[i].finish_reason = "stop"
                     text = rows[i].end("stop")
                 else:
                     text = rows[i].add(tid)
-                    if rows[i].finish_reason is None and step == params.max_new_tokens - 1:
+                    if rows[i].finish_reason is None and last:
                         text += rows[i].end("length")
                 if rows[i].finish_reason is not None:
                     alive[i] = False
                 if text:
                     events.append((i, text))
             yield events
-            if not bool(alive.any()) or step == params.max_new_tokens - 1:
+            if not any(alive) or last:
                 break
             logits = advance(model, cache, tokens[:, :length], mask[:, :length] if padded else None)
 
@@ -233,7 +240,7 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompts: list[list
     """Complete a batch of tokenized prompts. Rows of different lengths are left-padded."""
     _validate(model, prompts, params)
     stops = stop_ids if stop_ids is not None else (tokenizer.stop_ids if tokenizer else set())
-    rows = [_Row(tokenizer, params.stop, len(p)) for p in prompts]
+    rows = [_Row(tokenizer, params.stop, len(p), incremental=False) for p in prompts]
     for _ in _decode_loop(model, prompts, params, stops, rows):
         pass
     return [r.completion() for r in rows]

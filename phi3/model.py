@@ -7,6 +7,10 @@ LongRoPE for the 128K models) and an optional sliding window; the MLP is SwiGLU 
 gate_up projection. Parameter names follow Hugging Face's Phi3ForCausalLM so that a Phi-3
 checkpoint loads without renaming.
 
+Submodules are called through `.forward`: nn.Module.__call__ (hook handling) costs about a
+microsecond per call, a decode step makes ~300 such calls, and phi3 registers no hooks; skipping it
+measured 0.8 ms faster per SmolLM2 token.
+
 Positions and padding: every row of a batch has its own positions (left padding shifts them), and
 a KVCache remembers which of its slots hold real tokens, so batched prompts of different lengths
 decode together.
@@ -88,7 +92,7 @@ class Attention(nn.Module):
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, self.head_dim)
+        qkv = self.qkv_proj.forward(x).view(B, T, H + 2 * KV, self.head_dim)
         # Rotate queries and keys together: one set of ops instead of two.
         qk = apply_rotary(qkv[:, :, :H + KV], cos, sin)
         q = qk[:, :, :H].transpose(1, 2)
@@ -104,9 +108,9 @@ class Attention(nn.Module):
             allowed = mask[:, 0, 0, :] if mask is not None else torch.empty(0, dtype=torch.bool)
             out = ext.attend_one(q.reshape(B, H, self.head_dim), cache.k[layer], cache.v[layer],
                                  k.shape[2], allowed, self.head_dim ** -0.5)
-            return self.o_proj(out.reshape(B, 1, H * self.head_dim))
+            return self.o_proj.forward(out.reshape(B, 1, H * self.head_dim))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != KV)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.head_dim))
+        return self.o_proj.forward(out.transpose(1, 2).reshape(B, T, H * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -116,8 +120,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = self.gate_up_proj.forward(x).chunk(2, dim=-1)
+        return self.down_proj.forward(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -129,8 +133,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, is_causal, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, mask, is_causal, cache, layer)
+        return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
 
 
 class Backbone(nn.Module):
@@ -267,14 +271,14 @@ class Transformer(nn.Module):
             is_causal = True
 
         cos, sin = self.rotary(positions, long)
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens.forward(input_ids)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, is_causal, cache, i)
+            x = layer.forward(x, cos, sin, mask, is_causal, cache, i)
         if cache is not None:
             cache.length = S
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x)).float()
+        return self.lm_head.forward(self.model.norm.forward(x)).float()
 
     @staticmethod
     def _mask(key_valid: torch.Tensor, start: int, T: int, window: int | None) -> torch.Tensor:
