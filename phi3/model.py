@@ -86,13 +86,23 @@ class Attention(nn.Module):
         self.head_dim = cfg.dim_per_head
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.fits_kernel = self.head_dim % 16 == 0 and self.head_dim <= 128  # decode_attention's limits
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, is_causal: bool,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj.forward(x).view(B, T, H + 2 * KV, self.head_dim)
+        qkv = self.qkv_proj.forward(x)
+        ext = cpu_kernels(x) if cache is not None and T == 1 and self.fits_kernel else None
+        if ext is not None:
+            # One new token: rotary, the cache write and attention in one call of our kernel
+            # (the ~15 small PyTorch ops it replaces cost more than the arithmetic).
+            allowed = mask[:, 0, 0, :] if mask is not None else torch.empty(0, dtype=torch.bool)
+            out = ext.decode_attention(qkv.view(B, -1), cos.view(B, -1), sin.view(B, -1), cache.k[layer],
+                                       cache.v[layer], cache.length, allowed, self.head_dim ** -0.5, H)
+            return self.o_proj.forward(out.view(B, 1, H * self.head_dim))
+        qkv = qkv.view(B, T, H + 2 * KV, self.head_dim)
         # Rotate queries and keys together: one set of ops instead of two.
         qk = apply_rotary(qkv[:, :, :H + KV], cos, sin)
         q = qk[:, :, :H].transpose(1, 2)
@@ -103,12 +113,6 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start:end] = k
             cache.v[layer, :, :, start:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-        ext = cpu_kernels(x) if cache is not None and T == 1 and self.head_dim % 16 == 0 and self.head_dim <= 128 else None
-        if ext is not None:  # one new token: our kernel reads the cache in place
-            allowed = mask[:, 0, 0, :] if mask is not None else torch.empty(0, dtype=torch.bool)
-            out = ext.attend_one(q.reshape(B, H, self.head_dim), cache.k[layer], cache.v[layer],
-                                 k.shape[2], allowed, self.head_dim ** -0.5)
-            return self.o_proj.forward(out.reshape(B, 1, H * self.head_dim))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != KV)
         return self.o_proj.forward(out.transpose(1, 2).reshape(B, T, H * self.head_dim))
 

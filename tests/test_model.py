@@ -107,3 +107,21 @@ def test_cli_greedy_ids_match_transformers_generate(pair):
     if expected and expected[-1] in stops:
         expected = expected[:-1]
     assert result["token_ids"] == expected
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_decoding_tracks_full_forward(kind, tmp_path):
+    """The bfloat16 one-token path (our CPU kernels when built) stays within bfloat16 noise of a
+    full forward of the same tokens."""
+    cfg = tiny_config(kind)
+    folder = save_hf_model(hf_reference(cfg), cfg, tmp_path / kind)
+    model = load(folder, dtype="bfloat16").model
+    torch.manual_seed(4)
+    ids = torch.randint(0, cfg.vocab_size, (1, 40))
+    cache = model.new_cache(1, 40)
+    with torch.no_grad():
+        advance(model, cache, ids[:, :30])
+        for t in range(31, 41):
+            step = advance(model, cache, ids[:, :t])[:, -1]
+            full = model(ids[:, :t])[:, -1]
+            assert (step - full).abs().max().item() <= 0.05 * full.abs().max().item()

@@ -332,10 +332,67 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, int6
   return out;
 }
 
+// A whole attention block for one new token per row, after the qkv projection: rotate q and k
+// (rotate-half convention, cos/sin already scaled), write k and v into the cache at slot `start`,
+// attend over slots [0, start]. qkv [B, (H + 2 KV) hd]; cos, sin [B, hd]; caches [B, KV, Smax, hd].
+template <typename T>
+void rotate_into(const T* x, const T* cos, const T* sin, int64_t hd, T* out) {
+  const int64_t half = hd / 2;
+  for (int64_t d = 0; d < half; ++d) {
+    // Round each product as the reference's separate multiplies do.
+    T a = static_cast<T>(as_float(x[d]) * as_float(cos[d]));
+    T b = static_cast<T>(-as_float(x[d + half]) * as_float(sin[d]));
+    out[d] = static_cast<T>(as_float(a) + as_float(b));
+    T c = static_cast<T>(as_float(x[d + half]) * as_float(cos[d + half]));
+    T e = static_cast<T>(as_float(x[d]) * as_float(sin[d + half]));
+    out[d + half] = static_cast<T>(as_float(c) + as_float(e));
+  }
+}
+
+template <typename T>
+torch::Tensor decode_attention_impl(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc,
+                                    torch::Tensor vc, int64_t start, torch::Tensor allowed, double scale,
+                                    int64_t H) {
+  const int64_t B = qkv.size(0), KV = kc.size(1), Smax = kc.size(2), hd = kc.size(3);
+  auto q = torch::empty({B, H, hd}, qkv.options());
+  const T* src = qkv.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  T* qp = q.data_ptr<T>();
+  T* kp = kc.data_ptr<T>();
+  T* vp = vc.data_ptr<T>();
+  const int64_t width = (H + 2 * KV) * hd;
+  for (int64_t b = 0; b < B; ++b) {
+    const T* row = src + b * width;
+    for (int64_t h = 0; h < H; ++h) rotate_into(row + h * hd, cp + b * hd, sp + b * hd, hd, qp + (b * H + h) * hd);
+    for (int64_t g = 0; g < KV; ++g) {
+      T* kslot = kp + ((b * KV + g) * Smax + start) * hd;
+      rotate_into(row + (H + g) * hd, cp + b * hd, sp + b * hd, hd, kslot);
+      std::copy(row + (H + KV + g) * hd, row + (H + KV + g + 1) * hd, vp + ((b * KV + g) * Smax + start) * hd);
+    }
+  }
+  return attend_one(q, kc, vc, start + 1, allowed, scale);
+}
+
+torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc,
+                               torch::Tensor vc, int64_t start, torch::Tensor allowed, double scale, int64_t H) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
+              "decode_attention: contiguous qkv [B, width], cos/sin [B, hd]");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && start < kc.size(2), "decode_attention: cache");
+  TORCH_CHECK(qkv.size(1) == (H + 2 * kc.size(1)) * kc.size(3), "decode_attention: qkv width");
+  TORCH_CHECK(qkv.scalar_type() == kc.scalar_type() && cos.scalar_type() == qkv.scalar_type(),
+              "decode_attention: dtypes differ");
+  if (qkv.scalar_type() == torch::kFloat)
+    return decode_attention_impl<float>(qkv, cos, sin, kc, vc, start, allowed, scale, H);
+  TORCH_CHECK(qkv.scalar_type() == torch::kBFloat16, "decode_attention: float32 or bfloat16");
+  return decode_attention_impl<at::BFloat16>(qkv, cos, sin, kc, vc, start, allowed, scale, H);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_matmul", &q4_matmul, "x [..., K] @ q4 block weight [N, K]^T -> [..., N]");
   m.def("dequantize", &dequantize, "blocks -> dense float32 [N, K]");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim, float32 math");
   m.def("attend_one", &attend_one, "attention of one query per row against a cache");
+  m.def("decode_attention", &decode_attention, "rotary + cache write + attention for one new token per row");
   m.def("q8_matmul", &q8_matmul, "x [..., K] @ q8 block weight [N, K]^T -> [..., N]");
 }
