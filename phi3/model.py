@@ -44,7 +44,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused op in float32 math (16-bit inputs are rounded once, where transformers rounds
         # before and after the weight: a last-bit difference in bfloat16).
-        ext = cpu_kernels(x)
+        ext = cpu_kernels(x) if x.dtype == self.weight.dtype else None
         if ext is not None:
             return ext.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
