@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                       help="precision of the written weights (default float32: exact dequantized values)")
 
+    ppl = sub.add_parser("perplexity", help="perplexity of a text file (llama.cpp's chunked method)")
+    ppl.add_argument("model", help="Hugging Face folder, .gguf file or hub id")
+    ppl.add_argument("text_file", help="UTF-8 text")
+    ppl.add_argument("--context", type=int, default=512, help="chunk length in tokens (default 512)")
+    ppl.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help=DTYPE_HELP)
+    ppl.add_argument("--json", action="store_true", help="print one JSON object")
+
     sub.add_parser("fetch", help="download the default model (SmolLM2-135M-Instruct) into the cache "
                                  "and build the quantized CPU kernel")
     return parser
@@ -208,6 +215,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from phi3.checkpoint import load
+    from phi3.eval import perplexity, read_text
+    text = read_text(args.text_file)
+    lm = load(args.model, dtype=args.dtype)
+    result = perplexity(lm, text, context=args.context, progress=not args.json)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens_scored} tokens "
+              f"({result.chunks} chunks of {result.context}; {result.method})")
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from phi3 import quant
     from phi3.checkpoint import fetch_default_model
@@ -219,7 +240,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info, "convert": cmd_convert,
-            "fetch": cmd_fetch}
+            "perplexity": cmd_perplexity, "fetch": cmd_fetch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
