@@ -563,6 +563,7 @@ def describe(path: Path) -> dict[str, Any]:
             for k, v in header.items():
                 if k != "__metadata__":
                     types[v["dtype"]] = types.get(v["dtype"], 0) + 1
+        kernels = {"dense (PyTorch)": sum(types.values())}
         tokenizer = ("tokenizer.json" if (path / "tokenizer.json").exists()
                      else "tokenizer.model (SentencePiece)" if (path / "tokenizer.model").exists() else "none")
         fmt, size = "safetensors" + (" (sharded)" if len(files) > 1 else ""), sum(f.stat().st_size for f in files)
@@ -576,6 +577,7 @@ def describe(path: Path) -> dict[str, Any]:
         types = {}
         for t in reader.tensors:
             types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        kernels = _kernel_summary(reader.tensors)
         model = fields.get("tokenizer.ggml.model")
         kind = {"llama": "SentencePiece BPE", "gpt2": "byte-level BPE"}.get(model, str(model))
         tokenizer = f"gguf {model} ({kind}), {len(fields.get('tokenizer.ggml.tokens') or [])} tokens"
@@ -597,5 +599,24 @@ def describe(path: Path) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size,
         "tokenizer": tokenizer,
         "weights": types,
+        "kernels": kernels,
         "file_bytes": size,
     }
+
+
+def _kernel_summary(tensors: list[Any]) -> dict[str, int]:
+    """How load_gguf will hold and multiply each tensor (2-D weights; norms and factors are small)."""
+    out: dict[str, int] = {}
+    ok = quant.kernel_available()
+    for t in tensors:
+        kind = t.tensor_type.name
+        if len(t.shape) < 2:
+            label = "dense (1-D)"
+        elif ok and kind in ("Q4_0", "Q4_1"):
+            label = "packed 4-bit: phi3 q4 kernel (float32), PyTorch int4pack (bfloat16)"
+        elif ok and kind == "Q8_0":
+            label = "packed 8-bit: phi3 q8 kernel"
+        else:
+            label = f"dequantized at load ({kind} -> compute dtype)"
+        out[label] = out.get(label, 0) + 1
+    return out
