@@ -33,6 +33,18 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="Hugging Face folder, .gguf file or hub id (default: SmolLM2-135M-Instruct, "
                         "fetched on first use)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help=DTYPE_HELP)
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"CPU threads (default: all {os.cpu_count()} cores)")
+
+
+def set_threads(n: int | None) -> None:
+    import torch
+    cores = os.cpu_count() or 1
+    if n is None:
+        return
+    if not 1 <= n <= cores:
+        raise Phi3Error(f"--threads {n} is out of range: this machine has {cores} cores (use 1 to {cores})")
+    torch.set_num_threads(n)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -78,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("text_file", help="UTF-8 text")
     ppl.add_argument("--context", type=int, default=512, help="chunk length in tokens (default 512)")
     ppl.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help=DTYPE_HELP)
+    ppl.add_argument("--threads", type=int, default=None, help=f"CPU threads (default: all {os.cpu_count()} cores)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
 
     sub.add_parser("fetch", help="download the default model (SmolLM2-135M-Instruct) into the cache "
@@ -94,6 +107,7 @@ def _sampling(args: argparse.Namespace):
 
 def _load(args: argparse.Namespace):
     from phi3 import checkpoint
+    set_threads(args.threads)
     if args.model is None:
         print(f"phi3: using the default model {checkpoint.DEFAULT_MODEL_FILE} "
               f"({checkpoint.default_model_path()}); pass --model to choose another", file=sys.stderr)
@@ -219,6 +233,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from phi3.checkpoint import load
     from phi3.eval import perplexity, read_text
     text = read_text(args.text_file)
+    set_threads(args.threads)
     lm = load(args.model, dtype=args.dtype)
     result = perplexity(lm, text, context=args.context, progress=not args.json)
     if args.json:

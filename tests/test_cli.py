@@ -180,3 +180,7 @@ def test_bad_options(tiny_folder):
     assert_one_line_error(run_cli("generate", "--model", str(folder), "-p", "hi", "--top-p", "1.5"), "top_p")
     assert_one_line_error(run_cli("generate", "-p", "hi", "--dtype", "int3"), "--dtype")
     assert_one_line_error(run_cli("generate", "--model", str(folder)), "--prompt")
+    assert_one_line_error(run_cli("generate", "--model", str(folder), "-p", "hi", "--threads", "0"),
+                          "--threads 0 is out of range")
+    assert_one_line_error(run_cli("generate", "--model", str(folder), "-p", "hi", "--threads", "999"),
+                          "--threads 999 is out of range")
