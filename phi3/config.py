@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -212,10 +212,6 @@ def load_config(path: str | Path) -> ModelConfig:
     return config_from_hf_dict(d, name=path.parent.name)
 
 
-def config_to_json(cfg: ModelConfig) -> str:
-    return json.dumps(cfg.to_hf_dict(), indent=2)
-
-
 # --- Presets: values as published in the official config.json files -----------------------------
 
 # microsoft/Phi-3.5-mini-instruct rope_scaling (48 = head_dim 96 / 2 entries each).
@@ -346,11 +342,3 @@ def get_preset(name: str) -> ModelConfig:
     if key not in PRESETS:
         raise Phi3Error(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return PRESETS[key]
-
-
-def config_summary(cfg: ModelConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    d.pop("extra", None)
-    if cfg.rope_scaling is not None:
-        d["rope_scaling"] = f"longrope ({len(cfg.rope_scaling.long_factor)} factors)"
-    return d

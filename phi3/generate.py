@@ -211,7 +211,6 @@ def _decode_loop(model: Transformer, prompts: list[list[int]], params: SamplingP
                 if not alive[i]:
                     continue
                 if tid in stop_ids:
-                    rows[i].finish_reason = "stop"
                     text = rows[i].end("stop")
                 else:
                     text = rows[i].add(tid)

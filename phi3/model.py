@@ -299,12 +299,3 @@ class Transformer(nn.Module):
         allowed = allowed[None] & key_valid[:, None, :]
         allowed = allowed | (k_idx == q_idx)[None]
         return allowed[:, None]
-
-
-def count_parameters(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total

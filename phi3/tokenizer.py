@@ -74,9 +74,6 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool | None = None) -> list[list[int]]:
-        return [self.encode(t, add_bos) for t in texts]
-
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special)
 

@@ -6,7 +6,6 @@ import json
 import struct
 
 import pytest
-import torch
 
 from tests.conftest import hf_reference, run_cli, save_hf_model, tiny_config, write_tiny_gguf
 

@@ -138,7 +138,6 @@ def test_phi3_gguf_template_matches_transformers(phi3_tok):
 @pytest.mark.parametrize("chat", sorted(CHATS))
 def test_smollm_template_matches_transformers(smollm_gguf, chat):
     from transformers import AutoTokenizer
-    from phi3.checkpoint import load_gguf
     hf = AutoTokenizer.from_pretrained(str(smollm_gguf.parent), gguf_file=smollm_gguf.name)
     tok = tokenizer_from_gguf(gguf_fields(open_gguf(smollm_gguf)), "llama")
     messages = CHATS[chat]
