@@ -146,12 +146,13 @@ def resolve_dtype(name: str | torch.dtype | None, stored: str | None = None) -> 
 
 
 def load(spec: str | os.PathLike | None = None, dtype: str | torch.dtype | None = "auto",
-         device: str = "cpu") -> LoadedModel:
+         device: str = "cpu", exact: bool = False) -> LoadedModel:
+    """A model from a Hugging Face folder, a GGUF file or a hub id (see load_gguf for `exact`)."""
     path = resolve_model_path(spec)
     if path.is_dir():
         return load_hf_folder(path, dtype, device)
     if path.suffix == ".gguf" or _is_gguf(path):
-        return load_gguf(path, dtype, device)
+        return load_gguf(path, dtype, device, exact=exact)
     raise Phi3Error(f"{path} is neither a Hugging Face folder nor a GGUF file")
 
 
@@ -171,10 +172,16 @@ def _finish(model: Transformer, state: dict[str, torch.Tensor], device: str,
     for name, q in (packed or {}).items():
         parent, _, attr = name.rpartition(".")
         old = model.get_submodule(name)
-        if (old.out_features, old.in_features) != (q.out_features, q.in_features):
+        module: torch.nn.Module = q
+        if isinstance(old, torch.nn.Embedding):
+            want = (old.num_embeddings, old.embedding_dim)
+            module = quant.QuantEmbedding(q, state["model.norm.weight"].dtype)
+        else:
+            want = (old.out_features, old.in_features)
+        if want != (q.out_features, q.in_features):
             raise Phi3Error(f"shape mismatch for {name}.weight: checkpoint has {(q.out_features, q.in_features)}, "
-                            f"config implies {(old.out_features, old.in_features)}")
-        setattr(model.get_submodule(parent) if parent else model, attr, q)
+                            f"config implies {want}")
+        setattr(model.get_submodule(parent) if parent else model, attr, module)
     packed_prefixes = tuple(f"{name}." for name in (packed or {}))
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(packed_prefixes)}
     if model.config.tie_word_embeddings:
@@ -391,8 +398,27 @@ def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _page_releaser(reader) -> Any:
+    """A function that drops a tensor's pages of the memory-mapped file from this process once its
+    weights have been copied out: otherwise the mapped file counts in the resident set next to the
+    repacked copy, and peak memory at load is twice the model."""
+    import mmap
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return lambda t: None
+    page = mmap.PAGESIZE
+
+    def release(t: Any) -> None:
+        start = int(t.data_offset) // page * page
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, int(t.data_offset) + int(t.n_bytes) - start)
+        except (OSError, ValueError):
+            pass
+    return release
+
+
 def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool,
-                progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, quant.QuantLinear]]:
+                exact: bool = False, progress: bool = False, release: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, quant.QuantLinear]]:
     """Dense tensors by Hugging Face name, and the linear layers kept in block formats."""
     state: dict[str, torch.Tensor] = {}
     packed: dict[str, quant.QuantLinear] = {}
@@ -401,12 +427,17 @@ def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, k
     def get(name: str) -> torch.Tensor:
         if name not in tensors:
             raise Phi3Error(f"GGUF file is missing tensor {name}")
-        return torch.from_numpy(_tensor_numpy(tensors[name]))
+        out = torch.from_numpy(_tensor_numpy(tensors[name]))
+        if release is not None:
+            release(tensors[name])
+        return out
 
     def packable(names: list[str]) -> bool:
         kinds = {tensors[n].tensor_type.name for n in names}
-        return (keep_quantized and len(kinds) == 1 and kinds <= set(quant.QUANT_KINDS)
-                and all(len(tensors[n].shape) == 2 and int(tensors[n].shape[0]) % quant.BLOCK == 0 for n in names))
+        if not (keep_quantized and len(kinds) == 1 and kinds <= set(quant.QUANT_KINDS)):
+            return False
+        block = quant.SUPER if kinds == {"Q4_K"} else quant.BLOCK
+        return all(len(tensors[n].shape) == 2 and int(tensors[n].shape[0]) % block == 0 for n in names)
 
     def linear(dst: str, sources: list[str], heads: list[int | None]) -> None:
         for src in sources:
@@ -418,6 +449,9 @@ def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, k
                 t = tensors[src]
                 cols, rows = int(t.shape[0]), int(t.shape[1])
                 q = quant.from_gguf_blocks(t.tensor_type.name, t.data, rows, cols)
+                q.int8_activations = not exact
+                if release is not None:
+                    release(t)
                 if h is not None:
                     q = quant.permute_rows(q, _unpermute_rope(torch.arange(rows)[:, None], h)[:, 0])
                 parts.append(q)
@@ -427,12 +461,21 @@ def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, k
         dense = [_unpermute_rope(w, h) if h is not None else w for w, h in zip(dense, heads)]
         state[dst + ".weight"] = (torch.cat(dense) if len(dense) > 1 else dense[0]).to(dtype)
 
-    state["model.embed_tokens.weight"] = get("token_embd.weight").to(dtype)
+    if packable(["token_embd.weight"]):
+        # Kept packed: a lookup unpacks only its rows, and a tied head multiplies the same blocks.
+        linear("model.embed_tokens", ["token_embd.weight"], [None])
+        if "output.weight" not in tensors:
+            packed["lm_head"] = packed["model.embed_tokens"]
+    else:
+        state["model.embed_tokens.weight"] = get("token_embd.weight").to(dtype)
     state["model.norm.weight"] = get("output_norm.weight").to(dtype)
     if "output.weight" in tensors:
         linear("lm_head", ["output.weight"], [None])
-    elif packable(["token_embd.weight"]):  # tied: the head multiplies the embedding's blocks
-        linear("lm_head", ["token_embd.weight"], [None])
+    if "lm_head" in packed:
+        # The head picks the token: rounding its input to int8 flips near-ties (SmolLM2 answered
+        # "L'Étoile" instead of "Paris"), so it always multiplies float activations. It is ~3%
+        # of phi-3-mini's weights.
+        packed["lm_head"].int8_activations = False
     layers = range(cfg.num_hidden_layers)
     if progress:
         from tqdm import tqdm
@@ -456,9 +499,11 @@ def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, k
 
 
 def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
-              keep_quantized: bool = True) -> LoadedModel:
-    """Load a GGUF model. Q4_0/Q4_1/Q8_0 linear weights stay in their block format (see quant.py)
-    when `keep_quantized` and the CPU kernel is available; everything else is dequantized."""
+              keep_quantized: bool = True, exact: bool = False) -> LoadedModel:
+    """Load a GGUF model. Q4_0/Q4_1/Q4_K/Q8_0 linear weights stay in their block format (see
+    quant.py) when `keep_quantized` and the CPU kernel is available; everything else is
+    dequantized. `exact` multiplies packed weights with float activations instead of int8 ones
+    (slower; equal to the dequantized model up to float rounding)."""
     reader = open_gguf(path)
     fields = gguf_fields(reader)
     tensors = {t.name: t for t in reader.tensors}
@@ -472,11 +517,8 @@ def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str 
     torch_dtype = resolve_dtype(dtype)
     model = _empty_model(cfg, torch_dtype)
     keep = keep_quantized and device == "cpu" and quant.kernel_available()
-    state, packed = _gguf_state(tensors, cfg, torch_dtype, keep, progress=cfg.num_parameters() > 1e9)
-    if torch_dtype == torch.bfloat16:
-        for q in packed.values():
-            if q.kind == "q4":
-                q.to_int4pack()
+    state, packed = _gguf_state(tensors, cfg, torch_dtype, keep, exact, progress=cfg.num_parameters() > 1e9,
+                                release=_page_releaser(reader))
     model = _finish(model, state, device, packed)
     return LoadedModel(model, tokenizer, cfg, path, "gguf", path.stat().st_size, types)
 
@@ -603,10 +645,9 @@ def _kernel_summary(tensors: list[Any]) -> dict[str, int]:
         kind = t.tensor_type.name
         if len(t.shape) < 2:
             label = "dense (1-D)"
-        elif ok and kind in ("Q4_0", "Q4_1"):
-            label = "packed 4-bit: phi3 q4 kernel (float32), PyTorch int4pack (bfloat16)"
-        elif ok and kind == "Q8_0":
-            label = "packed 8-bit: phi3 q8 kernel"
+        elif ok and kind in quant.QUANT_KINDS and int(t.shape[0]) % (quant.SUPER if kind == "Q4_K" else quant.BLOCK) == 0:
+            bits = "8-bit" if kind == "Q8_0" else "4-bit"
+            label = f"packed {bits} {kind}: phi3 VNNI block kernel (int8 activations; float with --exact)"
         else:
             label = f"dequantized at load ({kind} -> compute dtype)"
         out[label] = out.get(label, 0) + 1

@@ -1,4 +1,4 @@
-"""The `phi3` command: chat, generate, info, convert, fetch.
+"""The `phi3` command: chat, generate, info, convert, quantize, perplexity, bench, fetch.
 
 Bad input of any kind ends in one line `phi3: error: ...` on stderr and exit code 2.
 """
@@ -15,9 +15,11 @@ from typing import Any, Sequence
 from phi3.errors import Phi3Error
 
 DTYPE_HELP = ("compute precision: float32, bfloat16, float16 or auto (default). auto computes GGUF "
-              "models in float32, multiplying their exact 4/8-bit blocks (bfloat16 decodes ~20%% faster "
-              "on our test CPU but rounds 4-bit block scales to bfloat16; see BENCHMARKS.md), and "
-              "Hugging Face checkpoints in their stored dtype when that is bfloat16, else float32")
+              "models in float32 around their packed 4/8-bit weights, and Hugging Face checkpoints in "
+              "their stored dtype when that is bfloat16, else float32")
+EXACT_HELP = ("multiply packed 4/8-bit GGUF weights with float activations (equal to the dequantized "
+              "model; ~2-3x slower decoding) instead of rounding activations to int8 per block of 32 "
+              "as llama.cpp does")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +40,7 @@ def _add_compute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help=DTYPE_HELP)
     p.add_argument("--threads", type=int, default=None,
                    help=f"CPU threads (default: all {os.cpu_count()} cores)")
+    p.add_argument("--exact", action="store_true", help=EXACT_HELP)
 
 
 def set_threads(n: int | None) -> None:
@@ -88,6 +91,30 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                       help="precision of the written weights (default float32: exact dequantized values)")
 
+    qz = sub.add_parser("quantize", help="write a model as a GGUF file (4/8/16-bit) that phi3, llama.cpp and ollama run")
+    qz.add_argument("model", help="Hugging Face folder, .gguf file or hub id")
+    qz.add_argument("out", help="output .gguf file")
+    qz.add_argument("--type", default="q4_0", metavar="TYPE",
+                    help="q4_0 (default), q4_1, q4_k, q8_0, f16 or f32")
+    qz.add_argument("--pure", action="store_true",
+                    help="store the embedding and output matrices in TYPE too (default: q8_0 under 4-bit types)")
+    qz.add_argument("--json", action="store_true", help="print a JSON summary")
+
+    bn = sub.add_parser("bench", help="measure load time, prefill/decode speed, peak memory and file size")
+    bn.add_argument("--shape", default="phi-3-mini",
+                    help="phi-3-mini (default) or phi-3-medium: random weights of that exact shape; or a model path")
+    bn.add_argument("--layers", type=int, default=None, help="keep only the first N layers of the shape")
+    bn.add_argument("--type", default="q4_0", metavar="TYPE", help="q4_0 (default), q4_1, q4_k, q8_0, f16 or f32")
+    bn.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
+    bn.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
+    bn.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads (default 2)")
+    bn.add_argument("--context", type=int, default=None,
+                    help="KV-cache length to allocate (default: the model's context, e.g. 4096)")
+    bn.add_argument("--save-gguf", default=None, metavar="PATH", help="keep the quantized file that was measured")
+    bn.add_argument("--exact", action="store_true", help=EXACT_HELP)
+    bn.add_argument("--json", action="store_true",
+                    help="print one JSON object (load_s, prefill_tok_s, decode_tok_s, peak_rss_mb, file_mb, ...)")
+
     ppl = sub.add_parser("perplexity", help="perplexity of a text file (llama.cpp's chunked method)")
     ppl.add_argument("model", help="Hugging Face folder, .gguf file or hub id")
     ppl.add_argument("text_file", help="UTF-8 text")
@@ -113,7 +140,7 @@ def _load(args: argparse.Namespace):
     if args.model is None:
         print(f"phi3: using the default model {checkpoint.DEFAULT_MODEL_FILE} "
               f"({checkpoint.default_model_path()}); pass --model to choose another", file=sys.stderr)
-    return checkpoint.load(args.model, dtype=args.dtype)
+    return checkpoint.load(args.model, dtype=args.dtype, exact=args.exact)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -231,12 +258,44 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from phi3 import export, quant
+    if args.type not in quant.WRITE_TYPES:
+        raise Phi3Error(f"unsupported quantization type {args.type!r}; choose one of {', '.join(quant.WRITE_TYPES)}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise Phi3Error(f"{out} is a folder; give the output .gguf file's path")
+    summary = export.write_gguf(export.open_source(Path(args.model)), out, args.type, pure=args.pure,
+                                progress=not args.json)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        types = ", ".join(f"{n} {k}" for k, n in summary["tensor_types"].items())
+        print(f"wrote {out} ({summary['file_bytes'] / 1e6:.1f} MB, arch {summary['arch']}; tensors: {types})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from phi3.bench import bench
+    set_threads(args.threads)
+    result = bench(args.shape, args.layers, args.type, args.prompt_tokens, args.new_tokens, args.threads,
+                   Path(args.save_gguf) if args.save_gguf else None, args.context, quiet=args.json, exact=args.exact)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['model']}, {result['type']}, {result['threads']} threads: load {result['load_s']} s, "
+              f"prefill {result['prefill_tok_s']} tok/s ({result['prompt_tokens']} tokens), "
+              f"decode {result['decode_tok_s']} tok/s ({result['new_tokens']} tokens), "
+              f"peak RSS {result['peak_rss_mb']} MB, file {result['file_mb']} MB")
+    return 0
+
+
 def cmd_perplexity(args: argparse.Namespace) -> int:
     from phi3.checkpoint import load
     from phi3.eval import perplexity, read_text
     text = read_text(args.text_file)
     set_threads(args.threads)
-    lm = load(args.model, dtype=args.dtype)
+    lm = load(args.model, dtype=args.dtype, exact=args.exact)
     result = perplexity(lm, text, context=args.context, progress=not args.json)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -257,7 +316,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info, "convert": cmd_convert,
-            "perplexity": cmd_perplexity, "fetch": cmd_fetch}
+            "perplexity": cmd_perplexity, "quantize": cmd_quantize, "bench": cmd_bench,
+            "fetch": cmd_fetch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

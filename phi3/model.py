@@ -18,6 +18,9 @@ decode together.
 
 from __future__ import annotations
 
+import mmap
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,6 +53,21 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros whose memory the OS supplies as it is first written (an anonymous mapping): a cache
+    sized for the whole context costs resident memory only for the positions actually used. Not
+    np.zeros or torch.zeros: they ask for 2 MB huge pages, and one touched slot per head would
+    then commit the whole cache."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    carrier = {2: np.int16, 4: np.float32, 8: np.float64}[torch.empty(0, dtype=dtype).element_size()]
+    nbytes = int(np.prod(shape)) * np.dtype(carrier).itemsize
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes)
+    return torch.from_numpy(np.frombuffer(buf, dtype=carrier).reshape(shape)).view(dtype)
+
+
 class KVCache:
     """Keys and values for every layer, allocated once for a whole sequence (batch x max_len).
 
@@ -60,8 +78,8 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.dim_per_head)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = _lazy_zeros(shape, dtype, device)
+        self.v = _lazy_zeros(shape, dtype, device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
@@ -187,15 +205,15 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def tie_weights(self) -> None:
-        # A packed lm_head (quant.QuantLinear) holds its own copy of the embedding's blocks.
-        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
+        # Packed (quant.QuantEmbedding) embeddings share their blocks with the head at load.
+        if self.config.tie_word_embeddings and isinstance(self.model.embed_tokens, nn.Embedding):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def uses_long_rope(self, sequence_length: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,20 @@
-"""Weights kept in llama.cpp's block formats (Q4_0, Q4_1, Q8_0) instead of dense floats.
+"""Weights kept in llama.cpp's block formats (Q4_0, Q4_1, Q4_K, Q8_0), and quantizers that make them.
 
 Decoding one token reads every weight once, so bytes per weight set the speed on a CPU. A GGUF's
-Q4_0/Q4_1/Q8_0 tensors are repacked at load into `QuantLinear` modules that multiply with a small
-AVX-512 kernel of ours (phi3/kernels/quant_cpu.cpp, compiled on first use with
-torch.utils.cpp_extension) and accumulate in float32. Where that kernel cannot be built (no
-compiler, no AVX-512), `kernel_available()` is False and the loader dequantizes to dense weights
-instead, which gives the same numbers more slowly.
+Q4_0/Q4_1/Q4_K/Q8_0 tensors are repacked at load into `QuantLinear` modules that keep the file's
+bits (4-bit codes plus per-block scales) and multiply with an AVX-512 VNNI kernel of ours
+(phi3/kernels/quant_cpu.cpp, compiled on first use with torch.utils.cpp_extension). Where that
+kernel cannot be built (no compiler, no AVX-512 VNNI), `kernel_available()` is False and the
+loader dequantizes to dense weights instead.
+
+Two ways to multiply a packed weight, chosen per module by `int8_activations`:
+- True (default, what llama.cpp does): activations rounded to int8 per block of 32; fastest.
+- False (`--exact`): float activations; equal to multiplying the dequantized weight, so results
+  match transformers' GGUF loader to float rounding.
+
+The quantizers (`quantize_blocks`) write GGUF's byte layout: Q4_0, Q4_1 and Q8_0 through gguf-py's
+reference implementations, Q4_K with our port of llama.cpp's weighted scale/min search (gguf-py
+does not implement K-quant quantization).
 """
 
 from __future__ import annotations
@@ -21,31 +30,37 @@ import torch
 from torch import nn
 
 BLOCK = 32
+SUPER = 256  # K-quant super-block
 PROMPT_ROWS = 16  # from this many activation rows on, unpack the weight and use a dense matmul
-QUANT_KINDS = ("Q4_0", "Q4_1", "Q8_0")
+UNPACK_ELEMENTS = 1 << 23  # weights unpacked at a time for that (32 MB in float32)
+QUANT_KINDS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")  # GGUF types kept packed
+FORMAT_IDS = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "q8_0": 3}  # must match quant_cpu.cpp
+WRITE_TYPES = ("q4_0", "q4_1", "q4_k", "q8_0", "f16", "f32")  # what `phi3 quantize` writes
 _SOURCE = Path(__file__).parent / "kernels" / "quant_cpu.cpp"
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
 _ext: Any = None
 _ext_error: str | None = None
 
 
-def _cpu_has_avx512() -> bool:
+def _missing_cpu_flags() -> list[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl"))
+        return ["(no /proc/cpuinfo)"]
+    return [f for f in _CPU_FLAGS if f not in flags]
 
 
 def kernel() -> Any:
-    """The compiled extension, building it on first use (about a minute, cached afterwards)."""
+    """The compiled extension, building it on first use (about 20 s, cached afterwards)."""
     global _ext, _ext_error
     if _ext is not None or _ext_error is not None:
         return _ext
     if os.environ.get("PHI3_NO_KERNELS"):
         _ext_error = "disabled by PHI3_NO_KERNELS"
         return None
-    if not _cpu_has_avx512():
-        _ext_error = "this CPU has no AVX-512"
+    missing = _missing_cpu_flags()
+    if missing:
+        _ext_error = f"this CPU lacks {', '.join(missing)}"
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -53,14 +68,16 @@ def kernel() -> Any:
         bin_dir = str(Path(sys.executable).parent)
         if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+        flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma",
+                 "-fopenmp"]  # without OpenMP, at::parallel_for compiles to a serial loop
         src = _SOURCE.read_bytes()
-        tag = hashlib.sha1(src + torch.__version__.encode()).hexdigest()[:10]
+        tag = hashlib.sha1(src + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:10]
         build = Path(os.environ.get("PHI3_CACHE") or Path.home() / ".cache" / "phi3") / "kernels" / tag
         build.mkdir(parents=True, exist_ok=True)
         if not (build / "phi3_quant_cpu.so").exists():
             print("phi3: compiling the quantized matmul kernel (first use only) ...", file=sys.stderr)
         _ext = load(name="phi3_quant_cpu", sources=[str(_SOURCE)], build_directory=str(build),
-                    extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], verbose=False)
+                    extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no headers, no ninja: fall back to dense weights
         _ext_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         _ext = None
@@ -77,103 +94,259 @@ def kernel_error() -> str | None:
 
 
 class QuantLinear(nn.Module):
-    """y = x @ W^T with W [out, in] held as blocks of 32: Q4 (4-bit, scale and min per block) or
-    Q8 (8-bit, scale per block)."""
+    """y = x @ W^T with W [out, in] held in blocks of 32 along `in` (see quant_cpu.cpp for the layout).
 
-    def __init__(self, kind: str, qs: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None,
-                 in_features: int, out_features: int) -> None:
+    Buffers, all with `out` rows: `qs` (4-bit codes, two per byte, or int8), `a`, `b`, `c`: the
+    format's scales (q4_0/q8_0: a = d; q4_1: a = d, b = m; q4_k: a = sub-scales, b = sub-mins,
+    c = (d, dmin) per super-block of 256).
+    """
+
+    def __init__(self, kind: str, qs: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None,
+                 c: torch.Tensor | None, in_features: int, out_features: int,
+                 int8_activations: bool = True) -> None:
         super().__init__()
+        assert kind in FORMAT_IDS, kind
         self.kind = kind
+        self.fmt = FORMAT_IDS[kind]
         self.in_features, self.out_features = in_features, out_features
+        self.int8_activations = int8_activations
+        empty = torch.zeros(out_features, 0, dtype=torch.uint8)
         self.register_buffer("qs", qs)
-        self.register_buffer("scale", scale)
-        self.register_buffer("minimum", minimum if minimum is not None else torch.zeros(0))
+        self.register_buffer("a", a)
+        self.register_buffer("b", b if b is not None else empty)
+        self.register_buffer("c", c if c is not None else empty)
 
     @property
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qs, self.scale, self.minimum))
-
-    def to_int4pack(self) -> None:
-        """Switch a Q4 weight to PyTorch's own int4 CPU kernel, for bfloat16 activations: it does
-        the layer matmuls of a SmolLM2 decode step in 2.4 ms where ours takes 4.4 ms, but keeps
-        scale and min in bfloat16 (a rounding the bfloat16 mode makes anyway)."""
-        assert self.kind == "q4"
-        n, k = self.out_features, self.in_features
-        q = torch.cat([(self.qs & 0x0F).view(n, k // BLOCK, 16), (self.qs >> 4).view(n, k // BLOCK, 16)], -1)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, k).to(torch.int32), 8)
-        # The kernel computes (q - 8) * scale + zero per group of 32: zero = min + 8 * scale.
-        scales_zeros = torch.stack([self.scale, self.minimum + 8 * self.scale], -1).transpose(0, 1)
-        self.kind = "q4pack"
-        self.qs = packed
-        self.scale = scales_zeros.contiguous().to(torch.bfloat16)
-        self.minimum = torch.zeros(0)
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.a, self.b, self.c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "q4pack":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(-1, self.in_features).to(torch.bfloat16), self.qs, BLOCK, self.scale)
-            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         ext = _ext if _ext is not None else kernel()
         if ext is None:
             return (x.float() @ self.dequantize().t()).to(x.dtype)
         if x.numel() >= PROMPT_ROWS * self.in_features:
-            # Many rows (a prompt): unpack once and let a dense matmul reuse each weight.
-            w = ext.dequantize(self.qs, self.scale, self.minimum, self.kind == "q4")
-            return (x.float() @ w.t()).to(x.dtype)
-        if self.kind == "q4":
-            return ext.q4_matmul(x, self.qs, self.scale, self.minimum)
-        return ext.q8_matmul(x, self.qs, self.scale)
+            # Many rows (a prompt): unpack and let a dense matmul reuse each weight, a slice of
+            # output rows at a time so that the unpacked copy stays small.
+            compute = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+            xc = x.reshape(-1, self.in_features).to(compute)
+            y = torch.empty(xc.shape[0], self.out_features, dtype=compute)
+            step = max(256, UNPACK_ELEMENTS // self.in_features)
+            for r in range(0, self.out_features, step):
+                parts = [t[r:r + step] if t.numel() else t for t in (self.qs, self.a, self.b, self.c)]
+                w = ext.block_dequantize(self.fmt, *parts, compute)
+                y[:, r:r + step] = xc @ w.t()
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return ext.block_matmul(x, self.fmt, self.qs, self.a, self.b, self.c, self.int8_activations)
+
+    def block_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float scale and min of every block [out, in/32]: w = scale * q + min."""
+        n = self.out_features
+        if self.kind == "q4_k":
+            dm = self.c.view(torch.float16).float().view(n, -1, 1, 2)
+            sc = self.a.float().view(n, -1, SUPER // BLOCK)
+            mn = self.b.float().view(n, -1, SUPER // BLOCK)
+            return (dm[..., 0] * sc).view(n, -1), (-dm[..., 1] * mn).view(n, -1)
+        d = self.a.view(torch.float16).float()
+        if self.kind == "q4_0":
+            return d, -8 * d
+        if self.kind == "q4_1":
+            return d, self.b.view(torch.float16).float()
+        return d, torch.zeros_like(d)
 
     def dequantize(self) -> torch.Tensor:
-        """The dense float32 weight [out, in]."""
+        """The dense float32 weight [out, in], in plain PyTorch (the kernels' reference)."""
         n, k = self.out_features, self.in_features
-        if self.kind == "q4pack":
-            eye = torch.eye(k, dtype=torch.bfloat16)
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qs, BLOCK, self.scale).float().t().contiguous()
-        if self.kind == "q4":
+        scale, minimum = self.block_scales()
+        if self.kind == "q8_0":
+            q = self.qs.view(torch.int8).view(n, k // BLOCK, BLOCK).float()
+        else:
             lo = (self.qs & 0x0F).view(n, k // BLOCK, 16)
             hi = (self.qs >> 4).view(n, k // BLOCK, 16)
             q = torch.cat([lo, hi], dim=-1).float()
-            return (q * self.scale[..., None] + self.minimum[..., None]).view(n, k)
-        q = self.qs.view(n, k // BLOCK, BLOCK).float()
-        return (q * self.scale[..., None]).view(n, k)
+        return (q * scale[..., None] + minimum[..., None]).view(n, k)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, in={self.in_features}, out={self.out_features}"
+        act = "int8" if self.int8_activations else "float"
+        return f"{self.kind}, in={self.in_features}, out={self.out_features}, activations={act}"
+
+
+# --- GGUF blocks <-> QuantLinear -------------------------------------------------------------------
+
+def _q4k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unpack K-quant 6-bit sub-block scales and mins: [..., 12] bytes -> two [..., 8] (llama.cpp's
+    get_scale_min_k4)."""
+    s = scales.astype(np.uint8)
+    sc = np.empty(s.shape[:-1] + (8,), np.uint8)
+    mn = np.empty_like(sc)
+    sc[..., :4] = s[..., 0:4] & 63
+    mn[..., :4] = s[..., 4:8] & 63
+    sc[..., 4:] = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
+    mn[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return sc, mn
+
+
+def _pack_q4_order(q: np.ndarray) -> np.ndarray:
+    """Codes [..., 32] (0..15) -> 16 bytes per block: low nibble element j, high nibble j + 16."""
+    return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
 
 
 def from_gguf_blocks(kind: str, data: np.ndarray, rows: int, cols: int) -> QuantLinear:
-    """Repack a GGUF tensor's raw bytes (Q4_0, Q4_1 or Q8_0) into a QuantLinear."""
+    """Repack a GGUF tensor's raw bytes (Q4_0, Q4_1, Q4_K or Q8_0) into a QuantLinear."""
     nb = cols // BLOCK
-    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(rows, nb, -1)
-    scale = raw[:, :, 0:2].copy().view(np.float16).reshape(rows, nb).astype(np.float32)
-    if kind == "Q4_0":
-        qs = raw[:, :, 2:18].reshape(rows, nb * 16)
-        minimum = -8.0 * scale  # Q4_0 stores q - 8: fold the offset into the min term
-        return QuantLinear("q4", torch.from_numpy(qs.copy()), torch.from_numpy(scale),
-                           torch.from_numpy(minimum), cols, rows)
-    if kind == "Q4_1":
-        minimum = raw[:, :, 2:4].copy().view(np.float16).reshape(rows, nb).astype(np.float32)
-        qs = raw[:, :, 4:20].reshape(rows, nb * 16)
-        return QuantLinear("q4", torch.from_numpy(qs.copy()), torch.from_numpy(scale),
-                           torch.from_numpy(minimum), cols, rows)
-    if kind == "Q8_0":
-        qs = raw[:, :, 2:34].copy().view(np.int8).reshape(rows, nb * BLOCK)
-        return QuantLinear("q8", torch.from_numpy(qs), torch.from_numpy(scale), None, cols, rows)
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(rows, -1)
+
+    def half(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.float16).reshape(rows, -1).copy())
+
+    if kind in ("Q4_0", "Q4_1", "Q8_0"):
+        blocks = raw.reshape(rows, nb, -1)
+        d = half(blocks[:, :, 0:2])
+        if kind == "Q4_0":
+            qs = blocks[:, :, 2:18].reshape(rows, nb * 16)
+            return QuantLinear("q4_0", torch.from_numpy(qs.copy()), d, None, None, cols, rows)
+        if kind == "Q4_1":
+            qs = blocks[:, :, 4:20].reshape(rows, nb * 16)
+            return QuantLinear("q4_1", torch.from_numpy(qs.copy()), d, half(blocks[:, :, 2:4]), None, cols, rows)
+        qs = blocks[:, :, 2:34].reshape(rows, nb * BLOCK)
+        return QuantLinear("q8_0", torch.from_numpy(qs.view(np.int8).copy()), d, None, None, cols, rows)
+    if kind == "Q4_K":
+        ns = cols // SUPER
+        blocks = raw.reshape(rows, ns, 144)
+        dm = half(blocks[:, :, 0:4])  # (d, dmin) per super-block
+        sc, mn = _q4k_scale_min(blocks[:, :, 4:16])
+        # 128 bytes = 4 chunks of 32: low nibbles are sub-block 2c, high nibbles sub-block 2c + 1.
+        packed = blocks[:, :, 16:144].reshape(rows, ns, 4, 32)
+        codes = np.stack([packed & 0x0F, packed >> 4], axis=3).reshape(rows, ns * 8, BLOCK)
+        qs = _pack_q4_order(codes).reshape(rows, nb * 16)
+        return QuantLinear("q4_k", torch.from_numpy(qs), torch.from_numpy(sc.reshape(rows, nb).copy()),
+                           torch.from_numpy(mn.reshape(rows, nb).copy()), dm, cols, rows)
     raise ValueError(f"not a block format phi3 keeps packed: {kind}")
 
 
 def concat_rows(parts: list[QuantLinear]) -> QuantLinear:
     """Stack several weights' rows (q, k, v into qkv; gate, up into gate_up)."""
-    kinds = {p.kind for p in parts}
-    assert len(kinds) == 1 and len({p.in_features for p in parts}) == 1
+    assert len({p.kind for p in parts}) == 1 and len({p.in_features for p in parts}) == 1
     first = parts[0]
-    minimum = torch.cat([p.minimum for p in parts]) if first.kind == "q4" else None
-    return QuantLinear(first.kind, torch.cat([p.qs for p in parts]), torch.cat([p.scale for p in parts]),
-                       minimum, first.in_features, sum(p.out_features for p in parts))
+    cat = [torch.cat([getattr(p, name) for p in parts]) for name in ("qs", "a", "b", "c")]
+    return QuantLinear(first.kind, *cat, first.in_features, sum(p.out_features for p in parts),
+                       first.int8_activations)
 
 
 def permute_rows(q: QuantLinear, order: torch.Tensor) -> QuantLinear:
-    minimum = q.minimum[order] if q.kind == "q4" else None
-    return QuantLinear(q.kind, q.qs[order].contiguous(), q.scale[order].contiguous(),
-                       minimum.contiguous() if minimum is not None else None, q.in_features, q.out_features)
+    """The rows `order` (a permutation, or any selection) of a packed weight."""
+    bufs = [getattr(q, name)[order].contiguous() for name in ("qs", "a", "b", "c")]
+    return QuantLinear(q.kind, *bufs, q.in_features, len(order), q.int8_activations)
+
+
+class QuantEmbedding(nn.Module):
+    """Token embeddings kept in blocks: a lookup unpacks only the rows it needs (llama.cpp's
+    get_rows), so a 4-bit file's embedding stays at 4 bits in memory. With tied embeddings the
+    same `table` is the output head."""
+
+    def __init__(self, table: QuantLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.table = table
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = permute_rows(self.table, ids.reshape(-1))
+        return rows.dequantize().to(self.dtype).view(*ids.shape, self.embedding_dim)
+
+
+# --- Quantizers (write side) -------------------------------------------------------------------------
+
+def _nearest(x: np.ndarray) -> np.ndarray:
+    return np.rint(x).astype(np.int32)  # round half to even, as llama.cpp's nearest_int
+
+
+def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1,
+                      nstep: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """llama.cpp's make_qkx2_quants over many sub-blocks at once: x, w [S, 32] -> codes [S, 32],
+    scale [S], min [S] (w = scale * code - min) minimising the weighted squared error over a sweep
+    of candidate scales, each refined by weighted least squares."""
+    x = x.astype(np.float32)
+    mn = np.minimum(x.min(1), 0).astype(np.float32)
+    mx = x.max(1)
+    sum_w = w.sum(1)
+    sum_x = (w * x).sum(1)
+    flat = mx == mn
+    rng0 = np.where(flat, 1, mx - mn).astype(np.float32)
+    iscale = np.float32(nmax) / rng0
+    scale = np.float32(1) / iscale
+    codes = np.clip(_nearest(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+    err = (w * (scale[:, None] * codes + mn[:, None] - x) ** 2).sum(1)
+    best_min = mn.copy()
+    for i in range(nstep + 1):
+        rng = np.where(flat, 1, mx - best_min).astype(np.float32)
+        isc = np.float32(rmin + rdelta * i + nmax) / rng
+        laux = np.clip(_nearest(isc[:, None] * (x - best_min[:, None])), 0, nmax).astype(np.float32)
+        sl = (w * laux).sum(1)
+        sl2 = (w * laux * laux).sum(1)
+        sxl = (w * laux * x).sum(1)
+        det = sum_w * sl2 - sl * sl
+        ok = det > 0
+        det = np.where(ok, det, 1)
+        this_scale = (sum_w * sxl - sum_x * sl) / det
+        this_min = (sl2 * sum_x - sl * sxl) / det
+        pos = this_min > 0
+        this_scale = np.where(pos, sxl / np.where(sl2 > 0, sl2, 1), this_scale)
+        this_min = np.where(pos, 0, this_min)
+        cur = (w * (this_scale[:, None] * laux + this_min[:, None] - x) ** 2).sum(1)
+        better = ok & (cur < err) & ~flat
+        codes = np.where(better[:, None], laux.astype(np.int32), codes)
+        err = np.where(better, cur, err)
+        scale = np.where(better, this_scale, scale)
+        best_min = np.where(better, this_min, best_min)
+    scale = np.where(flat, 0, scale)
+    codes = np.where(flat[:, None], 0, codes)
+    return codes, scale.astype(np.float32), (-best_min).astype(np.float32)
+
+
+def quantize_q4_k(a: np.ndarray) -> np.ndarray:
+    """Float [rows, cols] (cols a multiple of 256) -> GGUF Q4_K bytes [rows, cols / 256 * 144],
+    following llama.cpp's quantize_row_q4_K_ref."""
+    rows, cols = a.shape
+    x = a.astype(np.float32).reshape(-1, BLOCK)  # sub-blocks
+    av = np.sqrt((x * x).sum(1, keepdims=True) / BLOCK)
+    weights = av + np.abs(x)
+    _, scales, mins = _make_qkx2_quants(x, weights)
+    scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)
+    max_scale, max_min = np.maximum(scales.max(1), 0), np.maximum(mins.max(1), 0)
+    inv_scale = np.where(max_scale > 0, 63 / np.where(max_scale > 0, max_scale, 1), 0).astype(np.float32)
+    inv_min = np.where(max_min > 0, 63 / np.where(max_min > 0, max_min, 1), 0).astype(np.float32)
+    ls = np.minimum(63, _nearest(inv_scale[:, None] * scales)).astype(np.uint8)
+    lm = np.minimum(63, _nearest(inv_min[:, None] * mins)).astype(np.uint8)
+    d = (max_scale / 63).astype(np.float16)
+    dmin = (max_min / 63).astype(np.float16)
+    sub_d = d.astype(np.float32)[:, None] * ls
+    sub_m = dmin.astype(np.float32)[:, None] * lm
+    xs = x.reshape(-1, 8, BLOCK)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = np.clip(_nearest((xs + sub_m[..., None]) / sub_d[..., None]), 0, 15)
+    codes = np.where(sub_d[..., None] == 0, 0, codes).astype(np.uint8)
+    packed_scales = np.zeros((len(ls), 12), np.uint8)
+    packed_scales[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    packed_scales[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    packed_scales[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    chunks = codes.reshape(-1, 4, 2, BLOCK)  # (sub-block 2c, 2c + 1) share chunk c's bytes
+    qs = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(-1, 128)
+    out = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2),
+                          packed_scales, qs], axis=1)
+    return out.reshape(rows, cols // SUPER * 144)
+
+
+def quantize_blocks(a: np.ndarray, kind: str) -> np.ndarray:
+    """Float [rows, cols] -> GGUF bytes of `kind` (one of WRITE_TYPES); f16/f32 stay arrays."""
+    import gguf
+    if kind == "f32":
+        return np.ascontiguousarray(a, dtype=np.float32)
+    if kind == "f16":
+        return np.ascontiguousarray(a, dtype=np.float16)
+    if kind == "q4_k":
+        return quantize_q4_k(a)
+    return gguf.quants.quantize(np.ascontiguousarray(a, dtype=np.float32), gguf.GGMLQuantizationType[kind.upper()])
+
+
+def block_size(kind: str) -> int:
+    return SUPER if kind == "q4_k" else BLOCK if kind.startswith("q") else 1

@@ -1,4 +1,5 @@
-"""Block-format weights: repacking from GGUF bytes and the CPU kernel against dense float32."""
+"""Block-format weights: repacking from GGUF bytes, our quantizers, and the CPU kernels against
+plain-PyTorch references (dense float32, and the int8-activation scheme computed exactly)."""
 
 from __future__ import annotations
 
@@ -9,37 +10,83 @@ import torch
 
 from phi3 import quant
 
+# (rows, cols) per kind: odd numbers of blocks exercise the kernels' tails; Q4_K needs 256s.
+SHAPES = {"Q4_0": (200, 352), "Q4_1": (200, 320), "Q8_0": (200, 352), "Q4_K": (72, 768)}
+
 
 def blocks(kind: str, rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """GGUF bytes of a random weight, and gguf-py's dequantization of them."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((rows, cols)).astype(np.float32)
-    data = gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind])
+    data = quant.quantize_blocks(w, kind.lower())
     return data, gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind])
+
+
+def need_kernel():
+    if not quant.kernel_available():
+        pytest.skip(f"quantized CPU kernel unavailable: {quant.kernel_error()}")
+
+
+def int8_reference(q: quant.QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's int8-activation product in plain PyTorch: x rounded per block of 32 with scale
+    amax/127 (stored as half), integer dot products with the codes, float block scales."""
+    n, k = q.out_features, q.in_features
+    xb = x.reshape(-1, k // 32, 32).double()
+    d = xb.abs().amax(-1) / 127
+    x8 = torch.round(xb * torch.where(d > 0, 1 / d, 0)[..., None])
+    d = d.float().half().double()
+    scale, minimum = q.block_scales()
+    if q.kind == "q8_0":
+        codes = q.qs.view(torch.int8).view(n, k // 32, 32).double()
+    else:
+        codes = torch.cat([(q.qs & 15).view(n, k // 32, 16), (q.qs >> 4).view(n, k // 32, 16)], -1).double()
+    dots = torch.einsum("mbj,nbj->mnb", x8, codes)
+    y = (dots * scale.double()[None] * d[:, None]).sum(-1) + (minimum.double()[None] * (d * x8.sum(-1))[:, None]).sum(-1)
+    return y.float().view(*x.shape[:-1], n)
 
 
 @pytest.mark.parametrize("kind", quant.QUANT_KINDS)
 def test_repacked_blocks_dequantize_exactly(kind):
-    data, dense = blocks(kind, 48, 96)
-    q = quant.from_gguf_blocks(kind, data, 48, 96)
+    rows, cols = SHAPES[kind]
+    data, dense = blocks(kind, rows, cols)
+    q = quant.from_gguf_blocks(kind, data, rows, cols)
     assert torch.equal(q.dequantize(), torch.from_numpy(dense))
 
 
 @pytest.mark.parametrize("kind", quant.QUANT_KINDS)
-@pytest.mark.parametrize("m", [1, 3, 17, 40])
-def test_kernel_matches_dense(kind, m):
-    if not quant.kernel_available():
-        pytest.skip(f"quantized CPU kernel unavailable: {quant.kernel_error()}")
-    data, dense = blocks(kind, 200, 320, seed=m)
-    q = quant.from_gguf_blocks(kind, data, 200, 320)
-    x = torch.randn(2, m, 320)
-    expected = x @ torch.from_numpy(dense).t()
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_kernels_match_references(kind, m):
+    need_kernel()
+    rows, cols = SHAPES[kind]
+    data, dense = blocks(kind, rows, cols, seed=m)
+    q = quant.from_gguf_blocks(kind, data, rows, cols)
+    x = torch.randn(2, m, cols)
+    exact = x @ torch.from_numpy(dense).t()
+    q.int8_activations = False
     got = q(x)
-    assert got.shape == (2, m, 200)
-    assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
-    # bfloat16 activations go through the same float32 kernel
+    assert got.shape == (2, m, rows)
+    assert (got - exact).abs().max().item() <= 1e-4 * exact.abs().max().item()
+    q.int8_activations = True
+    got = q(x)
+    if m < quant.PROMPT_ROWS // 2:  # 2 * m rows < PROMPT_ROWS: the int8 kernel ran
+        ref = int8_reference(q, x)
+        assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    # rounding activations to 8 bits costs well under a percent of the output scale
+    assert (got - exact).abs().max().item() <= 1e-2 * exact.abs().max().item()
     got16 = q(x.bfloat16())
     assert got16.dtype == torch.bfloat16
-    assert (got16.float() - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()
+    assert (got16.float() - exact).abs().max().item() <= 3e-2 * exact.abs().max().item()
+
+
+def test_prompt_path_dequantizes_exactly():
+    need_kernel()
+    data, dense = blocks("Q4_K", 40, 512, seed=3)
+    q = quant.from_gguf_blocks("Q4_K", data, 40, 512)
+    ext = quant.kernel()
+    w = ext.block_dequantize(q.fmt, q.qs, q.a, q.b, q.c, torch.float32)
+    assert torch.equal(w, torch.from_numpy(dense))
+    w16 = ext.block_dequantize(q.fmt, q.qs, q.a, q.b, q.c, torch.bfloat16)
+    assert torch.equal(w16, torch.from_numpy(dense).bfloat16())
 
 
 def test_fallback_without_kernel_gives_the_same_numbers(monkeypatch):
@@ -52,26 +99,27 @@ def test_fallback_without_kernel_gives_the_same_numbers(monkeypatch):
 
 
 def test_rows_concatenate_and_permute():
-    (a, da), (b, db) = blocks("Q8_0", 32, 64, 1), blocks("Q8_0", 16, 64, 2)
-    qa, qb = quant.from_gguf_blocks("Q8_0", a, 32, 64), quant.from_gguf_blocks("Q8_0", b, 16, 64)
+    (a, da), (b, db) = blocks("Q4_K", 32, 256, 1), blocks("Q4_K", 16, 256, 2)
+    qa, qb = quant.from_gguf_blocks("Q4_K", a, 32, 256), quant.from_gguf_blocks("Q4_K", b, 16, 256)
     both = quant.concat_rows([qa, qb])
     assert torch.equal(both.dequantize(), torch.from_numpy(np.concatenate([da, db])))
     order = torch.randperm(48)
     assert torch.equal(quant.permute_rows(both, order).dequantize(), both.dequantize()[order])
 
 
-def test_int4pack_for_bfloat16_matches_dense():
-    data, dense = blocks("Q4_1", 96, 256, seed=5)
-    q = quant.from_gguf_blocks("Q4_1", data, 96, 256)
-    q.to_int4pack()
-    w = torch.from_numpy(dense)
-    # only the rounding of scale and min to bfloat16 separates the weights
-    assert (q.dequantize() - w).abs().max().item() <= 2e-2 * w.abs().max().item()
-    x = torch.randn(3, 256).bfloat16()
-    expected = x.float() @ w.t()
-    got = q(x)
-    assert got.dtype == torch.bfloat16
-    assert (got.float() - expected).abs().max().item() <= 3e-2 * expected.abs().max().item()
+def test_quantizers_write_gguf_layouts():
+    """Our bytes decode with gguf-py; Q4_K's scale search beats the plain 4-bit formats."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((64, 512)).astype(np.float32)
+    errors = {}
+    for kind in ("q4_0", "q4_1", "q4_k", "q8_0"):
+        data = quant.quantize_blocks(w, kind)
+        back = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind.upper()])
+        errors[kind] = float(np.sqrt(((back - w) ** 2).mean()))
+    assert errors["q8_0"] < 0.01 < errors["q4_k"] < errors["q4_1"] < errors["q4_0"] < 0.15
+    assert quant.quantize_blocks(w, "f16").dtype == np.float16
+    zeros = quant.quantize_blocks(np.zeros((2, 256), np.float32), "q4_k")
+    assert not gguf.quants.dequantize(zeros, gguf.GGMLQuantizationType.Q4_K).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,16 +1,27 @@
-// Matrix products with weights kept in llama.cpp's block formats, for CPU decoding.
+// Matrix products with weights kept in llama.cpp's 4- and 8-bit block formats, for CPU decoding.
 //
-// Why our own kernel: PyTorch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) only runs fast
-// with bfloat16 activations and rounds the block scales to bfloat16; with float32 activations it
-// is ~30x slower than a dense matmul. Decoding reads every weight once per token, so the bytes per
-// weight set the speed: 4-bit blocks read 7x less than float32.
+// Why our own kernel: decoding reads every weight once per token, so bytes per weight set the
+// speed. PyTorch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) moves ~18 GB/s at one row on
+// this machine's shapes and needs bfloat16 activations; with float32 it is ~30x slower.
 //
-// Layout (repacked from GGUF at load): for an [N, K] weight in blocks of 32 along K,
-//   q4: qs [N, K/2] uint8 (block b of a row: bytes 16b..16b+15; low nibble = element j,
-//       high nibble = element j+16), scale [N, K/32] float, min [N, K/32] float:
-//       w = scale * q + min  (Q4_0 folds its -8 into min = -8 * scale)
-//   q8: qs [N, K] int8, scale [N, K/32] float: w = scale * q
-// Products are accumulated in float32: y[m, n] = sum_b scale * (sum_j q_j x_j) + min * sum_j x_j.
+// Layout, repacked from GGUF at load, for an [N, K] weight in blocks of 32 along K (nb = K/32):
+//   qs  q4 formats: [N, K/2] uint8; block b of a row is bytes 16b..16b+15, the low nibble of byte
+//       j is element j and the high nibble element j+16 (Q4_0's order). q8_0: [N, K] int8.
+//   q4_0  a = d [N, nb] half                                  w = d*q - 8d
+//   q4_1  a = d [N, nb] half, b = m [N, nb] half              w = d*q + m
+//   q4_k  a = sc [N, nb] uint8, b = mn [N, nb] uint8,
+//         c = [N, nb/8, 2] half (d, dmin per 256)             w = d*sc*q - dmin*mn
+//   q8_0  a = d [N, nb] half                                  w = d*q
+// Every format reduces to a float scale and min per block (row_scales), so one inner loop serves
+// all of them and the file's bytes are what is read.
+//
+// Two ways to multiply:
+//   int8 activations (the default, llama.cpp's method): x is rounded to int8 per block of 32 with
+//     a half-precision scale, and 64 nibble-by-int8 products go into one AVX-512 VNNI
+//     instruction (vpdpbusd). Memory-bound at one row.
+//   float activations (exact): nibbles are widened to float and multiplied with float x, giving
+//     the dequantized reference's numbers up to summation order. ~3x slower.
+// Products are accumulated in float32: y[m, n] = sum_b scale_b * (sum_j q_j x_j) + min_b * sum_j x_j.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -22,203 +33,359 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
+enum Format : int64_t { Q4_0 = 0, Q4_1 = 1, Q4_K = 2, Q8_0 = 3 };
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-void check(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scale, int64_t k_per_byte) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous(), "qs: contiguous [N, K/", k_per_byte, "]");
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous(), "scale: contiguous float32");
-  TORCH_CHECK(x.size(1) == qs.size(1) * k_per_byte, "K mismatch: x has ", x.size(1), ", weight ", qs.size(1) * k_per_byte);
-  TORCH_CHECK(x.size(1) % kBlock == 0, "K must be a multiple of 32");
-}
+struct Weight {
+  int64_t fmt, N, K, nb;
+  const uint8_t* qs;
+  const uint16_t* d;    // half, q4_0/q4_1/q8_0
+  const uint16_t* m;    // half, q4_1
+  const uint8_t* sc;    // q4_k sub-block scales
+  const uint8_t* mn;    // q4_k sub-block mins
+  const uint16_t* dm;   // q4_k (d, dmin) per super-block
+  bool q4() const { return fmt != Q8_0; }
+  int64_t row_bytes() const { return q4() ? K / 2 : K; }
+};
 
-// Grain: rows per task, so that each thread streams a long contiguous stretch of weights.
-constexpr int64_t kGrain = 64;
-
-}  // namespace
-
-torch::Tensor q4_matmul_f32(torch::Tensor x, torch::Tensor qs, torch::Tensor scale, torch::Tensor min) {
-  check(x, qs, scale, 2);
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / kBlock;
-  auto y = torch::empty({M, N}, x.options());
-  // Sum of each block of x, for the min term.
-  auto xsum = x.view({M, nb, kBlock}).sum(-1).contiguous();
-  const float* xp = x.data_ptr<float>();
-  const float* xs = xsum.data_ptr<float>();
-  const uint8_t* qp = qs.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* mp = min.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const __m512i low = _mm512_set1_epi32(0x0F);
-  if (M == 1) {
-    // Decoding: one activation row. Two accumulators break the FMA dependency chain, and the
-    // min term is one dot product of the row's mins with the block sums of x.
-    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const uint8_t* row = qp + n * (K / 2);
-        const float* srow = sp + n * nb;
-        const float* mrow = mp + n * nb;
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        int64_t b = 0;
-        for (; b + 1 < nb; b += 2) {
-          __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
-          __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16 + 16)));
-          const float* xb = xp + b * kBlock;
-          __m512 d0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q0, low)), _mm512_loadu_ps(xb));
-          d0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q0, 4)), _mm512_loadu_ps(xb + 16), d0);
-          __m512 d1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q1, low)), _mm512_loadu_ps(xb + 32));
-          d1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q1, 4)), _mm512_loadu_ps(xb + 48), d1);
-          acc0 = _mm512_fmadd_ps(d0, _mm512_set1_ps(srow[b]), acc0);
-          acc1 = _mm512_fmadd_ps(d1, _mm512_set1_ps(srow[b + 1]), acc1);
-        }
-        for (; b < nb; ++b) {
-          __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
-          const float* xb = xp + b * kBlock;
-          __m512 d0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q0, low)), _mm512_loadu_ps(xb));
-          d0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q0, 4)), _mm512_loadu_ps(xb + 16), d0);
-          acc0 = _mm512_fmadd_ps(d0, _mm512_set1_ps(srow[b]), acc0);
-        }
-        __m512 mins = _mm512_setzero_ps();
-        int64_t j = 0;
-        for (; j + 16 <= nb; j += 16) mins = _mm512_fmadd_ps(_mm512_loadu_ps(mrow + j), _mm512_loadu_ps(xs + j), mins);
-        float tail = 0.f;
-        for (; j < nb; ++j) tail += mrow[j] * xs[j];
-        yp[n] = hsum(_mm512_add_ps(acc0, acc1)) + hsum(mins) + tail;
-      }
-    });
-    return y;
+Weight make_weight(int64_t fmt, const torch::Tensor& qs, const torch::Tensor& a, const torch::Tensor& b,
+                   const torch::Tensor& c) {
+  TORCH_CHECK(fmt >= Q4_0 && fmt <= Q8_0, "unknown block format ", fmt);
+  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && a.is_contiguous() && b.is_contiguous() && c.is_contiguous(),
+              "block weight tensors must be contiguous");
+  Weight w{};
+  w.fmt = fmt;
+  w.N = qs.size(0);
+  w.K = fmt == Q8_0 ? qs.size(1) : qs.size(1) * 2;
+  w.nb = w.K / kBlock;
+  TORCH_CHECK(w.K % kBlock == 0, "K must be a multiple of 32");
+  TORCH_CHECK(a.numel() == w.N * w.nb, "block scales: expected ", w.N * w.nb, " values, got ", a.numel());
+  w.qs = static_cast<const uint8_t*>(qs.data_ptr());
+  if (fmt == Q4_K) {
+    TORCH_CHECK(w.nb % 8 == 0 && b.numel() == w.N * w.nb && c.numel() == w.N * w.nb / 4, "q4_k: scale shapes");
+    w.sc = a.data_ptr<uint8_t>();
+    w.mn = b.data_ptr<uint8_t>();
+    w.dm = reinterpret_cast<const uint16_t*>(c.data_ptr<at::Half>());
+  } else {
+    w.d = reinterpret_cast<const uint16_t*>(a.data_ptr<at::Half>());
+    if (fmt == Q4_1) {
+      TORCH_CHECK(b.numel() == w.N * w.nb, "q4_1: mins shape");
+      w.m = reinterpret_cast<const uint16_t*>(b.data_ptr<at::Half>());
+    }
   }
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<__m512> acc(M);
-    std::vector<float> acc_min(M);
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t m = 0; m < M; ++m) { acc[m] = _mm512_setzero_ps(); acc_min[m] = 0.f; }
-      const uint8_t* row = qp + n * (K / 2);
-      const float* srow = sp + n * nb;
-      const float* mrow = mp + n * nb;
-      for (int64_t b = 0; b < nb; ++b) {
-        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low));
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
-        const __m512 s = _mm512_set1_ps(srow[b]);
-        const float mn = mrow[b];
-        for (int64_t m = 0; m < M; ++m) {
-          const float* xb = xp + m * K + b * kBlock;
-          __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
-          dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), dot);
-          acc[m] = _mm512_fmadd_ps(dot, s, acc[m]);
-          acc_min[m] += mn * xs[m * nb + b];
-        }
-      }
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = hsum(acc[m]) + acc_min[m];
-    }
-  });
-  return y;
-}
-
-torch::Tensor q8_matmul_f32(torch::Tensor x, torch::Tensor qs, torch::Tensor scale) {
-  check(x, qs, scale, 1);
-  TORCH_CHECK(qs.scalar_type() == torch::kChar, "q8 qs: int8");
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / kBlock;
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* qp = qs.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  if (M == 1) {
-    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const int8_t* row = qp + n * K;
-        const float* srow = sp + n * nb;
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nb; ++b) {
-          __m256i q32 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
-          const float* xb = xp + b * kBlock;
-          __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q32))),
-                                     _mm512_loadu_ps(xb));
-          dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q32, 1))),
-                                _mm512_loadu_ps(xb + 16), dot);
-          if (b & 1) acc1 = _mm512_fmadd_ps(dot, _mm512_set1_ps(srow[b]), acc1);
-          else acc0 = _mm512_fmadd_ps(dot, _mm512_set1_ps(srow[b]), acc0);
-        }
-        yp[n] = hsum(_mm512_add_ps(acc0, acc1));
-      }
-    });
-    return y;
-  }
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<__m512> acc(M);
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-      const int8_t* row = qp + n * K;
-      const float* srow = sp + n * nb;
-      for (int64_t b = 0; b < nb; ++b) {
-        __m256i q32 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q32)));
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q32, 1)));
-        const __m512 s = _mm512_set1_ps(srow[b]);
-        for (int64_t m = 0; m < M; ++m) {
-          const float* xb = xp + m * K + b * kBlock;
-          __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
-          dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), dot);
-          acc[m] = _mm512_fmadd_ps(dot, s, acc[m]);
-        }
-      }
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = hsum(acc[m]);
-    }
-  });
-  return y;
-}
-
-// Dense float32 [N, K] weights from blocks: for prompts, where a dense matmul (MKL) reuses each
-// weight across many rows better than the row-at-a-time kernels above.
-torch::Tensor dequantize(torch::Tensor qs, torch::Tensor scale, torch::Tensor min, bool q4) {
-  const int64_t N = qs.size(0), K = q4 ? qs.size(1) * 2 : qs.size(1), nb = K / kBlock;
-  auto w = torch::empty({N, K}, scale.options());
-  float* wp = w.data_ptr<float>();
-  const float* sp = scale.data_ptr<float>();
-  const float* mp = q4 ? min.data_ptr<float>() : nullptr;
-  const __m512i low = _mm512_set1_epi32(0x0F);
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t b = 0; b < nb; ++b) {
-        const __m512 s = _mm512_set1_ps(sp[n * nb + b]);
-        float* out = wp + n * K + b * kBlock;
-        __m512 lo, hi;
-        if (q4) {
-          const uint8_t* row = qs.data_ptr<uint8_t>() + n * (K / 2) + b * 16;
-          __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
-          const __m512 m = _mm512_set1_ps(mp[n * nb + b]);
-          lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), s, m);
-          hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), s, m);
-        } else {
-          const int8_t* row = qs.data_ptr<int8_t>() + n * K + b * kBlock;
-          __m256i q32 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
-          lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q32))), s);
-          hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q32, 1))), s);
-        }
-        _mm512_storeu_ps(out, lo);
-        _mm512_storeu_ps(out + 16, hi);
-      }
-    }
-  });
   return w;
 }
 
-// Entry points: any floating activations [..., K]; products in float32, returned in x's dtype.
-torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scale, torch::Tensor min) {
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
+
+// Float scale and min of each block of row n into sw, mw (round_up(nb, 16) entries, zero-padded).
+void row_scales(const Weight& w, int64_t n, float* sw, float* mw) {
+  const int64_t nb = w.nb;
+  for (int64_t j = 0; j < nb; j += 16) {
+    const __mmask16 k = tail_mask(nb - j);
+    __m512 s, mn;
+    if (w.fmt == Q4_K) {
+      // Blocks j..j+15 span super-blocks j/8 and j/8+1 (or only the first at a tail of 8).
+      const uint16_t* dm = w.dm + (n * nb + j) / 8 * 2;
+      __m512 dd = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(nb - j >= 16 ? 0xF : 0x3, dm));
+      const __m512 dv = _mm512_permutexvar_ps(_mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0), dd);
+      const __m512 dminv = _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1), dd);
+      s = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, w.sc + n * nb + j))));
+      mn = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), dminv),
+                         _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, w.mn + n * nb + j))));
+    } else {
+      s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, w.d + n * nb + j));
+      if (w.fmt == Q4_0) mn = _mm512_mul_ps(s, _mm512_set1_ps(-8.f));
+      else if (w.fmt == Q4_1) mn = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, w.m + n * nb + j));
+      else mn = _mm512_setzero_ps();
+    }
+    _mm512_storeu_ps(sw + j, _mm512_maskz_mov_ps(k, s));
+    _mm512_storeu_ps(mw + j, _mm512_maskz_mov_ps(k, mn));
+  }
+}
+
+// Activations rounded to int8 per block of 32, as llama.cpp's quantize_row_q8_0 does: scale
+// amax/127 (stored as half), values round(x / scale).
+struct QuantizedRows {
+  int64_t M, nb, nbp;
+  std::vector<uint8_t> q;      // per row: round_up(nb, 4) * 32 bytes in the weight format's order
+  std::vector<float> dx;       // per row: nbp block scales (zero-padded)
+  std::vector<float> xs;       // per row: nbp block sums, dx * sum(q)
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, bool q4_order) {
+  QuantizedRows r;
+  r.M = M; r.nb = K / kBlock; r.nbp = round_up(r.nb, 16);
+  const int64_t row_q = round_up(r.nb, 4) * kBlock;
+  r.q.assign(M * row_q, q4_order ? 0 : 0x80);
+  r.dx.assign(M * r.nbp, 0.f);
+  r.xs.assign(M * r.nbp, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < r.nb; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
+      const float amax = std::max(_mm512_reduce_max_ps(_mm512_abs_ps(lo)), _mm512_reduce_max_ps(_mm512_abs_ps(hi)));
+      const float d = amax / 127.f;
+      const float id = d != 0.f ? 1.f / d : 0.f;
+      const __m512i qlo = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(lo, _mm512_set1_ps(id)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m512i qhi = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(hi, _mm512_set1_ps(id)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const float dr = _cvtsh_ss(_cvtss_sh(d, 0));
+      r.dx[m * r.nbp + b] = dr;
+      r.xs[m * r.nbp + b] = dr * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+      uint8_t* out = r.q.data() + m * row_q;
+      if (q4_order) {
+        // Group of 4 blocks = 128 bytes: elements 0..15 of the 4 blocks, then elements 16..31.
+        const int64_t g = b / 4, i = b % 4;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * 128 + i * 16), _mm512_cvtepi32_epi8(qlo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * 128 + 64 + i * 16), _mm512_cvtepi32_epi8(qhi));
+      } else {
+        // Offset by 128 to unsigned, for vpdpbusd's unsigned operand (corrected with the weight sums).
+        const __m512i off = _mm512_set1_epi32(128);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * 32), _mm512_cvtepi32_epi8(_mm512_add_epi32(qlo, off)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * 32 + 16), _mm512_cvtepi32_epi8(_mm512_add_epi32(qhi, off)));
+      }
+    }
+  }
+  return r;
+}
+
+// float32 -> bfloat16, round to nearest even (finite values), without requiring AVX512-BF16.
+inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+inline __m512 expand4(const float* p) {  // 4 floats -> each repeated 4 times
+  return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                               _mm512_castps128_ps512(_mm_loadu_ps(p)));
+}
+inline __m512 expand2x8(const float* p) {  // 2 floats -> each repeated 8 times
+  return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                               _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+}
+
+// Rows per task: each thread streams a long contiguous stretch of weights.
+constexpr int64_t kGrain = 32;
+
+void matmul_int8(const Weight& w, const float* x, int64_t M, float* y) {
+  const int64_t K = w.K, nb = w.nb, N = w.N, nbp = round_up(nb, 16);
+  const QuantizedRows xr = quantize_rows(x, M, K, w.q4());
+  const int64_t row_q = round_up(nb, 4) * kBlock;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i ones = _mm512_set1_epi8(1);
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> sw(nbp + 4), mw(nbp + 4), sd(nbp + 4);
+    std::vector<__m512> acc(M);
+    for (int64_t n = begin; n < end; ++n) {
+      row_scales(w, n, sw.data(), mw.data());
+      const uint8_t* row = w.qs + n * w.row_bytes();
+      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      if (w.q4() && M == 1) {
+        // Decoding: accumulators in registers, two groups per step for independent chains.
+        const uint8_t* xq = xr.q.data();
+        const float* dx = xr.dx.data();
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        int64_t g = 0;
+        for (; (g + 2) * 4 <= nb; g += 2) {
+          const __m512i q0 = _mm512_loadu_si512(row + g * 64), q1 = _mm512_loadu_si512(row + g * 64 + 64);
+          __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(q0, low), _mm512_loadu_si512(xq + g * 128));
+          __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(q1, low), _mm512_loadu_si512(xq + g * 128 + 128));
+          i0 = _mm512_dpbusd_epi32(i0, _mm512_and_si512(_mm512_srli_epi16(q0, 4), low), _mm512_loadu_si512(xq + g * 128 + 64));
+          i1 = _mm512_dpbusd_epi32(i1, _mm512_and_si512(_mm512_srli_epi16(q1, 4), low), _mm512_loadu_si512(xq + g * 128 + 192));
+          // 8 block scales at once: (sw * dx) for blocks 4g..4g+7, each repeated 4 times per group
+          const __m256 sd = _mm256_mul_ps(_mm256_loadu_ps(sw.data() + g * 4), _mm256_loadu_ps(dx + g * 4));
+          const __m512 sd8 = _mm512_castps256_ps512(sd);
+          const __m512 s0 = _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), sd8);
+          const __m512 s1 = _mm512_permutexvar_ps(_mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4), sd8);
+          acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), s0, acc0);
+          acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), s1, acc1);
+        }
+        for (; g * 4 < nb; ++g) {
+          const int64_t left = nb - g * 4;
+          const __m512i q = left >= 4 ? _mm512_loadu_si512(row + g * 64)
+                                      : _mm512_maskz_loadu_epi8((1ull << (left * 16)) - 1, row + g * 64);
+          __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(q, low), _mm512_loadu_si512(xq + g * 128));
+          isum = _mm512_dpbusd_epi32(isum, _mm512_and_si512(_mm512_srli_epi16(q, 4), low), _mm512_loadu_si512(xq + g * 128 + 64));
+          const __m512 sdx = _mm512_mul_ps(expand4(sw.data() + g * 4), expand4(dx + g * 4));
+          acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sdx, acc0);
+        }
+        acc[0] = _mm512_add_ps(acc0, acc1);
+      } else if (w.q4()) {
+        for (int64_t g = 0; g * 4 < nb; ++g) {
+          const int64_t left = nb - g * 4;
+          const __m512i q = left >= 4 ? _mm512_loadu_si512(row + g * 64)
+                                      : _mm512_maskz_loadu_epi8((1ull << (left * 16)) - 1, row + g * 64);
+          const __m512i lo = _mm512_and_si512(q, low);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
+          const __m512 s = expand4(sw.data() + g * 4);
+          for (int64_t m = 0; m < M; ++m) {
+            const uint8_t* xq = xr.q.data() + m * row_q + g * 128;
+            __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
+            isum = _mm512_dpbusd_epi32(isum, hi, _mm512_loadu_si512(xq + 64));
+            const __m512 sdx = _mm512_mul_ps(s, expand4(xr.dx.data() + m * nbp + g * 4));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sdx, acc[m]);
+          }
+        }
+      } else {
+        for (int64_t g = 0; g * 2 < nb; ++g) {
+          const int64_t left = nb - g * 2;
+          const __m512i q = left >= 2 ? _mm512_loadu_si512(row + g * 64)
+                                      : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, row + g * 64);
+          // sum((x + 128) * w) - 128 * sum(w) = sum(x * w)
+          const __m512i wsum = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q), 7);
+          const __m512 s = expand2x8(sw.data() + g * 2);
+          for (int64_t m = 0; m < M; ++m) {
+            const uint8_t* xq = xr.q.data() + m * row_q + g * 64;
+            const __m512i isum = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq), q), wsum);
+            const __m512 sdx = _mm512_mul_ps(s, expand2x8(xr.dx.data() + m * nbp + g * 2));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sdx, acc[m]);
+          }
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        __m512 mins = _mm512_setzero_ps();
+        if (w.fmt != Q8_0)
+          for (int64_t j = 0; j < nbp; j += 16)
+            mins = _mm512_fmadd_ps(_mm512_loadu_ps(mw.data() + j), _mm512_loadu_ps(xr.xs.data() + m * nbp + j), mins);
+        y[m * N + n] = hsum(_mm512_add_ps(acc[m], mins));
+      }
+    }
+  });
+}
+
+// Exact path: nibbles widened to float against float x.
+void matmul_float(const Weight& w, const float* x, int64_t M, float* y) {
+  const int64_t K = w.K, nb = w.nb, N = w.N, nbp = round_up(nb, 16);
+  std::vector<float> xsum(M * nbp, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      xsum[m * nbp + b] = hsum(_mm512_add_ps(_mm512_loadu_ps(xb), _mm512_loadu_ps(xb + 16)));
+    }
+  const __m512i low = _mm512_set1_epi32(0x0F);
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> sw(nbp), mw(nbp);
+    std::vector<__m512> acc(M);
+    for (int64_t n = begin; n < end; ++n) {
+      row_scales(w, n, sw.data(), mw.data());
+      const uint8_t* row = w.qs + n * w.row_bytes();
+      int64_t nb_done = 0;
+      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      if (M == 1 && w.q4()) {
+        // Decoding: accumulators in registers, alternating between two for independent chains.
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b) {
+          const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
+          __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), _mm512_loadu_ps(x + b * kBlock));
+          dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), _mm512_loadu_ps(x + b * kBlock + 16), dot);
+          if (b & 1) acc1 = _mm512_fmadd_ps(dot, _mm512_set1_ps(sw[b]), acc1);
+          else acc0 = _mm512_fmadd_ps(dot, _mm512_set1_ps(sw[b]), acc0);
+        }
+        acc[0] = _mm512_add_ps(acc0, acc1);
+        nb_done = nb;
+      } else if (M == 1) {
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b) {
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
+          __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))),
+                                     _mm512_loadu_ps(x + b * kBlock));
+          dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))),
+                                _mm512_loadu_ps(x + b * kBlock + 16), dot);
+          if (b & 1) acc1 = _mm512_fmadd_ps(dot, _mm512_set1_ps(sw[b]), acc1);
+          else acc0 = _mm512_fmadd_ps(dot, _mm512_set1_ps(sw[b]), acc0);
+        }
+        acc[0] = _mm512_add_ps(acc0, acc1);
+        nb_done = nb;
+      }
+      for (int64_t b = nb_done; b < nb; ++b) {
+        __m512 lo, hi;
+        if (w.q4()) {
+          const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
+          lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low));
+          hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+        } else {
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
+          lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+          hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+        }
+        const __m512 s = _mm512_set1_ps(sw[b]);
+        for (int64_t m = 0; m < M; ++m) {
+          const float* xb = x + m * K + b * kBlock;
+          __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+          dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), dot);
+          acc[m] = _mm512_fmadd_ps(dot, s, acc[m]);
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        __m512 mins = _mm512_setzero_ps();
+        for (int64_t j = 0; j < nbp; j += 16)
+          mins = _mm512_fmadd_ps(_mm512_loadu_ps(mw.data() + j), _mm512_loadu_ps(xsum.data() + m * nbp + j), mins);
+        y[m * N + n] = hsum(_mm512_add_ps(acc[m], mins));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x [..., K] (any float dtype) @ W^T -> [..., N] in x's dtype, products in float32.
+torch::Tensor block_matmul(torch::Tensor x, int64_t fmt, torch::Tensor qs, torch::Tensor a, torch::Tensor b,
+                           torch::Tensor c, bool int8_activations) {
+  const Weight w = make_weight(fmt, qs, a, b, c);
   auto shape = x.sizes().vec();
-  auto y = q4_matmul_f32(x.reshape({-1, shape.back()}).to(torch::kFloat).contiguous(), qs, scale, min);
-  shape.back() = qs.size(0);
+  TORCH_CHECK(shape.back() == w.K, "K mismatch: x has ", shape.back(), ", weight ", w.K);
+  auto xf = x.reshape({-1, w.K}).to(torch::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  auto y = torch::empty({M, w.N}, xf.options());
+  if (int8_activations) matmul_int8(w, xf.data_ptr<float>(), M, y.data_ptr<float>());
+  else matmul_float(w, xf.data_ptr<float>(), M, y.data_ptr<float>());
+  shape.back() = w.N;
   return y.to(x.scalar_type()).view(shape);
 }
 
-torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scale) {
-  auto shape = x.sizes().vec();
-  auto y = q8_matmul_f32(x.reshape({-1, shape.back()}).to(torch::kFloat).contiguous(), qs, scale);
-  shape.back() = qs.size(0);
-  return y.to(x.scalar_type()).view(shape);
+// Dense [N, K] weights (float32 or bfloat16) from blocks: for prompts, where a dense matmul
+// reuses each weight across many rows better than the row-at-a-time kernels above.
+torch::Tensor block_dequantize(int64_t fmt, torch::Tensor qs, torch::Tensor a, torch::Tensor b, torch::Tensor c,
+                               c10::ScalarType dtype) {
+  const Weight w = make_weight(fmt, qs, a, b, c);
+  TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "dequantize: float32 or bfloat16");
+  auto out = torch::empty({w.N, w.K}, qs.options().dtype(dtype));
+  const int64_t K = w.K, nb = w.nb, nbp = round_up(nb, 16);
+  const __m512i low = _mm512_set1_epi32(0x0F);
+  at::parallel_for(0, w.N, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> sw(nbp), mw(nbp);
+    for (int64_t n = begin; n < end; ++n) {
+      row_scales(w, n, sw.data(), mw.data());
+      const uint8_t* row = w.qs + n * w.row_bytes();
+      for (int64_t blk = 0; blk < nb; ++blk) {
+        const __m512 s = _mm512_set1_ps(sw[blk]), mn = _mm512_set1_ps(mw[blk]);
+        __m512 lo, hi;
+        if (w.q4()) {
+          const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + blk * 16)));
+          lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), s, mn);
+          hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), s, mn);
+        } else {
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlock));
+          lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), s);
+          hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), s);
+        }
+        if (dtype == torch::kFloat) {
+          float* o = out.data_ptr<float>() + n * K + blk * kBlock;
+          _mm512_storeu_ps(o, lo);
+          _mm512_storeu_ps(o + 16, hi);
+        } else {
+          at::BFloat16* o = out.data_ptr<at::BFloat16>() + n * K + blk * kBlock;
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), to_bf16(lo));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), to_bf16(hi));
+        }
+      }
+    }
+  });
+  return out;
 }
 
 // --- Decoding helpers: small ops that PyTorch's CPU kernels make expensive at batch 1 ---------
@@ -389,10 +556,9 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_matmul", &q4_matmul, "x [..., K] @ q4 block weight [N, K]^T -> [..., N]");
-  m.def("dequantize", &dequantize, "blocks -> dense float32 [N, K]");
+  m.def("block_matmul", &block_matmul, "x [..., K] @ block weight [N, K]^T -> [..., N]");
+  m.def("block_dequantize", &block_dequantize, "blocks -> dense [N, K]");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim, float32 math");
   m.def("attend_one", &attend_one, "attention of one query per row against a cache");
   m.def("decode_attention", &decode_attention, "rotary + cache write + attention for one new token per row");
-  m.def("q8_matmul", &q8_matmul, "x [..., K] @ q8 block weight [N, K]^T -> [..., N]");
 }

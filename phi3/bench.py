@@ -1,0 +1,125 @@
+"""`phi3 bench`: load time, prefill and decode speed, peak memory and file size of a quantized model.
+
+Without a checkpoint it builds a model of a preset's exact shape with random weights (speed does
+not depend on weight values) and quantizes it to a GGUF file, which `--save-gguf` keeps so that
+other tools (llama.cpp) can run the very same file. The measurement runs in a fresh process, so
+that its peak resident memory is the model's and not the quantizer's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from phi3.errors import Phi3Error
+
+SHAPES = {"phi-3-mini": "phi-3-mini-4k-instruct", "phi-3-medium": "phi-3-medium-4k-instruct"}
+
+
+def _prepare(shape: str, layers: int | None, qtype: str, save: Path | None, quiet: bool) -> tuple[Path, dict[str, Any]]:
+    """The GGUF file to measure, and what making it took."""
+    from phi3 import export, quant
+    from phi3.config import get_preset
+    if qtype not in quant.WRITE_TYPES:
+        raise Phi3Error(f"unsupported quantization type {qtype!r}; choose one of {', '.join(quant.WRITE_TYPES)}")
+    info: dict[str, Any] = {"type": qtype}
+    if shape in SHAPES:
+        cfg = get_preset(SHAPES[shape])
+        if layers is not None:
+            if not 1 <= layers <= cfg.num_hidden_layers:
+                raise Phi3Error(f"--layers {layers} is out of range for {shape} (1 to {cfg.num_hidden_layers})")
+            cfg = cfg.with_(num_hidden_layers=layers)
+        source = export.random_source(cfg.with_(name=f"{shape} (random weights)"))
+        info["model"] = f"{shape} shape, {cfg.num_hidden_layers} layers, random weights"
+    else:
+        path = Path(shape)
+        if not path.exists():
+            raise Phi3Error(f"--shape {shape!r} is neither {' nor '.join(SHAPES)} nor an existing model path")
+        if layers is not None:
+            raise Phi3Error("--layers applies to the named shapes only, not to a checkpoint")
+        source = export.open_source(path)
+        info["model"] = str(path)
+    out = save or Path(tempfile.mkdtemp(prefix="phi3-bench-")) / f"bench-{qtype}.gguf"
+    t = time.perf_counter()
+    # pure: every matrix in the type measured, as the report's 4-bit size assumes
+    export.write_gguf(source, out, qtype, pure=True, progress=not quiet)
+    info["quantize_s"] = round(time.perf_counter() - t, 2)
+    return out, info
+
+
+def measure(path: Path, prompt_tokens: int, new_tokens: int, threads: int, context: int | None,
+            exact: bool = False) -> dict[str, Any]:
+    """Load `path` and time a prompt and greedy decoding (run in a fresh process: see bench())."""
+    import torch
+
+    from phi3.checkpoint import load
+    from phi3.generate import advance
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    lm = load(path, exact=exact)
+    load_s = time.perf_counter() - t
+    model = lm.model
+    ctx = context or model.config.max_position_embeddings
+    if prompt_tokens + new_tokens > ctx:
+        raise Phi3Error(f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the context of {ctx}")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.config.vocab_size, (1, prompt_tokens + new_tokens), generator=g)
+    with torch.inference_mode():
+        cache = model.new_cache(1, ctx)  # a whole context's cache, as llama.cpp's n_ctx allocates
+        t = time.perf_counter()
+        logits = advance(model, cache, tokens[:, :prompt_tokens])
+        prefill_s = time.perf_counter() - t
+        length = prompt_tokens
+        t = time.perf_counter()
+        for _ in range(new_tokens):
+            tokens[0, length] = logits[0, -1].argmax()
+            length += 1
+            logits = advance(model, cache, tokens[:, :length])
+        decode_s = time.perf_counter() - t
+    return {
+        "load_s": round(load_s, 3),
+        "prefill_tok_s": round(prompt_tokens / prefill_s, 2),
+        "decode_tok_s": round(new_tokens / decode_s, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "file_mb": round(path.stat().st_size / 1e6, 1),
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": threads, "context": ctx,
+    }
+
+
+def bench(shape: str = "phi-3-mini", layers: int | None = None, qtype: str = "q4_0", prompt_tokens: int = 512,
+          new_tokens: int = 128, threads: int = 2, save_gguf: Path | None = None, context: int | None = None,
+          quiet: bool = False, exact: bool = False) -> dict[str, Any]:
+    if prompt_tokens < 1 or new_tokens < 1:
+        raise Phi3Error("--prompt-tokens and --new-tokens must be at least 1")
+    path, info = _prepare(shape, layers, qtype, save_gguf, quiet)
+    try:
+        args = json.dumps([str(path), prompt_tokens, new_tokens, threads, context, exact])
+        r = subprocess.run([sys.executable, "-c", "import sys; from phi3.bench import _worker; _worker(sys.argv[1])",
+                            args], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        if r.returncode != 0:
+            lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+            raise Phi3Error(f"the measuring process failed: {lines[-1] if lines else r.returncode}")
+        result = json.loads(r.stdout.strip().splitlines()[-1])
+    finally:
+        if save_gguf is None:
+            path.unlink(missing_ok=True)
+            path.parent.rmdir()
+    result.update(info)
+    result["gguf"] = str(save_gguf) if save_gguf else None
+    return result
+
+
+def _worker(args: str) -> None:
+    path, prompt_tokens, new_tokens, threads, context, exact = json.loads(args)
+    try:
+        print(json.dumps(measure(Path(path), prompt_tokens, new_tokens, threads, context, exact)))
+    except Phi3Error as e:
+        print(f"phi3: error: {e}", file=sys.stderr)
+        sys.exit(2)

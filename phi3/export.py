@@ -1,0 +1,397 @@
+"""Writing GGUF files: `phi3 quantize` (and `phi3 bench`'s random models).
+
+The output follows llama.cpp's conventions, so that llama.cpp and ollama run it as phi3 does:
+architecture `phi3` (fused attn_qkv and ffn_up = [gate; up], LongRoPE factors as the tensors
+rope_factors_long/short) or `llama` (separate q/k/v with q and k rows interleaved the way
+llama.cpp's converter does, ffn_gate and ffn_up), tokenizer and chat template in the metadata.
+
+Tensors are read, quantized and written one at a time (large ones in row chunks), so memory stays
+near one float32 tensor whatever the model's size: quantizing phi-3-mini takes about 2 GB.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from phi3 import quant
+from phi3.config import ModelConfig
+from phi3.errors import Phi3Error
+from phi3.tokenizer import BYTE, CONTROL, NORMAL, PHI3_CHAT_TEMPLATE, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer
+
+# GGUF general.file_type (llama.cpp's llama_ftype) of each output type.
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k": 15}
+CHUNK_ROWS = 2048  # rows quantized at once: bounds temporary memory for big matrices
+
+
+@dataclass
+class SourceTensor:
+    name: str                           # GGUF name
+    shape: tuple[int, ...]              # PyTorch order: (rows, cols) or (n,)
+    load: Callable[[], np.ndarray]      # -> float32 array of `shape`
+
+
+@dataclass
+class ModelSource:
+    """What a GGUF file is written from: config, tokenizer metadata and lazily loaded tensors."""
+    config: ModelConfig
+    arch: str
+    metadata: list[tuple[str, Any, Any, Any]]  # (key, value, GGUFValueType, array sub-type)
+    tensors: list[SourceTensor]
+
+
+# --- Sources ---------------------------------------------------------------------------------------
+
+def _permute_for_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter interleaves the two rotary halves of each Llama q/k head."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def config_metadata(cfg: ModelConfig, arch: str) -> list[tuple[str, Any, Any, Any]]:
+    import gguf
+    V = gguf.GGUFValueType
+    hd = cfg.dim_per_head
+    meta = [
+        ("general.name", cfg.name or "phi3", V.STRING, None),
+        (f"{arch}.context_length", cfg.max_position_embeddings, V.UINT32, None),
+        (f"{arch}.embedding_length", cfg.hidden_size, V.UINT32, None),
+        (f"{arch}.feed_forward_length", cfg.intermediate_size, V.UINT32, None),
+        (f"{arch}.block_count", cfg.num_hidden_layers, V.UINT32, None),
+        (f"{arch}.attention.head_count", cfg.num_attention_heads, V.UINT32, None),
+        (f"{arch}.attention.head_count_kv", cfg.num_key_value_heads, V.UINT32, None),
+        (f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps, V.FLOAT32, None),
+        (f"{arch}.rope.dimension_count", hd, V.UINT32, None),
+        (f"{arch}.rope.freq_base", cfg.rope_theta, V.FLOAT32, None),
+        (f"{arch}.vocab_size", cfg.vocab_size, V.UINT32, None),
+    ]
+    if hd != cfg.hidden_size // cfg.num_attention_heads:
+        meta += [(f"{arch}.attention.key_length", hd, V.UINT32, None),
+                 (f"{arch}.attention.value_length", hd, V.UINT32, None)]
+    if arch == "phi3":
+        meta.append((f"{arch}.rope.scaling.original_context_length", cfg.original_max_position_embeddings,
+                     V.UINT32, None))
+        # llama.cpp's converter writes 0 for "no sliding window" (Phi-4 uses the phi3 architecture)
+        meta.append((f"{arch}.attention.sliding_window", cfg.sliding_window or 0, V.UINT32, None))
+        if cfg.rope_scaling is not None:
+            from phi3.config import rope_attention_factor
+            meta.append((f"{arch}.rope.scaling.attn_factor", rope_attention_factor(cfg), V.FLOAT32, None))
+    return meta
+
+
+def tokenizer_metadata(tok: Tokenizer, cfg: ModelConfig, arch: str) -> list[tuple[str, Any, Any, Any]]:
+    """tokenizer.ggml.* for a Hugging Face tokenizer: SentencePiece-style vocabularies (byte
+    fallback, '▁' for spaces) as llama.cpp's 'llama' model with scores ranking the merges, byte-level
+    BPE as 'gpt2' with its merges."""
+    import gguf
+    V = gguf.GGUFValueType
+    data = json.loads(tok.tk.to_str())
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise Phi3Error(f"cannot export a {model.get('type')} tokenizer to GGUF; phi3 writes BPE vocabularies")
+    n = max(cfg.vocab_size, tok.vocab_size)
+    tokens: list[str | None] = [None] * n
+    types = [NORMAL] * n
+    for piece, i in model["vocab"].items():
+        tokens[i] = piece
+    for a in data.get("added_tokens", []):
+        tokens[a["id"]] = a["content"]
+        types[a["id"]] = CONTROL if a.get("special") else USER_DEFINED
+    for i, t in enumerate(tokens):
+        if t is None:
+            tokens[i], types[i] = f"[PAD{i}]", UNUSED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    byte_fallback = bool(model.get("byte_fallback"))
+    meta: list[tuple[str, Any, Any, Any]] = []
+    if byte_fallback:
+        # SentencePiece BPE: merges are applied by the score of the merged piece.
+        scores = [0.0] * n
+        rank = {m.replace(" ", ""): r for r, m in reversed(list(enumerate(merges)))}
+        for i, t in enumerate(tokens):
+            if t in rank and types[i] == NORMAL:
+                scores[i] = -float(rank[t])
+            if types[i] == NORMAL and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+                types[i] = BYTE
+        meta += [("tokenizer.ggml.model", "llama", V.STRING, None),
+                 ("tokenizer.ggml.scores", scores, V.ARRAY, V.FLOAT32)]
+        unk = model.get("unk_token")
+        if unk is not None and tok.tk.token_to_id(unk) is not None:
+            meta.append(("tokenizer.ggml.unknown_token_id", tok.tk.token_to_id(unk), V.UINT32, None))
+    else:
+        meta += [("tokenizer.ggml.model", "gpt2", V.STRING, None),
+                 ("tokenizer.ggml.pre", "default", V.STRING, None),
+                 ("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING)]
+    meta += [("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
+             ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
+             ("tokenizer.ggml.add_bos_token", bool(tok.add_bos), V.BOOL, None)]
+    for key, token in (("bos", tok.bos_token), ("eos", tok.eos_token)):
+        if token is not None and tok.tk.token_to_id(token) is not None:
+            meta.append((f"tokenizer.ggml.{key}_token_id", tok.tk.token_to_id(token), V.UINT32, None))
+    if cfg.pad_token_id is not None:
+        meta.append(("tokenizer.ggml.padding_token_id", cfg.pad_token_id, V.UINT32, None))
+    template = tok.chat_template or (PHI3_CHAT_TEMPLATE if arch == "phi3" else None)
+    if template:
+        meta.append(("tokenizer.chat_template", template, V.STRING, None))
+    return meta
+
+
+def _layer_tensors(cfg: ModelConfig, arch: str, get: Callable[[str], np.ndarray],
+                   shapes: dict[str, tuple[int, ...]]) -> list[SourceTensor]:
+    """GGUF tensors from Hugging Face-named ones (phi3's fused layout or Llama's separate one)."""
+    out: list[SourceTensor] = []
+
+    def add(name: str, shape: tuple[int, ...], load: Callable[[], np.ndarray]) -> None:
+        out.append(SourceTensor(name, shape, load))
+
+    def fused(parts: list[str]) -> tuple[tuple[int, ...], Callable[[], np.ndarray]]:
+        rows = sum(shapes[p][0] for p in parts)
+        return (rows, shapes[parts[0]][1]), lambda: np.concatenate([get(p) for p in parts])
+
+    def split(name: str, start: int, stop: int) -> tuple[tuple[int, ...], Callable[[], np.ndarray]]:
+        return (stop - start, shapes[name][1]), lambda: get(name)[start:stop]
+
+    add("token_embd.weight", shapes["model.embed_tokens.weight"], lambda: get("model.embed_tokens.weight"))
+    add("output_norm.weight", shapes["model.norm.weight"], lambda: get("model.norm.weight"))
+    if not cfg.tie_word_embeddings:
+        add("output.weight", shapes["lm_head.weight"], lambda: get("lm_head.weight"))
+    if arch == "phi3" and cfg.rope_scaling is not None:
+        long_f = np.array(cfg.rope_scaling.long_factor, np.float32)
+        short_f = np.array(cfg.rope_scaling.short_factor, np.float32)
+        add("rope_factors_long.weight", long_f.shape, lambda: long_f)
+        add("rope_factors_short.weight", short_f.shape, lambda: short_f)
+    hd = cfg.dim_per_head
+    q_rows, kv_rows = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    for i in range(cfg.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        add(b + "attn_norm.weight", shapes[p + "input_layernorm.weight"],
+            lambda p=p: get(p + "input_layernorm.weight"))
+        qkv = p + "self_attn.qkv_proj.weight"
+        has_fused = qkv in shapes
+        if arch == "phi3":
+            add(b + "attn_qkv.weight", *(((shapes[qkv], lambda qkv=qkv: get(qkv)) if has_fused else
+                                          fused([p + f"self_attn.{x}_proj.weight" for x in "qkv"]))))
+        elif has_fused:
+            for name, (lo, hi), heads in ((b + "attn_q.weight", (0, q_rows), cfg.num_attention_heads),
+                                         (b + "attn_k.weight", (q_rows, q_rows + kv_rows), cfg.num_key_value_heads),
+                                         (b + "attn_v.weight", (q_rows + kv_rows, q_rows + 2 * kv_rows), None)):
+                shape, load = split(qkv, lo, hi)
+                add(name, shape, (lambda load=load, h=heads: _permute_for_llama_cpp(load(), h)) if heads else load)
+        else:
+            for x, heads in (("q", cfg.num_attention_heads), ("k", cfg.num_key_value_heads), ("v", None)):
+                src = p + f"self_attn.{x}_proj.weight"
+                add(b + f"attn_{x}.weight", shapes[src],
+                    (lambda src=src, h=heads: _permute_for_llama_cpp(get(src), h)) if heads else
+                    (lambda src=src: get(src)))
+        add(b + "attn_output.weight", shapes[p + "self_attn.o_proj.weight"], lambda p=p: get(p + "self_attn.o_proj.weight"))
+        add(b + "ffn_norm.weight", shapes[p + "post_attention_layernorm.weight"],
+            lambda p=p: get(p + "post_attention_layernorm.weight"))
+        gate_up = p + "mlp.gate_up_proj.weight"
+        ff = cfg.intermediate_size
+        if arch == "phi3":
+            add(b + "ffn_up.weight", *(((shapes[gate_up], lambda gate_up=gate_up: get(gate_up)) if gate_up in shapes
+                                        else fused([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]))))
+        elif gate_up in shapes:
+            add(b + "ffn_gate.weight", *split(gate_up, 0, ff))
+            add(b + "ffn_up.weight", *split(gate_up, ff, 2 * ff))
+        else:
+            add(b + "ffn_gate.weight", shapes[p + "mlp.gate_proj.weight"], lambda p=p: get(p + "mlp.gate_proj.weight"))
+            add(b + "ffn_up.weight", shapes[p + "mlp.up_proj.weight"], lambda p=p: get(p + "mlp.up_proj.weight"))
+        add(b + "ffn_down.weight", shapes[p + "mlp.down_proj.weight"], lambda p=p: get(p + "mlp.down_proj.weight"))
+    return out
+
+
+def source_from_hf_folder(folder: Path) -> ModelSource:
+    from safetensors import safe_open
+
+    from phi3.checkpoint import _check_safetensors_header, _safetensors_files
+    from phi3.config import load_config
+    from phi3.tokenizer import load_tokenizer
+    cfg = load_config(folder)
+    arch = "phi3" if cfg.model_type == "phi3" else "llama"
+    where: dict[str, Path] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in _safetensors_files(folder):
+        _check_safetensors_header(f)
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                where[name] = f
+                shapes[name] = tuple(st.get_slice(name).get_shape())
+
+    def get(name: str) -> np.ndarray:
+        if name not in where:
+            raise Phi3Error(f"{folder} is missing tensor {name}")
+        with safe_open(str(where[name]), framework="pt") as st:
+            return st.get_tensor(name).float().numpy()
+
+    class _Shapes(dict):
+        def __missing__(self, key: str):
+            raise Phi3Error(f"{folder} is missing tensor {key}")
+
+    tok = load_tokenizer(folder, eos_ids=cfg.eos_token_id)
+    meta = config_metadata(cfg, arch) + tokenizer_metadata(tok, cfg, arch)
+    return ModelSource(cfg, arch, meta, _layer_tensors(cfg, arch, get, _Shapes(shapes)))
+
+
+def source_from_gguf(path: Path) -> ModelSource:
+    """Every tensor of a GGUF file, dequantized on demand, and its metadata as it is (bar the file type)."""
+    from phi3.checkpoint import _tensor_numpy, config_from_gguf, gguf_fields, open_gguf
+    reader = open_gguf(path)
+    fields = gguf_fields(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = config_from_gguf(fields, tensors)
+    meta = []
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type",
+                                               "general.quantization_version"):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if len(field.types) > 1 else None
+        meta.append((key, field.contents(), vtype, sub))
+    out = [SourceTensor(t.name, tuple(int(x) for x in reversed(t.shape)), lambda t=t: _tensor_numpy(t))
+           for t in reader.tensors]
+    return ModelSource(cfg, cfg.model_type, meta, out)
+
+
+def random_source(cfg: ModelConfig, seed: int = 0) -> ModelSource:
+    """A model of `cfg`'s exact shape with random weights (N(0, 0.02), norms 1) and a byte-level
+    tokenizer stub: speed does not depend on weight values."""
+    import gguf
+    V = gguf.GGUFValueType
+    arch = "phi3" if cfg.model_type == "phi3" else "llama"
+    shapes = {}
+    hd = cfg.dim_per_head
+    qkv_rows = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd
+    shapes["model.embed_tokens.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    shapes["model.norm.weight"] = (cfg.hidden_size,)
+    shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (cfg.hidden_size,)
+        shapes[p + "self_attn.qkv_proj.weight"] = (qkv_rows, cfg.hidden_size)
+        shapes[p + "self_attn.o_proj.weight"] = (cfg.hidden_size, cfg.num_attention_heads * hd)
+        shapes[p + "mlp.gate_up_proj.weight"] = (2 * cfg.intermediate_size, cfg.hidden_size)
+        shapes[p + "mlp.down_proj.weight"] = (cfg.hidden_size, cfg.intermediate_size)
+    counter = iter(range(1 << 30))
+
+    def get(name: str) -> np.ndarray:
+        import torch
+        shape = shapes[name]
+        if len(shape) == 1:
+            return np.ones(shape, np.float32)
+        g = torch.Generator().manual_seed(seed * 100003 + next(counter))
+        return (torch.randn(shape, generator=g) * 0.02).numpy()
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["<|end|>"]
+    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256 + [CONTROL]
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)]
+    types += [UNUSED] * (cfg.vocab_size - len(types))
+    meta = config_metadata(cfg, arch) + [
+        ("tokenizer.ggml.model", "llama", V.STRING, None),
+        ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
+        ("tokenizer.ggml.scores", [0.0] * len(tokens), V.ARRAY, V.FLOAT32),
+        ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
+        ("tokenizer.ggml.bos_token_id", 1, V.UINT32, None),
+        ("tokenizer.ggml.eos_token_id", 2, V.UINT32, None),
+        ("tokenizer.chat_template", PHI3_CHAT_TEMPLATE, V.STRING, None),
+    ]
+    return ModelSource(cfg, arch, meta, _layer_tensors(cfg, arch, get, shapes))
+
+
+# --- Writing ---------------------------------------------------------------------------------------
+
+def tensor_type(name: str, shape: tuple[int, ...], qtype: str, pure: bool) -> str:
+    """Storage type of one tensor: 1-D ones (norms, rope factors) stay float32; the embedding and
+    output matrices get 8 bits under a 4-bit type (llama.cpp gives them Q6_K) unless `pure`; a
+    row length the type's block does not divide falls back to q8_0, then f16."""
+    if len(shape) < 2:
+        return "f32"
+    kind = qtype
+    if not pure and qtype.startswith("q4") and name in ("token_embd.weight", "output.weight"):
+        kind = "q8_0"
+    cols = shape[-1]
+    if cols % quant.block_size(kind):
+        kind = "q8_0" if cols % quant.BLOCK == 0 else "f16"
+    return kind
+
+
+def _ggml_type(kind: str):
+    import gguf
+    return gguf.GGMLQuantizationType[kind.upper()]
+
+
+def _nbytes(shape: tuple[int, ...], kind: str) -> int:
+    import gguf
+    block, size = gguf.GGML_QUANT_SIZES[_ggml_type(kind)]
+    return math.prod(shape) // block * size
+
+
+def _quantize_chunks(arr: np.ndarray, kind: str) -> np.ndarray:
+    if arr.ndim < 2:
+        return quant.quantize_blocks(arr, kind)
+    parts = [quant.quantize_blocks(arr[r:r + CHUNK_ROWS], kind) for r in range(0, arr.shape[0], CHUNK_ROWS)]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def write_gguf(source: ModelSource, out: Path, qtype: str, pure: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Quantize `source` tensor by tensor into a GGUF file at `out`. Returns a summary."""
+    import gguf
+    if qtype not in quant.WRITE_TYPES:
+        raise Phi3Error(f"unsupported quantization type {qtype!r}; choose one of {', '.join(quant.WRITE_TYPES)}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")  # never leave a half-written file under the real name
+    writer = gguf.GGUFWriter(str(tmp), source.arch)
+    for key, value, vtype, sub in source.metadata:
+        writer.add_key_value(key, value, vtype, sub)
+    writer.add_file_type(FILE_TYPES[qtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    kinds = []
+    for t in source.tensors:
+        kind = tensor_type(t.name, t.shape, qtype, pure)
+        kinds.append(kind)
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _nbytes(t.shape, kind), _ggml_type(kind))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    counts: dict[str, int] = {}
+    items: Iterator = zip(source.tensors, kinds)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(source.tensors), desc=f"quantizing to {qtype}", unit="tensor")
+    try:
+        for t, kind in items:
+            arr = t.load()
+            if tuple(arr.shape) != tuple(t.shape):
+                raise Phi3Error(f"tensor {t.name} has shape {tuple(arr.shape)}, expected {t.shape}")
+            data = _quantize_chunks(np.ascontiguousarray(arr, dtype=np.float32), kind)
+            writer.write_tensor_data(data)
+            counts[kind] = counts.get(kind, 0) + 1
+            if bar is not None:
+                bar.update(1)
+        writer.close()
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    tmp.replace(out)
+    return {"path": str(out), "type": qtype, "tensor_types": counts, "file_bytes": out.stat().st_size,
+            "arch": source.arch, "parameters": source.config.num_parameters()}
+
+
+def open_source(path: Path) -> ModelSource:
+    from phi3.checkpoint import _is_gguf, resolve_model_path
+    path = resolve_model_path(str(path))
+    if path.is_dir():
+        return source_from_hf_folder(path)
+    if path.suffix == ".gguf" or _is_gguf(path):
+        return source_from_gguf(path)
+    raise Phi3Error(f"{path} is neither a Hugging Face folder nor a GGUF file")
