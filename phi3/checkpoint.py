@@ -364,7 +364,7 @@ def config_from_gguf(fields: dict[str, Any], tensors: dict[str, Any]) -> ModelCo
         rope_theta=float(get("rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        sliding_window=get("attention.sliding_window"),
+        sliding_window=get("attention.sliding_window") or None,  # llama.cpp writes 0 for none
         tie_word_embeddings="output.weight" not in tensors,
         model_type=arch,
         bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),

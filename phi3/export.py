@@ -79,8 +79,7 @@ def config_metadata(cfg: ModelConfig, arch: str) -> list[tuple[str, Any, Any, An
         # llama.cpp's converter writes 0 for "no sliding window" (Phi-4 uses the phi3 architecture)
         meta.append((f"{arch}.attention.sliding_window", cfg.sliding_window or 0, V.UINT32, None))
         if cfg.rope_scaling is not None:
-            from phi3.config import rope_attention_factor
-            meta.append((f"{arch}.rope.scaling.attn_factor", rope_attention_factor(cfg), V.FLOAT32, None))
+            meta.append((f"{arch}.rope.scaling.attn_factor", cfg.rope_attention_factor, V.FLOAT32, None))
     return meta
 
 
@@ -124,8 +123,9 @@ def tokenizer_metadata(tok: Tokenizer, cfg: ModelConfig, arch: str) -> list[tupl
             meta.append(("tokenizer.ggml.unknown_token_id", tok.tk.token_to_id(unk), V.UINT32, None))
     else:
         meta += [("tokenizer.ggml.model", "gpt2", V.STRING, None),
-                 ("tokenizer.ggml.pre", "default", V.STRING, None),
-                 ("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING)]
+                 ("tokenizer.ggml.pre", "default", V.STRING, None)]
+        if merges:  # GGUF cannot hold an empty array
+            meta.append(("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING))
     meta += [("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
              ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
              ("tokenizer.ggml.add_bos_token", bool(tok.add_bos), V.BOOL, None)]

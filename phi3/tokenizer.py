@@ -267,9 +267,8 @@ def tokenizer_from_gguf(fields: dict[str, Any], arch: str) -> Tokenizer:
                                  unk_id=fields.get("tokenizer.ggml.unknown_token_id", 0), added=added)
         kind, default_bos = "gguf (SentencePiece BPE)", True
     elif model == "gpt2":
-        merges = fields.get("tokenizer.ggml.merges")
-        if merges is None:
-            raise Phi3Error("GGUF file has a gpt2 tokenizer without tokenizer.ggml.merges")
+        # GGUF cannot hold an empty array, so a vocabulary without merges has no merges key.
+        merges = fields.get("tokenizer.ggml.merges") or []
         tk = build_bpe_tokenizer(tokens, merges, types, fields.get("tokenizer.ggml.pre", "default"))
         kind, default_bos = f"gguf (byte-level BPE, pre={fields.get('tokenizer.ggml.pre', 'default')})", False
     else:
