@@ -44,14 +44,25 @@ def _prepare(shape: str, layers: int | None, qtype: str, save: Path | None, quie
             raise Phi3Error(f"--shape {shape!r} is neither {' nor '.join(SHAPES)} nor an existing model path")
         if layers is not None:
             raise Phi3Error("--layers applies to the named shapes only, not to a checkpoint")
-        source = export.open_source(path)
         info["model"] = str(path)
+        if path.is_file() and _gguf_file_type(path) == export.FILE_TYPES[qtype]:
+            info["quantize_s"] = 0.0  # already of that type: measure the very file
+            return path, info
+        source = export.open_source(path)
     out = save or Path(tempfile.mkdtemp(prefix="phi3-bench-")) / f"bench-{qtype}.gguf"
     t = time.perf_counter()
     # pure: every matrix in the type measured, as the report's 4-bit size assumes
     export.write_gguf(source, out, qtype, pure=True, progress=not quiet)
     info["quantize_s"] = round(time.perf_counter() - t, 2)
     return out, info
+
+
+def _gguf_file_type(path: Path) -> int | None:
+    from phi3.checkpoint import _is_gguf, open_gguf
+    if not _is_gguf(path):
+        return None
+    field = open_gguf(path).fields.get("general.file_type")
+    return int(field.contents()) if field is not None else None
 
 
 def measure(path: Path, prompt_tokens: int, new_tokens: int, threads: int, context: int | None,
@@ -108,11 +119,11 @@ def bench(shape: str = "phi-3-mini", layers: int | None = None, qtype: str = "q4
             raise Phi3Error(f"the measuring process failed: {lines[-1] if lines else r.returncode}")
         result = json.loads(r.stdout.strip().splitlines()[-1])
     finally:
-        if save_gguf is None:
+        if save_gguf is None and path.name.startswith("bench-") and path.parent.name.startswith("phi3-bench-"):
             path.unlink(missing_ok=True)
             path.parent.rmdir()
     result.update(info)
-    result["gguf"] = str(save_gguf) if save_gguf else None
+    result["gguf"] = str(save_gguf or (path if info.get("quantize_s") == 0.0 else "")) or None
     return result
 
 

@@ -286,14 +286,17 @@ def random_source(cfg: ModelConfig, seed: int = 0) -> ModelSource:
         g = torch.Generator().manual_seed(seed * 100003 + next(counter))
         return (torch.randn(shape, generator=g) * 0.02).numpy()
 
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["<|end|>"]
-    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256 + [CONTROL]
-    tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)]
-    types += [UNUSED] * (cfg.vocab_size - len(types))
+    # Phi-3's special tokens (llama.cpp looks <|endoftext|> up for models named phi-3), a space
+    # piece, then distinct filler pieces.
+    specials = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + specials + ["\u2581"]
+    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256 + [CONTROL] * len(specials) + [NORMAL]
+    tokens += [f"\u2581t{i}" for i in range(len(tokens), cfg.vocab_size)]
+    types += [NORMAL] * (cfg.vocab_size - len(types))
     meta = config_metadata(cfg, arch) + [
         ("tokenizer.ggml.model", "llama", V.STRING, None),
         ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
-        ("tokenizer.ggml.scores", [0.0] * len(tokens), V.ARRAY, V.FLOAT32),
+        ("tokenizer.ggml.scores", [-float(i) for i in range(len(tokens))], V.ARRAY, V.FLOAT32),
         ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
         ("tokenizer.ggml.bos_token_id", 1, V.UINT32, None),
         ("tokenizer.ggml.eos_token_id", 2, V.UINT32, None),

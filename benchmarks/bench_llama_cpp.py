@@ -1,0 +1,266 @@
+"""phi3 against llama.cpp (through llama-cpp-python) on the very same GGUF files, for `make bench`.
+
+1. Speed and memory: `phi3 bench` builds a phi-3-mini-shape (and phi-3-medium-shape) Q4_0 GGUF
+   with random weights and measures it; llama.cpp then runs the same file with the same threads,
+   prompt length and context. Each engine runs in a fresh process (peak RSS is its own).
+2. The machine's memory bandwidth, and the bandwidth-bound decode limit (weight bytes per token /
+   bandwidth).
+3. SmolLM2-135M-Instruct quantized by `phi3 quantize`: greedy tokens of phi3 and llama.cpp on the
+   same file.
+4. Perplexity on benchmarks/data/stdlib_docs.txt (fixed text, 31k tokens): the 16-bit model and each
+   4/8-bit type as quantized by phi3 and by llama.cpp (both --pure: every matrix in the type).
+
+Writes its section of BENCHMARKS.md between the bench_llama_cpp markers. Needs an idle machine:
+any other busy process makes both engines slower by different amounts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = ROOT / "benchmarks" / "data" / "stdlib_docs.txt"
+START_MARK = "<!-- bench_llama_cpp:start -->"
+END_MARK = "<!-- bench_llama_cpp:end -->"
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "Explain what a hash table is in two sentences."]
+LLAMA_FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k": 14}  # llama_ftype; q4_k = Q4_K_S
+
+
+def phi3(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "phi3.cli", *args], capture_output=True, text=True, check=True)
+
+
+# --- llama.cpp side (fresh processes) -------------------------------------------------------------
+
+def llama_worker(path: str, prompt_tokens: int, new_tokens: int, threads: int, context: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+    t = time.perf_counter()
+    llm = Llama(path, n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+    load_s = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, llm.n_vocab(), prompt_tokens).tolist()
+    t = time.perf_counter()
+    llm.eval(tokens)
+    prefill_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([nxt])
+    decode_s = time.perf_counter() - t
+    return {"load_s": round(load_s, 3), "prefill_tok_s": round(prompt_tokens / prefill_s, 2),
+            "decode_tok_s": round(new_tokens / decode_s, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "file_mb": round(Path(path).stat().st_size / 1e6, 1)}
+
+
+def llama_greedy_worker(path: str, prompts: list[list[int]], n: int) -> list[list[int]]:
+    from llama_cpp import Llama
+    llm = Llama(path, n_ctx=1024, n_threads=2, verbose=False)
+    out = []
+    for ids in prompts:
+        got = []
+        for tok in llm.generate(ids, temp=0, top_k=1, reset=True):
+            if tok == llm.token_eos() or len(got) >= n:
+                break
+            got.append(tok)
+        out.append(got)
+    return out
+
+
+def in_fresh_process(fn: str, *args) -> object:
+    r = subprocess.run([sys.executable, __file__, "--worker", fn, json.dumps(args)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{fn} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def llama_quantize(src: Path, out: Path, qtype: str) -> None:
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[qtype]
+    params.pure = True
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {qtype}")
+
+
+# --- measurements -----------------------------------------------------------------------------------
+
+def memory_bandwidth(threads: int) -> float:
+    """GB/s reading 1 GiB with `threads` threads (best of 5 sums)."""
+    import torch
+    torch.set_num_threads(threads)
+    x = torch.ones(1 << 28)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(5))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def speed(shape: str, prompt_tokens: int, new_tokens: int, threads: int, work: Path, runs: int) -> dict:
+    gguf = work / f"{shape}-q4_0.gguf"
+    args = ["--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--threads", str(threads),
+            "--json"]
+    first = json.loads(phi3("bench", "--shape", shape, "--type", "q4_0", "--save-gguf", str(gguf), *args).stdout)
+    ours, theirs = [first], []
+    for i in range(runs):
+        theirs.append(in_fresh_process("llama_worker", str(gguf), prompt_tokens, new_tokens, threads, 4096))
+        if i + 1 < runs:
+            ours.append(json.loads(phi3("bench", "--shape", str(gguf), "--type", "q4_0", *args).stdout))
+    best = lambda rs, k: max(r[k] for r in rs) if k.endswith("tok_s") else min(r[k] for r in rs)  # noqa: E731
+    keys = ("load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "file_mb")
+    result = {"shape": shape, "phi3": {k: best(ours, k) for k in keys}, "llama.cpp": {k: best(theirs, k) for k in keys},
+              "runs": runs, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "gguf_bytes": gguf.stat().st_size}
+    gguf.unlink()
+    return result
+
+
+def agreement(work: Path, n: int = 32) -> list[dict]:
+    from phi3.checkpoint import default_model_path, load
+    src = default_model_path()
+    tok = load(src).tokenizer
+    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    rows = []
+    for qtype in ("q4_0", "q4_1", "q4_k", "q8_0"):
+        path = work / f"smollm-{qtype}.gguf"
+        phi3("quantize", str(src), str(path), "--type", qtype, "--json")
+        ours = []
+        for p in PROMPTS:
+            r = phi3("generate", "--model", str(path), "--prompt", p, "--max-tokens", str(n), "--json")
+            ours.append(json.loads(r.stdout)["token_ids"])
+        theirs = in_fresh_process("llama_greedy_worker", str(path), prompts, n)
+        same = sum(a == b for a, b in zip(ours, theirs))
+        first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+                      for a, b in zip(ours, theirs)]
+        rows.append({"type": qtype, "identical": same, "prompts": len(PROMPTS), "first_difference": first_diff})
+        path.unlink()
+    return rows
+
+
+def perplexities(work: Path, context: int = 512) -> dict:
+    from phi3.checkpoint import default_model_path
+
+    def ppl(path: Path) -> float:
+        r = phi3("perplexity", str(path), str(TEXT), "--context", str(context), "--json")
+        return json.loads(r.stdout)["perplexity"]
+
+    f16 = work / "smollm-f16.gguf"
+    phi3("quantize", str(default_model_path()), str(f16), "--type", "f16", "--json")
+    out = {"f16": ppl(f16), "tokens": None, "types": []}
+    for qtype in ("q4_0", "q4_1", "q4_k", "q8_0"):
+        ours, theirs = work / f"ours-{qtype}.gguf", work / f"llama-{qtype}.gguf"
+        phi3("quantize", str(f16), str(ours), "--type", qtype, "--pure", "--json")
+        llama_quantize(f16, theirs, qtype)
+        row = {"type": qtype, "phi3": ppl(ours), "llama.cpp": ppl(theirs),
+               "phi3_mb": round(ours.stat().st_size / 1e6, 1), "llama.cpp_mb": round(theirs.stat().st_size / 1e6, 1)}
+        out["types"].append(row)
+        ours.unlink()
+        theirs.unlink()
+    f16.unlink()
+    return out
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+def section(command: str, bw: float, speeds: list[dict], agree: list[dict], ppls: dict | None) -> str:
+    lines = [START_MARK, "", "## phi3 vs llama.cpp on the same GGUF files", "",
+             f"Command: `{command}` · {platform.processor() or platform.machine()}, {os.cpu_count()} cores · "
+             f"llama.cpp via llama-cpp-python {_llama_version()} · "
+             f"measured memory bandwidth {bw:.1f} GB/s (1 GiB sum, 2 threads)", ""]
+    lines += ["| shape (q4_0, random weights) | engine | load s | prefill tok/s | decode tok/s | peak RSS MB | file MB |",
+              "|---|---|---|---|---|---|---|"]
+    for s in speeds:
+        for engine in ("phi3", "llama.cpp"):
+            r = s[engine]
+            lines.append(f"| {s['shape']} ({s['prompt_tokens']} prompt, {s['new_tokens']} new) | {engine} | "
+                         f"{r['load_s']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | {r['peak_rss_mb']} | {r['file_mb']} |")
+        p, q = s["phi3"], s["llama.cpp"]
+        bound = bw * 1e9 / s["gguf_bytes"]
+        lines.append(f"| | **phi3 ÷ llama.cpp** | | **{p['prefill_tok_s'] / q['prefill_tok_s']:.2f}x** | "
+                     f"**{p['decode_tok_s'] / q['decode_tok_s']:.2f}x** | {p['peak_rss_mb'] / q['peak_rss_mb']:.2f}x | |")
+        lines.append(f"| | bandwidth bound ({s['gguf_bytes'] / 1e9:.2f} GB per token) | | | {bound:.1f} | | |")
+    lines += ["", f"Best of {speeds[0]['runs']} runs per engine; context 4096 allocated by both.", ""]
+    lines += ["Greedy tokens, SmolLM2-135M-Instruct written by `phi3 quantize`, 32 new tokens, same file:", "",
+              "| type | identical (prompts) | first differing position per prompt |", "|---|---|---|"]
+    for a in agree:
+        lines.append(f"| {a['type']} | {a['identical']}/{a['prompts']} | {a['first_difference']} |")
+    if ppls:
+        lines += ["", f"Perplexity of SmolLM2-135M-Instruct on `{TEXT.relative_to(ROOT)}` (chunks of 512, "
+                  f"llama.cpp's method; computed by `phi3 perplexity` for every file). 16-bit: {ppls['f16']:.4f}.", "",
+                  "| type (--pure) | phi3 quantize | Δ | MB | llama.cpp quantize | Δ | MB |",
+                  "|---|---|---|---|---|---|---|"]
+        for t in ppls["types"]:
+            lines.append(f"| {t['type']} | {t['phi3']:.4f} | {t['phi3'] - ppls['f16']:+.4f} | {t['phi3_mb']} | "
+                         f"{t['llama.cpp']:.4f} | {t['llama.cpp'] - ppls['f16']:+.4f} | {t['llama.cpp_mb']} |")
+    lines += ["", END_MARK]
+    return "\n".join(lines)
+
+
+def _llama_version() -> str:
+    try:
+        import llama_cpp
+        return llama_cpp.__version__
+    except ImportError:
+        return "?"
+
+
+def write_section(path: Path, text: str) -> None:
+    old = path.read_text() if path.exists() else ""
+    start, end = old.find(START_MARK), old.find(END_MARK)
+    new = old[:start] + text + old[end + len(END_MARK):] if start != -1 and end > start else old.rstrip() + "\n\n" + text + "\n"
+    path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", type=Path, help="update this markdown file's section")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--skip-medium", action="store_true", help="phi-3-medium takes ~10 minutes more")
+    ap.add_argument("--skip-perplexity", action="store_true")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        fn, fn_args = args.worker
+        print(json.dumps(globals()[fn](*json.loads(fn_args))))
+        return 0
+    command = "python " + " ".join([str(Path(__file__).relative_to(ROOT))] + (argv if argv is not None else sys.argv[1:]))
+    with tempfile.TemporaryDirectory(prefix="phi3-vs-llama-", dir=os.environ.get("PHI3_BENCH_TMP")) as tmp:
+        work = Path(tmp)
+        bw = memory_bandwidth(args.threads)
+        print(f"memory bandwidth {bw:.1f} GB/s", file=sys.stderr)
+        speeds = [speed("phi-3-mini", 512, 128, args.threads, work, args.runs)]
+        print(json.dumps(speeds[-1]), file=sys.stderr)
+        if not args.skip_medium:
+            speeds.append(speed("phi-3-medium", 128, 32, args.threads, work, 1))
+            print(json.dumps(speeds[-1]), file=sys.stderr)
+        agree = agreement(work)
+        print(json.dumps(agree), file=sys.stderr)
+        ppls = None if args.skip_perplexity else perplexities(work)
+        print(json.dumps(ppls), file=sys.stderr)
+    text = section(command, bw, speeds, agree, ppls)
+    print(text)
+    if args.write:
+        write_section(args.write, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
