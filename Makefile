@@ -27,9 +27,14 @@ test: $(VENV)/.test
 	$(BIN)/phi3 fetch
 	$(BIN)/python -m pytest -q
 
-bench: $(VENV)/.test
+$(VENV)/.bench: $(VENV)/.test
+	$(BIN)/python -m pip install -q -e ".[test,bench]"
+	touch $@
+
+bench: $(VENV)/.bench
 	$(BIN)/phi3 fetch
 	$(BIN)/python benchmarks/bench_decode.py --write BENCHMARKS.md
+	$(BIN)/python benchmarks/bench_llama_cpp.py --write BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -53,9 +53,15 @@ def llama_worker(path: str, prompt_tokens: int, new_tokens: int, threads: int, c
     t = time.perf_counter()
     llm.eval(tokens)
     prefill_s = time.perf_counter() - t
+    import llama_cpp
+
+    def last_logits():
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
     t = time.perf_counter()
     for _ in range(new_tokens):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = int(np.argmax(last_logits()))
         llm.eval([nxt])
     decode_s = time.perf_counter() - t
     return {"load_s": round(load_s, 3), "prefill_tok_s": round(prompt_tokens / prefill_s, 2),

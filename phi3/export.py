@@ -310,7 +310,8 @@ def random_source(cfg: ModelConfig, seed: int = 0) -> ModelSource:
 def tensor_type(name: str, shape: tuple[int, ...], qtype: str, pure: bool) -> str:
     """Storage type of one tensor: 1-D ones (norms, rope factors) stay float32; the embedding and
     output matrices get 8 bits under a 4-bit type (llama.cpp gives them Q6_K) unless `pure`; a
-    row length the type's block does not divide falls back to q8_0, then f16."""
+    row length the type's block does not divide falls back to q4_1 for q4_k (llama.cpp picks
+    Q5_0, which phi3 does not write), else to q8_0, then f16."""
     if len(shape) < 2:
         return "f32"
     kind = qtype
@@ -318,7 +319,7 @@ def tensor_type(name: str, shape: tuple[int, ...], qtype: str, pure: bool) -> st
         kind = "q8_0"
     cols = shape[-1]
     if cols % quant.block_size(kind):
-        kind = "q8_0" if cols % quant.BLOCK == 0 else "f16"
+        kind = ("q4_1" if kind == "q4_k" else "q8_0") if cols % quant.BLOCK == 0 else "f16"
     return kind
 
 

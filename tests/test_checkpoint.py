@@ -69,7 +69,7 @@ def test_gguf_f32_matches_transformers(tmp_path, arch, kind):
         cfg = cfg.with_(model_type="llama")
     hf = hf_reference(cfg)
     path = write_tiny_gguf(tmp_path / "tiny.gguf", cfg, hf.state_dict(), arch)
-    ours = load(path, dtype="float32")
+    ours = load(path, dtype="float32", exact=True)
     assert ours.config.model_type == arch
     if cfg.rope_scaling is not None:  # GGUF stores the factors as float32
         assert ours.config.rope_scaling.long_factor == pytest.approx(cfg.rope_scaling.long_factor, rel=1e-6)
@@ -110,7 +110,7 @@ def test_gguf_quant_types_match_transformers_loader(tmp_path, qtype):
                "blk.1.attn_output.weight": (_random_k_blocks(qtype, 256, rng), qtype)}
     path = write_tiny_gguf(tmp_path / f"{qtype}.gguf", cfg, hf.state_dict(), "llama", qtype=base_type,
                            raw_blocks=raw)
-    ours = load(path, dtype="float32")
+    ours = load(path, dtype="float32", exact=True)
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32,
                                                quantization_config=dense_gguf()).eval()
     x = torch.randint(0, 256, (1, 24))
@@ -125,7 +125,7 @@ def test_convert_gguf_to_folder_loads_in_transformers(tmp_path, smollm_gguf):
     assert r.returncode == 0, r.stderr
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).exists()
-    ours = load(smollm_gguf, dtype="float32")
+    ours = load(smollm_gguf, dtype="float32", exact=True)
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(str(out))
     messages = [{"role": "user", "content": "What is the capital of France?"}]
