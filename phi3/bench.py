@@ -47,6 +47,9 @@ def _prepare(shape: str, layers: int | None, qtype: str, save: Path | None, quie
         info["model"] = str(path)
         if path.is_file() and _gguf_file_type(path) == export.FILE_TYPES[qtype]:
             info["quantize_s"] = 0.0  # already of that type: measure the very file
+            if save is not None and save.resolve() != path.resolve():
+                import shutil
+                shutil.copyfile(path, save)
             return path, info
         source = export.open_source(path)
     out = save or Path(tempfile.mkdtemp(prefix="phi3-bench-")) / f"bench-{qtype}.gguf"
