@@ -418,7 +418,8 @@ def _page_releaser(reader) -> Any:
 
 
 def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool,
-                exact: bool = False, progress: bool = False, release: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, quant.QuantLinear]]:
+                exact: bool = False, progress: bool = False,
+                release: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, quant.QuantLinear]]:
     """Dense tensors by Hugging Face name, and the linear layers kept in block formats."""
     state: dict[str, torch.Tensor] = {}
     packed: dict[str, quant.QuantLinear] = {}

@@ -18,7 +18,7 @@ DTYPE_HELP = ("compute precision: float32, bfloat16, float16 or auto (default). 
               "models in float32 around their packed 4/8-bit weights, and Hugging Face checkpoints in "
               "their stored dtype when that is bfloat16, else float32")
 EXACT_HELP = ("multiply packed 4/8-bit GGUF weights with float activations (equal to the dequantized "
-              "model; ~2-3x slower decoding) instead of rounding activations to int8 per block of 32 "
+              "model; ~1.5-3x slower decoding) instead of rounding activations to int8 per block of 32 "
               "as llama.cpp does")
 
 
