@@ -437,7 +437,7 @@ def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, k
         kinds = {tensors[n].tensor_type.name for n in names}
         if not (keep_quantized and len(kinds) == 1 and kinds <= set(quant.QUANT_KINDS)):
             return False
-        block = quant.SUPER if kinds == {"Q4_K"} else quant.BLOCK
+        block = quant.block_size(next(iter(kinds)).lower())
         return all(len(tensors[n].shape) == 2 and int(tensors[n].shape[0]) % block == 0 for n in names)
 
     def linear(dst: str, sources: list[str], heads: list[int | None]) -> None:
@@ -646,7 +646,7 @@ def _kernel_summary(tensors: list[Any]) -> dict[str, int]:
         kind = t.tensor_type.name
         if len(t.shape) < 2:
             label = "dense (1-D)"
-        elif ok and kind in quant.QUANT_KINDS and int(t.shape[0]) % (quant.SUPER if kind == "Q4_K" else quant.BLOCK) == 0:
+        elif ok and kind in quant.QUANT_KINDS and int(t.shape[0]) % quant.block_size(kind.lower()) == 0:
             bits = "8-bit" if kind == "Q8_0" else "4-bit"
             label = f"packed {bits} {kind}: phi3 VNNI block kernel (int8 activations; float with --exact)"
         else:

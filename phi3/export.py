@@ -47,8 +47,9 @@ class ModelSource:
 
 # --- Sources ---------------------------------------------------------------------------------------
 
-def _permute_for_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's converter interleaves the two rotary halves of each Llama q/k head."""
+def permute_for_llama_cpp(w, n_head: int):
+    """llama.cpp's converter interleaves the two rotary halves of each Llama q/k head (numpy
+    arrays or torch tensors; checkpoint._unpermute_rope undoes it)."""
     rows = w.shape[0]
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -180,12 +181,12 @@ def _layer_tensors(cfg: ModelConfig, arch: str, get: Callable[[str], np.ndarray]
                                          (b + "attn_k.weight", (q_rows, q_rows + kv_rows), cfg.num_key_value_heads),
                                          (b + "attn_v.weight", (q_rows + kv_rows, q_rows + 2 * kv_rows), None)):
                 shape, load = split(qkv, lo, hi)
-                add(name, shape, (lambda load=load, h=heads: _permute_for_llama_cpp(load(), h)) if heads else load)
+                add(name, shape, (lambda load=load, h=heads: permute_for_llama_cpp(load(), h)) if heads else load)
         else:
             for x, heads in (("q", cfg.num_attention_heads), ("k", cfg.num_key_value_heads), ("v", None)):
                 src = p + f"self_attn.{x}_proj.weight"
                 add(b + f"attn_{x}.weight", shapes[src],
-                    (lambda src=src, h=heads: _permute_for_llama_cpp(get(src), h)) if heads else
+                    (lambda src=src, h=heads: permute_for_llama_cpp(get(src), h)) if heads else
                     (lambda src=src: get(src)))
         add(b + "attn_output.weight", shapes[p + "self_attn.o_proj.weight"], lambda p=p: get(p + "self_attn.o_proj.weight"))
         add(b + "ffn_norm.weight", shapes[p + "post_attention_layernorm.weight"],
@@ -261,25 +262,16 @@ def random_source(cfg: ModelConfig, seed: int = 0) -> ModelSource:
     """A model of `cfg`'s exact shape with random weights (N(0, 0.02), norms 1) and a byte-level
     tokenizer stub: speed does not depend on weight values."""
     import gguf
+    import torch
+
+    from phi3.model import Transformer
     V = gguf.GGUFValueType
     arch = "phi3" if cfg.model_type == "phi3" else "llama"
-    shapes = {}
-    hd = cfg.dim_per_head
-    qkv_rows = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd
-    shapes["model.embed_tokens.weight"] = (cfg.vocab_size, cfg.hidden_size)
-    shapes["model.norm.weight"] = (cfg.hidden_size,)
-    shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (cfg.hidden_size,)
-        shapes[p + "self_attn.qkv_proj.weight"] = (qkv_rows, cfg.hidden_size)
-        shapes[p + "self_attn.o_proj.weight"] = (cfg.hidden_size, cfg.num_attention_heads * hd)
-        shapes[p + "mlp.gate_up_proj.weight"] = (2 * cfg.intermediate_size, cfg.hidden_size)
-        shapes[p + "mlp.down_proj.weight"] = (cfg.hidden_size, cfg.intermediate_size)
+    with torch.device("meta"):  # the model's own parameter shapes, without memory
+        shapes = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     counter = iter(range(1 << 30))
 
     def get(name: str) -> np.ndarray:
-        import torch
         shape = shapes[name]
         if len(shape) == 1:
             return np.ones(shape, np.float32)

@@ -351,4 +351,5 @@ def quantize_blocks(a: np.ndarray, kind: str) -> np.ndarray:
 
 
 def block_size(kind: str) -> int:
+    """Elements per block of a type name (q4_k: 256; other q*: 32; floats: 1)."""
     return SUPER if kind == "q4_k" else BLOCK if kind.startswith("q") else 1

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from phi3.config import ModelConfig, get_preset
+from phi3.export import permute_for_llama_cpp
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PHI3_SHARED", ROOT.parent / "shared"))
@@ -124,11 +125,6 @@ def run_cli(*args: str, stdin: str | None = None, timeout: int = 600) -> subproc
                           text=True, timeout=timeout, env=env)
 
 
-def _permute_for_llama_cpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    # llama.cpp's converter interleaves the rotary halves of Llama q/k rows.
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
 def write_tiny_gguf(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], arch: str,
                     qtype: str = "F32", raw_blocks: dict[str, tuple[bytes, str]] | None = None) -> Path:
     """A GGUF file in llama.cpp's layout for `arch` ('llama' or 'phi3') from a Hugging Face state
@@ -198,8 +194,8 @@ def write_tiny_gguf(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]
             put(b + "attn_qkv.weight", state[p + "self_attn.qkv_proj.weight"])
             put(b + "ffn_up.weight", state[p + "mlp.gate_up_proj.weight"])
         else:
-            put(b + "attn_q.weight", _permute_for_llama_cpp(state[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
-            put(b + "attn_k.weight", _permute_for_llama_cpp(state[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+            put(b + "attn_q.weight", permute_for_llama_cpp(state[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+            put(b + "attn_k.weight", permute_for_llama_cpp(state[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
             put(b + "attn_v.weight", state[p + "self_attn.v_proj.weight"])
             put(b + "ffn_gate.weight", state[p + "mlp.gate_proj.weight"])
             put(b + "ffn_up.weight", state[p + "mlp.up_proj.weight"])

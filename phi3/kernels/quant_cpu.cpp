@@ -78,6 +78,19 @@ Weight make_weight(int64_t fmt, const torch::Tensor& qs, const torch::Tensor& a,
   return w;
 }
 
+// Block b of a row widened to float: elements 0..15 in lo, 16..31 in hi (codes, before scale).
+inline void widen_block(bool q4, const uint8_t* row, int64_t b, __m512& lo, __m512& hi) {
+  if (q4) {
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
+    lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0x0F)));
+    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+  } else {
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+  }
+}
+
 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
 
 // Float scale and min of each block of row n into sw, mw (round_up(nb, 16) entries, zero-padded).
@@ -266,58 +279,36 @@ void matmul_float(const Weight& w, const float* x, int64_t M, float* y) {
       const float* xb = x + m * K + b * kBlock;
       xsum[m * nbp + b] = hsum(_mm512_add_ps(_mm512_loadu_ps(xb), _mm512_loadu_ps(xb + 16)));
     }
-  const __m512i low = _mm512_set1_epi32(0x0F);
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<float> sw(nbp), mw(nbp);
     std::vector<__m512> acc(M);
     for (int64_t n = begin; n < end; ++n) {
       row_scales(w, n, sw.data(), mw.data());
       const uint8_t* row = w.qs + n * w.row_bytes();
-      int64_t nb_done = 0;
       for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-      if (M == 1 && w.q4()) {
+      if (M == 1) {
         // Decoding: accumulators in registers, alternating between two for independent chains.
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
         for (int64_t b = 0; b < nb; ++b) {
-          const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
-          __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), _mm512_loadu_ps(x + b * kBlock));
-          dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), _mm512_loadu_ps(x + b * kBlock + 16), dot);
+          __m512 lo, hi;
+          widen_block(w.q4(), row, b, lo, hi);
+          __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(x + b * kBlock));
+          dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + b * kBlock + 16), dot);
           if (b & 1) acc1 = _mm512_fmadd_ps(dot, _mm512_set1_ps(sw[b]), acc1);
           else acc0 = _mm512_fmadd_ps(dot, _mm512_set1_ps(sw[b]), acc0);
         }
         acc[0] = _mm512_add_ps(acc0, acc1);
-        nb_done = nb;
-      } else if (M == 1) {
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      } else {
         for (int64_t b = 0; b < nb; ++b) {
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
-          __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))),
-                                     _mm512_loadu_ps(x + b * kBlock));
-          dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))),
-                                _mm512_loadu_ps(x + b * kBlock + 16), dot);
-          if (b & 1) acc1 = _mm512_fmadd_ps(dot, _mm512_set1_ps(sw[b]), acc1);
-          else acc0 = _mm512_fmadd_ps(dot, _mm512_set1_ps(sw[b]), acc0);
-        }
-        acc[0] = _mm512_add_ps(acc0, acc1);
-        nb_done = nb;
-      }
-      for (int64_t b = nb_done; b < nb; ++b) {
-        __m512 lo, hi;
-        if (w.q4()) {
-          const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
-          lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low));
-          hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
-        } else {
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
-          lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-          hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-        }
-        const __m512 s = _mm512_set1_ps(sw[b]);
-        for (int64_t m = 0; m < M; ++m) {
-          const float* xb = x + m * K + b * kBlock;
-          __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
-          dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), dot);
-          acc[m] = _mm512_fmadd_ps(dot, s, acc[m]);
+          __m512 lo, hi;
+          widen_block(w.q4(), row, b, lo, hi);
+          const __m512 s = _mm512_set1_ps(sw[b]);
+          for (int64_t m = 0; m < M; ++m) {
+            const float* xb = x + m * K + b * kBlock;
+            __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+            dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), dot);
+            acc[m] = _mm512_fmadd_ps(dot, s, acc[m]);
+          }
         }
       }
       for (int64_t m = 0; m < M; ++m) {
@@ -355,24 +346,17 @@ torch::Tensor block_dequantize(int64_t fmt, torch::Tensor qs, torch::Tensor a, t
   TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "dequantize: float32 or bfloat16");
   auto out = torch::empty({w.N, w.K}, qs.options().dtype(dtype));
   const int64_t K = w.K, nb = w.nb, nbp = round_up(nb, 16);
-  const __m512i low = _mm512_set1_epi32(0x0F);
   at::parallel_for(0, w.N, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<float> sw(nbp), mw(nbp);
     for (int64_t n = begin; n < end; ++n) {
       row_scales(w, n, sw.data(), mw.data());
       const uint8_t* row = w.qs + n * w.row_bytes();
       for (int64_t blk = 0; blk < nb; ++blk) {
-        const __m512 s = _mm512_set1_ps(sw[blk]), mn = _mm512_set1_ps(mw[blk]);
+        const __m512 s = _mm512_set1_ps(sw[blk]), mn = _mm512_set1_ps(mw[blk]);  // q8_0: min 0
         __m512 lo, hi;
-        if (w.q4()) {
-          const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + blk * 16)));
-          lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), s, mn);
-          hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), s, mn);
-        } else {
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlock));
-          lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), s);
-          hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), s);
-        }
+        widen_block(w.q4(), row, blk, lo, hi);
+        lo = _mm512_fmadd_ps(lo, s, mn);
+        hi = _mm512_fmadd_ps(hi, s, mn);
         if (dtype == torch::kFloat) {
           float* o = out.data_ptr<float>() + n * K + blk * kBlock;
           _mm512_storeu_ps(o, lo);
