@@ -144,7 +144,7 @@ def agreement(work: Path, n: int = 32) -> list[dict]:
     tok = load(src).tokenizer
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
     rows = []
-    for qtype in ("q4_0", "q4_1", "q4_k", "q8_0"):
+    for qtype in ("f16", "q8_0", "q4_0", "q4_1", "q4_k"):
         path = work / f"smollm-{qtype}.gguf"
         phi3("quantize", str(src), str(path), "--type", qtype, "--json")
         ours = []
