@@ -1,4 +1,4 @@
-"""The `phi3` command: chat, generate, info, convert, quantize, perplexity, bench, fetch.
+"""The `phi3` command: chat, generate, serve, index, info, convert, quantize, perplexity, bench, fetch.
 
 Bad input of any kind ends in one line `phi3: error: ...` on stderr and exit code 2.
 """
@@ -71,6 +71,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat, 512)
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--search", default=None, metavar="INDEX",
+                      help="answer with passages from this index (phi3 index build) or SearxNG URL, and list them")
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP API and chat page (http://HOST:PORT/)")
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every API request")
+    srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    srv.add_argument("--max-queue", type=int, default=64,
+                     help="requests allowed to wait beyond those; more get HTTP 429 (default 64)")
+    srv.add_argument("--search", default=None, metavar="INDEX",
+                     help="search-augmented chat: an index from `phi3 index build`, or a SearxNG URL "
+                          "(http://...; its JSON API). On by default for chat requests; they may send \"search\": false")
+    srv.add_argument("--search-k", type=int, default=3, help="passages per answer (default 3)")
+    srv.add_argument("--name", default=None, help="model id clients must send (default: the model file or folder name)")
+
+    idx = sub.add_parser("index", help="full-text search index over your documents, for search-augmented chat")
+    isub = idx.add_subparsers(dest="index_command", required=True, parser_class=_Parser)
+    ib = isub.add_parser("build", help="index the .txt, .md and .html files under a folder, in passages")
+    ib.add_argument("docs_dir", help="folder of documents")
+    ib.add_argument("--index", required=True, help="folder to write the index into")
+    ib.add_argument("--passage-words", type=int, default=120, help="words per passage (default 120)")
+    isr = isub.add_parser("search", help="show the best passages for a query")
+    isr.add_argument("index", help="index folder (or a SearxNG URL)")
+    isr.add_argument("query", help="what to look for")
+    isr.add_argument("-k", type=int, default=5, help="passages to show (default 5)")
+    isr.add_argument("--json", action="store_true", help="print a JSON list")
 
     gen = sub.add_parser("generate", help="complete one prompt")
     _add_model_args(gen)
@@ -181,6 +210,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     lm = _load(args)
     tok = lm.tokenizer
     interactive = sys.stdin.isatty()
+    searcher = None
+    if args.search:
+        from phi3.search import open_searcher
+        searcher = open_searcher(args.search)
     system = args.system
     history: list[dict[str, str]] = []
     if interactive:
@@ -215,6 +248,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         messages = ([{"role": "system", "content": system}] if system else []) + history
         messages.append({"role": "user", "content": line})
+        passages = []
+        if searcher is not None:
+            from phi3.search import augment
+            passages = searcher.search(line, 3)
+            messages = augment(messages, passages)  # this turn only: history keeps the plain question
         ids = tok.encode_chat(messages)
         try:
             s = stream(lm.model, tok, ids, params)
@@ -225,6 +263,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"phi3: error: {e} (use /reset to start over)", file=sys.stderr)
             continue
         sys.stdout.write("\n")
+        for i, p in enumerate(passages, 1):
+            sys.stdout.write(f"  [{i}] {p.title} <{p.url}>\n")
         sys.stdout.flush()
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": s.completion.text}]
 
@@ -315,7 +355,49 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info, "convert": cmd_convert,
+def cmd_serve(args: argparse.Namespace) -> int:
+    from phi3.server import serve
+    if not 0 < args.port < 65536:
+        raise Phi3Error(f"--port {args.port} is out of range (1 to 65535)")
+    if args.max_batch < 1 or args.max_queue < 0 or args.search_k < 1:
+        raise Phi3Error("--max-batch and --search-k must be at least 1, --max-queue at least 0")
+    searcher = None
+    if args.search:  # before loading the model: a wrong index path should fail in a second
+        from phi3.search import open_searcher
+        searcher = open_searcher(args.search)
+    lm = _load(args)
+    name = args.name or lm.path.name
+    auth = "; API key required" if args.api_key else ""
+    print(f"phi3: serving {name} on http://{args.host}:{args.port}/ (OpenAI API under /v1{auth}); Ctrl-C stops",
+          file=sys.stderr)
+    serve(lm, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_queue=args.max_queue, searcher=searcher, search_k=args.search_k, model_id=name)
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from phi3 import search
+    if args.index_command == "build":
+        if args.passage_words < 10:
+            raise Phi3Error(f"--passage-words {args.passage_words} is too small (use 10 or more)")
+        stats = search.build_index(Path(args.docs_dir), Path(args.index), passage_words=args.passage_words)
+        print(f"indexed {stats.documents} documents in {stats.passages} passages into {stats.path}")
+        return 0
+    if args.k < 1:
+        raise Phi3Error(f"-k {args.k} must be at least 1")
+    hits = search.open_searcher(args.index).search(args.query, args.k)
+    if args.json:
+        print(json.dumps([{"title": h.title, "url": h.url, "source": h.source, "score": h.score, "text": h.text}
+                          for h in hits], ensure_ascii=False))
+        return 0
+    if not hits:
+        print("no passages match", file=sys.stderr)
+    for i, h in enumerate(hits, 1):
+        print(f"[{i}] {h.title} ({h.source}, score {h.score:.2f})\n    {h.text[:300]}")
+    return 0
+
+
+COMMANDS = {"chat": cmd_chat, "serve": cmd_serve, "index": cmd_index, "generate": cmd_generate, "info": cmd_info, "convert": cmd_convert,
             "perplexity": cmd_perplexity, "quantize": cmd_quantize, "bench": cmd_bench,
             "fetch": cmd_fetch}
 

@@ -109,17 +109,23 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, is_causal: bool,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
-        B, T, _ = x.shape
-        H, KV = self.n_heads, self.n_kv_heads
         qkv = self.qkv_proj.forward(x)
-        ext = cpu_kernels(x) if cache is not None and T == 1 and self.fits_kernel else None
+        return self.o_proj.forward(self.attend(qkv, cos, sin, mask, is_causal, cache, layer))
+
+    def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               mask: torch.Tensor | None, is_causal: bool,
+               cache: KVCache | None, layer: int) -> torch.Tensor:
+        """Projected qkv [B, T, (H + 2 KV) * hd] -> attention output [B, T, H * hd]."""
+        B, T, _ = qkv.shape
+        H, KV = self.n_heads, self.n_kv_heads
+        ext = cpu_kernels(qkv) if cache is not None and T == 1 and self.fits_kernel else None
         if ext is not None:
             # One new token: rotary, the cache write and attention in one call of our kernel
             # (the ~15 small PyTorch ops it replaces cost more than the arithmetic).
             allowed = mask[:, 0, 0, :] if mask is not None else torch.empty(0, dtype=torch.bool)
-            out = ext.decode_attention(qkv.view(B, -1), cos.view(B, -1), sin.view(B, -1), cache.k[layer],
+            out = ext.decode_attention(qkv.reshape(B, -1), cos.view(B, -1), sin.view(B, -1), cache.k[layer],
                                        cache.v[layer], cache.length, allowed, self.head_dim ** -0.5, H)
-            return self.o_proj.forward(out.view(B, 1, H * self.head_dim))
+            return out.view(B, 1, H * self.head_dim)
         qkv = qkv.view(B, T, H + 2 * KV, self.head_dim)
         # Rotate queries and keys together: one set of ops instead of two.
         qk = apply_rotary(qkv[:, :, :H + KV], cos, sin)
@@ -132,7 +138,7 @@ class Attention(nn.Module):
             cache.v[layer, :, :, start:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != KV)
-        return self.o_proj.forward(out.transpose(1, 2).reshape(B, T, H * self.head_dim))
+        return out.transpose(1, 2).reshape(B, T, H * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -251,6 +257,47 @@ class Transformer(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         """input_ids [B, T]; attention_mask [B, T] with 0 at (left) padding; returns logits
         [B, T, vocab] (or [B, 1, vocab] with last_only) in float32."""
+        cos, sin, mask, is_causal = self._prepare(input_ids, cache, attention_mask, positions)
+        x = self.model.embed_tokens.forward(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer.forward(x, cos, sin, mask, is_causal, cache, i)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head.forward(self.model.norm.forward(x)).float()
+
+    def decode_step(self, input_ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One new token for each of several independent sequences, each with its own cache
+        (a server's requests, which start and finish at different times): input_ids [M] ->
+        logits [M, vocab] in float32.
+
+        Norms, projections, the MLP and the head run on all M rows at once, so each weight is
+        read once per step rather than M times; attention runs per sequence against its own
+        cache. Every row's numbers are bit for bit those of decoding it alone (for packed
+        weights; a dense float matmul may sum differently at other batch sizes)."""
+        M = input_ids.shape[0]
+        if M != len(caches):
+            raise Phi3Error(f"decode_step: {M} tokens but {len(caches)} caches")
+        ids = input_ids.view(M, 1)
+        prepared = [self._prepare(ids[i:i + 1], c, None, None) for i, c in enumerate(caches)]
+        x = self.model.embed_tokens.forward(ids)
+        for layer_index, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            qkv = attn.qkv_proj.forward(layer.input_layernorm.forward(x))
+            out = torch.cat([attn.attend(qkv[i:i + 1], cos, sin, mask, is_causal, caches[i], layer_index)
+                             for i, (cos, sin, mask, is_causal) in enumerate(prepared)])
+            x = x + attn.o_proj.forward(out)
+            x = x + layer.mlp.forward(layer.post_attention_layernorm.forward(x))
+        for c in caches:
+            c.length += 1
+        return self.lm_head.forward(self.model.norm.forward(x)).float().view(M, -1)
+
+    def _prepare(self, input_ids: torch.Tensor, cache: KVCache | None, attention_mask: torch.Tensor | None,
+                 positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """Positions, rotary tables and the attention mask for input_ids [B, T] after what the
+        cache holds; records the new tokens' bookkeeping in the cache (its `length` is advanced
+        by the caller once every layer has written its keys)."""
         B, T = input_ids.shape
         device = input_ids.device
         start = cache.length if cache is not None else 0
@@ -291,16 +338,8 @@ class Transformer(nn.Module):
             mask = self._mask(key_valid, start, T, window if window_binds else None)
         elif T > 1:
             is_causal = True
-
         cos, sin = self.rotary(positions, long)
-        x = self.model.embed_tokens.forward(input_ids)
-        for i, layer in enumerate(self.model.layers):
-            x = layer.forward(x, cos, sin, mask, is_causal, cache, i)
-        if cache is not None:
-            cache.length = S
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head.forward(self.model.norm.forward(x)).float()
+        return cos, sin, mask, is_causal
 
     @staticmethod
     def _mask(key_valid: torch.Tensor, start: int, T: int, window: int | None) -> torch.Tensor:

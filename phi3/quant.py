@@ -31,7 +31,7 @@ from torch import nn
 
 BLOCK = 32
 SUPER = 256  # K-quant super-block
-PROMPT_ROWS = 16  # from this many activation rows on, unpack the weight and use a dense matmul
+PROMPT_ROWS = 16  # from this many tokens per sequence on, unpack the weight and use a dense matmul
 UNPACK_ELEMENTS = 1 << 23  # weights unpacked at a time for that (32 MB in float32)
 QUANT_KINDS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")  # GGUF types kept packed
 FORMAT_IDS = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "q8_0": 3}  # must match quant_cpu.cpp
@@ -124,8 +124,11 @@ class QuantLinear(nn.Module):
         ext = _ext if _ext is not None else kernel()
         if ext is None:
             return (x.float() @ self.dequantize().t()).to(x.dtype)
-        if x.numel() >= PROMPT_ROWS * self.in_features:
-            # Many rows (a prompt): unpack and let a dense matmul reuse each weight, a slice of
+        # Tokens per sequence, not rows in all: a batch of decode steps ([rows, 1, in]) stays on
+        # the kernel, whose rows are computed exactly as one alone would be.
+        tokens = x.shape[-2] if x.dim() >= 2 else 1
+        if tokens >= PROMPT_ROWS:
+            # Many tokens (a prompt): unpack and let a dense matmul reuse each weight, a slice of
             # output rows at a time so that the unpacked copy stays small. Unless exact, in
             # bfloat16: ~4.5x float32's speed here (AVX512-BF16), and its rounding of activations
             # is no coarser than the int8 rounding of the decode path.

@@ -204,3 +204,89 @@ def write_tiny_gguf(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# --- live `phi3 serve` (tests/test_server.py, tests/test_web.py) -----------------------------------
+
+# A made-up fact no model knows, for search-augmented answers.
+SEARCH_DOCS = {
+    "vexaria.md": "# Vexaria\n\nVexaria is a small island nation in the Sea of Orlen. The capital of Vexaria is "
+                  "Lumora, a port city founded in 1723 by salt traders. Vexaria's currency is the glint.\n",
+    "cooking.txt": "How to boil an egg: place the egg in boiling water for nine minutes, then cool it in cold water.\n",
+    "planets.html": "<html><head><title>Planets</title><script>var x = 1;</script></head><body><p>Mars is the "
+                    "fourth planet from the Sun. Jupiter is the largest planet.</p></body></html>\n",
+}
+SEARCH_QUESTION = "What is the capital of Vexaria?"
+SEARCH_FACT = "Lumora"
+
+
+@pytest.fixture(scope="session")
+def search_index(tmp_path_factory) -> Path:
+    from phi3.search import build_index
+    docs = tmp_path_factory.mktemp("docs")
+    for name, text in SEARCH_DOCS.items():
+        (docs / name).write_text(text)
+    index = tmp_path_factory.mktemp("index") / "idx"
+    build_index(docs, index, progress=False)
+    return index
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`phi3 serve ARGS` in a subprocess on a free loopback port; `url` once /health answers."""
+
+    def __init__(self, *args: str, log: Path, timeout: float = 180) -> None:
+        import time
+
+        import httpx
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "phi3.cli", "serve", "--port", str(self.port), *args],
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"phi3 serve exited with {self.proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code in (200, 401):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.close()
+        raise RuntimeError(f"phi3 serve did not answer within {timeout} s: {log.read_text()[-2000:]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(smollm_gguf, tmp_path_factory):
+    """The default model behind the plain API (no search), small queue for the 429 test."""
+    s = LiveServer("--model", str(smollm_gguf), "--max-batch", "16", "--max-queue", "16",
+                   "--threads", str(min(2, os.cpu_count() or 1)), log=tmp_path_factory.mktemp("serve") / "log")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def search_server(smollm_gguf, search_index, tmp_path_factory):
+    """The default model with search on (the chat page's test uses this one too)."""
+    s = LiveServer("--model", str(smollm_gguf), "--search", str(search_index),
+                   "--threads", str(min(2, os.cpu_count() or 1)), log=tmp_path_factory.mktemp("serve") / "log")
+    yield s
+    s.close()

@@ -68,7 +68,7 @@ def test_kernels_match_references(kind, m):
     assert (got - exact).abs().max().item() <= 1e-4 * exact.abs().max().item()
     q.int8_activations = True
     got = q(x)
-    if m < quant.PROMPT_ROWS // 2:  # 2 * m rows < PROMPT_ROWS: the int8 kernel ran
+    if m < quant.PROMPT_ROWS:  # fewer tokens per sequence than PROMPT_ROWS: the int8 kernel ran
         ref = int8_reference(q, x)
         assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
     # rounding activations to 8 bits costs well under a percent of the output scale
@@ -76,6 +76,24 @@ def test_kernels_match_references(kind, m):
     got16 = q(x.bfloat16())
     assert got16.dtype == torch.bfloat16
     assert (got16.float() - exact).abs().max().item() <= 3e-2 * exact.abs().max().item()
+
+
+@pytest.mark.parametrize("kind", quant.QUANT_KINDS)
+@pytest.mark.parametrize("int8", [True, False])
+def test_a_row_gives_the_same_bits_in_any_batch(kind, int8):
+    """Batched decoding (a server's requests in one step) must give each row exactly what it
+    gets alone: the many-row kernels sum in the one-row kernel's order, and decode-shaped
+    batches ([rows, 1, in]) never switch to the dense prompt path, however many rows."""
+    need_kernel()
+    rows, cols = SHAPES[kind]
+    for c in ((cols, cols + 256) if kind != "Q4_K" else (cols,)):
+        data, _ = blocks(kind, rows, c, seed=7)
+        q = quant.from_gguf_blocks(kind, data, rows, c)
+        q.int8_activations = int8
+        x = torch.randn(quant.PROMPT_ROWS + 3, 1, c)
+        batched = q(x)
+        for i in (0, 5, quant.PROMPT_ROWS + 2):
+            assert torch.equal(batched[i], q(x[i:i + 1])[0])
 
 
 def test_prompt_path_dequantizes_exactly():

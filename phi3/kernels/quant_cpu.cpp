@@ -192,7 +192,7 @@ void matmul_int8(const Weight& w, const float* x, int64_t M, float* y) {
   const __m512i ones = _mm512_set1_epi8(1);
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<float> sw(nbp + 4), mw(nbp + 4), sd(nbp + 4);
-    std::vector<__m512> acc(M);
+    std::vector<__m512> acc(M), acc_odd(M);
     for (int64_t n = begin; n < end; ++n) {
       row_scales(w, n, sw.data(), mw.data());
       const uint8_t* row = w.qs + n * w.row_bytes();
@@ -228,6 +228,11 @@ void matmul_int8(const Weight& w, const float* x, int64_t M, float* y) {
         }
         acc[0] = _mm512_add_ps(acc0, acc1);
       } else if (w.q4()) {
+        // The one-row path's summation order (odd groups of the paired stretch in a second
+        // accumulator), so that a row's result never depends on how many rows share the call:
+        // a server batching requests gives each the numbers it would get alone.
+        const int64_t paired = nb / 8 * 2;
+        for (int64_t m = 0; m < M; ++m) acc_odd[m] = _mm512_setzero_ps();
         for (int64_t g = 0; g * 4 < nb; ++g) {
           const int64_t left = nb - g * 4;
           const __m512i q = left >= 4 ? _mm512_loadu_si512(row + g * 64)
@@ -235,14 +240,16 @@ void matmul_int8(const Weight& w, const float* x, int64_t M, float* y) {
           const __m512i lo = _mm512_and_si512(q, low);
           const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
           const __m512 s = expand4(sw.data() + g * 4);
+          std::vector<__m512>& into = (g < paired && (g & 1)) ? acc_odd : acc;
           for (int64_t m = 0; m < M; ++m) {
             const uint8_t* xq = xr.q.data() + m * row_q + g * 128;
             __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
             isum = _mm512_dpbusd_epi32(isum, hi, _mm512_loadu_si512(xq + 64));
             const __m512 sdx = _mm512_mul_ps(s, expand4(xr.dx.data() + m * nbp + g * 4));
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sdx, acc[m]);
+            into[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sdx, into[m]);
           }
         }
+        for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_add_ps(acc[m], acc_odd[m]);
       } else {
         for (int64_t g = 0; g * 2 < nb; ++g) {
           const int64_t left = nb - g * 2;
@@ -281,7 +288,7 @@ void matmul_float(const Weight& w, const float* x, int64_t M, float* y) {
     }
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<float> sw(nbp), mw(nbp);
-    std::vector<__m512> acc(M);
+    std::vector<__m512> acc(M), acc_odd(M);
     for (int64_t n = begin; n < end; ++n) {
       row_scales(w, n, sw.data(), mw.data());
       const uint8_t* row = w.qs + n * w.row_bytes();
@@ -299,17 +306,21 @@ void matmul_float(const Weight& w, const float* x, int64_t M, float* y) {
         }
         acc[0] = _mm512_add_ps(acc0, acc1);
       } else {
+        // The one-row path's summation order (see matmul_int8).
+        for (int64_t m = 0; m < M; ++m) acc_odd[m] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nb; ++b) {
           __m512 lo, hi;
           widen_block(w.q4(), row, b, lo, hi);
           const __m512 s = _mm512_set1_ps(sw[b]);
+          std::vector<__m512>& into = (b & 1) ? acc_odd : acc;
           for (int64_t m = 0; m < M; ++m) {
             const float* xb = x + m * K + b * kBlock;
             __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
             dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), dot);
-            acc[m] = _mm512_fmadd_ps(dot, s, acc[m]);
+            into[m] = _mm512_fmadd_ps(dot, s, into[m]);
           }
         }
+        for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_add_ps(acc[m], acc_odd[m]);
       }
       for (int64_t m = 0; m < M; ++m) {
         __m512 mins = _mm512_setzero_ps();

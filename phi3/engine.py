@@ -1,0 +1,264 @@
+"""Continuous batching: many requests decode together, each exactly as it would alone.
+
+A server's requests arrive and finish at different times, so they cannot share one KV cache of
+the batched `generate` loop. Here every request has its own cache; one worker thread owns the
+model and loops:
+
+    admit waiting requests (prefill each prompt alone, up to a token budget per round)
+    -> one decode step for all running requests at once (Transformer.decode_step)
+    -> sample, release text, retire finished or cancelled requests
+
+The decode step reads each weight once for all rows, so aggregate tokens/s grows with the
+number of clients, while each row's logits are bit for bit those of decoding it alone: a client
+gets the same greedy text under load as `phi3 generate` gives it. Sampling state (seed,
+repetition history) is per request.
+
+Bounded: at most `max_batch` requests decode together and at most `max_queue` wait; `submit`
+raises QueueFull beyond that (the server answers 429) rather than queueing without limit.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from phi3.errors import Phi3Error
+from phi3.generate import Completion, Sampler, SamplingParams, _Row, advance, check_fits
+from phi3.model import KVCache, Transformer
+from phi3.tokenizer import Tokenizer
+
+# Prompt tokens prefilled per round while other requests are decoding: a long prompt arriving
+# must not stall everyone else's stream for long, nor wait behind them for ever.
+PREFILL_BUDGET = 512
+
+
+class QueueFull(Phi3Error):
+    pass
+
+
+Event = Callable[[str, object], None]  # ("text", str) | ("done", Completion) | ("error", str)
+
+
+@dataclass
+class Request:
+    """One generation. `on_event` is called from the worker thread: ("text", piece) as text is
+    released, then exactly one of ("done", Completion) or ("error", message)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    on_event: Event
+    stop_ids: set[int] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """Stop generating (a client went away); the request ends with ("done", partial completion)."""
+        self.cancelled.set()
+
+
+@dataclass
+class _Running:
+    request: Request
+    cache: KVCache
+    row: _Row
+    sampler: Sampler
+    tokens: list[int]  # prompt and generated ids: the repetition penalty's history
+    generated: int = 0
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64) -> None:
+        if max_batch < 1:
+            raise Phi3Error(f"max batch must be at least 1, got {max_batch}")
+        if max_queue < 0:
+            raise Phi3Error(f"max queue must be 0 or more, got {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[_Running] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.tokens_generated = 0
+
+    # --- public -------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="phi3-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; Phi3Error for bad parameters or a prompt that does not fit, QueueFull
+        when `max_queue` requests are already waiting."""
+        request.params.validate()
+        check_fits(self.model, len(request.prompt), request.params.max_new_tokens)
+        with self._wake:
+            if self._stopping:
+                raise Phi3Error("the engine is shutting down")
+            for gone in [r for r in self._waiting if r.cancelled.is_set()]:  # their clients left
+                self._waiting.remove(gone)
+                gone.on_event("done", _Row(None, (), len(gone.prompt)).completion())
+            if len(self._waiting) >= self.max_queue and len(self._running) + len(self._waiting) >= self.max_batch:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (max queue {self.max_queue}); "
+                                "retry later")
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def counts(self) -> dict[str, int]:
+        with self._wake:
+            return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    # --- worker -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._waiting and not self._running:
+                        self._wake.wait()
+                    if self._stopping:
+                        for r in list(self._waiting) + [x.request for x in self._running]:
+                            r.on_event("error", "the server is shutting down")
+                        self._waiting.clear()
+                        self._running.clear()
+                        return
+                    admitted = self._take_waiting()
+                for request in admitted:
+                    self._guard(request, self._prefill, request)
+                self._retire_cancelled()
+                if self._running:
+                    try:
+                        self._step()
+                    except Exception as e:  # noqa: BLE001 - a failing step must fail its requests, not the server
+                        for r in self._running:
+                            r.request.on_event("error", f"generation failed: {e}")
+                        self._running.clear()
+
+    def _take_waiting(self) -> list[Request]:
+        budget = PREFILL_BUDGET if self._running else None
+        taken: list[Request] = []
+        while self._waiting and len(self._running) + len(taken) < self.max_batch:
+            nxt = self._waiting[0]
+            if budget is not None and taken and len(nxt.prompt) > budget:
+                break
+            taken.append(self._waiting.popleft())
+            if budget is not None:
+                budget -= len(nxt.prompt)
+                if budget <= 0:
+                    break
+        return taken
+
+    def _guard(self, request: Request, fn: Callable, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001
+            request.on_event("error", f"generation failed: {e}")
+
+    def _prefill(self, request: Request) -> None:
+        if request.cancelled.is_set():
+            request.on_event("done", _Row(None, (), len(request.prompt)).completion())
+            return
+        p = request.params
+        stops = request.stop_ids if request.stop_ids is not None else self.tokenizer.stop_ids
+        request.stop_ids = stops
+        cache = self.model.new_cache(1, len(request.prompt) + p.max_new_tokens)
+        run = _Running(request, cache, _Row(self.tokenizer, p.stop, len(request.prompt)),
+                       Sampler(p, self.model.device), list(request.prompt))
+        tokens = torch.tensor([request.prompt], dtype=torch.long, device=self.model.device)
+        logits = advance(self.model, cache, tokens)[:, -1]
+        if self._accept(run, logits):
+            self._running.append(run)
+
+    def _step(self) -> None:
+        model = self.model
+        batched, alone = [], []
+        for run in self._running:
+            # LongRoPE switching factor sets re-encodes the sequence (generate.advance): alone.
+            if model.config.rope_scaling is not None and bool(
+                    (model.uses_long_rope(run.cache.next_position + 1) != run.cache.rope_long).any()):
+                alone.append(run)
+            else:
+                batched.append(run)
+        keep: list[_Running] = []
+        if batched:
+            ids = torch.tensor([r.tokens[-1] for r in batched], dtype=torch.long, device=model.device)
+            logits = model.decode_step(ids, [r.cache for r in batched])
+            for i, run in enumerate(batched):
+                if self._accept(run, logits[i:i + 1]):
+                    keep.append(run)
+        for run in alone:
+            tokens = torch.tensor([run.tokens], dtype=torch.long, device=model.device)
+            if self._accept(run, advance(model, run.cache, tokens)[:, -1]):
+                keep.append(run)
+        with self._wake:
+            self._running = keep
+
+    def _accept(self, run: _Running, logits: torch.Tensor) -> bool:
+        """Sample the next token from logits [1, V], release its text; False when the request
+        has finished."""
+        req = run.request
+        p = req.params
+        history = (torch.tensor([run.tokens], dtype=torch.long, device=logits.device)
+                   if p.repetition_penalty != 1.0 else None)
+        tid = int(run.sampler(logits, history)[0])
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        run.generated += 1
+        self.tokens_generated += 1
+        if tid in req.stop_ids:
+            text = run.row.end("stop")
+        else:
+            run.tokens.append(tid)
+            text = run.row.add(tid)
+            if run.row.finish_reason is None and run.generated >= p.max_new_tokens:
+                text += run.row.end("length")
+        if text:
+            req.on_event("text", text)
+        if run.row.finish_reason is not None:
+            req.on_event("done", run.row.completion())
+            return False
+        return True
+
+    def _retire_cancelled(self) -> None:
+        keep = []
+        for run in self._running:
+            if run.request.cancelled.is_set():
+                run.row.end("length")
+                run.request.on_event("done", run.row.completion())
+            else:
+                keep.append(run)
+        with self._wake:
+            self._running = keep
+
+
+def run_alone(engine: Engine, prompt: list[int], params: SamplingParams) -> Completion:
+    """Submit one request and wait for it (tests, benchmarks and the CLI's search chat use this)."""
+    done = threading.Event()
+    result: dict[str, object] = {}
+
+    def on_event(kind: str, value: object) -> None:
+        if kind in ("done", "error"):
+            result[kind] = value
+            done.set()
+
+    engine.submit(Request(prompt, params, on_event))
+    done.wait()
+    if "error" in result:
+        raise Phi3Error(str(result["error"]))
+    return result["done"]  # type: ignore[return-value]

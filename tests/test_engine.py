@@ -1,0 +1,136 @@
+"""phi3.engine: requests decoded together give each exactly what it gets alone; bounded queue;
+cancellation. Transformer.decode_step against the one-sequence forward."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from tests.conftest import hf_reference, save_hf_model, tiny_config
+from phi3.checkpoint import load
+from phi3.engine import Engine, QueueFull, Request, run_alone
+from phi3.errors import Phi3Error
+from phi3.generate import SamplingParams, generate
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three colors.",
+           "Explain what a hash table is in two sentences.", "What is 2+2?", "Tell me a joke."]
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_gguf):
+    return load(smollm_gguf)
+
+
+def test_decode_step_equals_forward_on_a_dense_model(tmp_path):
+    cfg = tiny_config("medium")  # grouped-query heads
+    model = load(save_hf_model(hf_reference(cfg), cfg, tmp_path), dtype="float32").model
+    seqs = [[1, 5, 9, 2], [7, 3], [4, 4, 4, 4, 4, 4, 8]]
+    with torch.inference_mode():
+        caches, expect = [], []
+        for s in seqs:
+            c = model.new_cache(1, 16)
+            model(torch.tensor([s[:-1]]), c)
+            caches.append(c)
+            ref = model.new_cache(1, 16)
+            expect.append(model(torch.tensor([s]), ref)[0, -1])
+        got = model.decode_step(torch.tensor([s[-1] for s in seqs]), caches)
+    for i in range(len(seqs)):
+        assert torch.allclose(got[i], expect[i], atol=1e-5)
+        assert caches[i].length == len(seqs[i])
+
+
+def _run_together(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list:
+    results: dict[int, object] = {}
+    done = threading.Semaphore(0)
+
+    def handler(i: int):
+        def on_event(kind: str, value: object) -> None:
+            if kind in ("done", "error"):
+                results[i] = value
+                done.release()
+        return on_event
+
+    for i, p in enumerate(prompts):
+        engine.submit(Request(p, params, handler(i)))
+    for _ in prompts:
+        done.acquire()
+    return [results[i] for i in range(len(prompts))]
+
+
+def test_requests_decoded_together_equal_generate_alone(smollm):
+    tok = smollm.tokenizer
+    ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=24)
+    alone = [generate(smollm.model, tok, [x], params)[0] for x in ids]
+    engine = Engine(smollm.model, tok, max_batch=16).start()
+    try:
+        together = _run_together(engine, ids * 3, params)  # 18 requests: more rows than PROMPT_ROWS
+    finally:
+        engine.stop()
+    for i, c in enumerate(together):
+        a = alone[i % len(ids)]
+        assert (c.token_ids, c.text, c.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+
+
+def test_seeded_sampling_and_stop_strings_are_per_request(smollm):
+    tok = smollm.tokenizer
+    ids = tok.encode_chat([{"role": "user", "content": "Write a poem about rain."}])
+    sampled = SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=123)
+    stopped = SamplingParams(max_new_tokens=40, stop=("rain",))
+    alone = [generate(smollm.model, tok, [ids], p)[0] for p in (sampled, stopped)]
+    engine = Engine(smollm.model, tok).start()
+    try:
+        a = run_alone(engine, ids, sampled)
+        results = []
+        threads = [threading.Thread(target=lambda p=p: results.append((p, run_alone(engine, ids, p))))
+                   for p in (sampled, stopped, sampled)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        engine.stop()
+    assert a.token_ids == alone[0].token_ids
+    for p, c in results:
+        expect = alone[0] if p is sampled else alone[1]
+        assert (c.text, c.finish_reason) == (expect.text, expect.finish_reason)
+
+
+def test_bounded_queue_and_cancellation(smollm):
+    tok = smollm.tokenizer
+    ids = tok.encode_chat([{"role": "user", "content": "Tell me a very long story."}])
+    long = SamplingParams(max_new_tokens=2000)
+    engine = Engine(smollm.model, tok, max_batch=1, max_queue=1).start()
+    events: list[tuple[str, object]] = []
+    first_text = threading.Event()
+    finished = threading.Event()
+
+    def on_event(kind: str, value: object) -> None:
+        events.append((kind, value))
+        if kind == "text":
+            first_text.set()
+        if kind in ("done", "error"):
+            finished.set()
+
+    try:
+        running = Request(ids, long, on_event)
+        engine.submit(running)
+        assert first_text.wait(30)
+        waiting = Request(ids, long, lambda k, v: None)
+        engine.submit(waiting)  # the one allowed to wait
+        with pytest.raises(QueueFull, match="max queue 1"):
+            engine.submit(Request(ids, long, lambda k, v: None))
+        waiting.cancel()
+        running.cancel()
+        assert finished.wait(10)
+        kind, completion = events[-1]
+        assert kind == "done" and 0 < len(completion.token_ids) < 2000
+        # both cancelled requests are gone: a new one runs at once
+        assert run_alone(engine, ids, SamplingParams(max_new_tokens=3)).token_ids
+        assert engine.counts() == {"running": 0, "waiting": 0}
+        with pytest.raises(Phi3Error, match="exceeds the model's context"):
+            engine.submit(Request(ids, SamplingParams(max_new_tokens=10 ** 6), lambda k, v: None))
+    finally:
+        engine.stop()
