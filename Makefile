@@ -23,7 +23,16 @@ demo: $(VENV)/.base
 	$(BIN)/phi3 fetch
 	$(BIN)/phi3 chat
 
-test: $(VENV)/.test
+# The chat page's browser test drives Debian's chromium through Playwright (no browser download).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CHROMIUM):
+	-DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  (DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null) || \
+	  echo "make: could not install chromium; tests/test_web.py will be skipped"
+
+test: $(VENV)/.test $(CHROMIUM)
 	$(BIN)/phi3 fetch
 	$(BIN)/python -m pytest -q
 
@@ -35,6 +44,7 @@ bench: $(VENV)/.bench
 	$(BIN)/phi3 fetch
 	$(BIN)/python benchmarks/bench_decode.py --write BENCHMARKS.md
 	$(BIN)/python benchmarks/bench_llama_cpp.py --write BENCHMARKS.md
+	$(BIN)/python benchmarks/bench_serve.py --write BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

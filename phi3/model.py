@@ -282,11 +282,24 @@ class Transformer(nn.Module):
         ids = input_ids.view(M, 1)
         prepared = [self._prepare(ids[i:i + 1], c, None, None) for i, c in enumerate(caches)]
         x = self.model.embed_tokens.forward(ids)
+        ext = cpu_kernels(x.float() if x.dtype != self.dtype else x)
+        if ext is not None and self.model.layers[0].self_attn.fits_kernel:
+            # All rows' attention in one kernel call per layer: rows x heads in parallel, each row
+            # with the per-head code decode_attention runs for it alone.
+            cos = torch.cat([p[0].reshape(1, -1) for p in prepared])
+            sin = torch.cat([p[1].reshape(1, -1) for p in prepared])
+            masks = [p[2][:, 0, 0, :].contiguous() if p[2] is not None else torch.empty(0, dtype=torch.bool)
+                     for p in prepared]
+            ks, vs, starts = [c.k for c in caches], [c.v for c in caches], [c.length for c in caches]
         for layer_index, layer in enumerate(self.model.layers):
             attn = layer.self_attn
             qkv = attn.qkv_proj.forward(layer.input_layernorm.forward(x))
-            out = torch.cat([attn.attend(qkv[i:i + 1], cos, sin, mask, is_causal, caches[i], layer_index)
-                             for i, (cos, sin, mask, is_causal) in enumerate(prepared)])
+            if ext is not None and attn.fits_kernel:
+                out = ext.decode_attention_many(qkv.view(M, -1), cos, sin, ks, vs, layer_index, starts, masks,
+                                                attn.head_dim ** -0.5, attn.n_heads).view(M, 1, -1)
+            else:
+                out = torch.cat([attn.attend(qkv[i:i + 1], cos_i, sin_i, mask, is_causal, caches[i], layer_index)
+                                 for i, (cos_i, sin_i, mask, is_causal) in enumerate(prepared)])
             x = x + attn.o_proj.forward(out)
             x = x + layer.mlp.forward(layer.post_attention_layernorm.forward(x))
         for c in caches:

@@ -426,43 +426,51 @@ inline __m512 load16(const at::BFloat16* p) {  // bfloat16 is the top half of a 
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 
+// One head of one query against its cache stretch: kb, vb point at slot 0 of the head's keys and
+// values; `allowed` is the row's [S] mask or null. p is scratch of S floats.
+template <typename T>
+inline void attend_head(const T* q, const T* kb, const T* vb, const bool* allowed, T* out,
+                        int64_t S, int64_t hd, float scale, float* p) {
+  const int64_t chunks = hd / 16;
+  __m512 qv[8], acc[8];
+  for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_mul_ps(load16(q + c * 16), _mm512_set1_ps(scale));
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    if (allowed && !allowed[s]) { p[s] = -INFINITY; continue; }
+    const T* ks = kb + s * hd;
+    __m512 dot = _mm512_mul_ps(qv[0], load16(ks));
+    for (int64_t c = 1; c < chunks; ++c) dot = _mm512_fmadd_ps(qv[c], load16(ks + c * 16), dot);
+    p[s] = _mm512_reduce_add_ps(dot);
+    mx = std::max(mx, p[s]);
+  }
+  float total = 0.f;
+  for (int64_t s = 0; s < S; ++s) { p[s] = std::exp(p[s] - mx); total += p[s]; }
+  for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    if (p[s] == 0.f) continue;
+    const __m512 ps = _mm512_set1_ps(p[s]);
+    const T* vs = vb + s * hd;
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(ps, load16(vs + c * 16), acc[c]);
+  }
+  alignas(64) float tmp[16];
+  for (int64_t c = 0; c < chunks; ++c) {
+    _mm512_store_ps(tmp, _mm512_mul_ps(acc[c], _mm512_set1_ps(1.f / total)));
+    for (int64_t d = 0; d < 16; ++d) out[c * 16 + d] = static_cast<T>(tmp[d]);
+  }
+}
+
 template <typename T>
 void attend_impl(const T* q, const T* k, const T* v, const bool* allowed, T* out,
                  int64_t B, int64_t H, int64_t KV, int64_t Smax, int64_t S, int64_t hd, float scale) {
-  const int64_t rep = H / KV, chunks = hd / 16;
+  const int64_t rep = H / KV;
   // Short caches are cheaper on one thread than waking the other.
   const int64_t grain = S * H * hd < (1 << 18) ? B * H : 1;
   at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> p(S);
-    __m512 qv[8], acc[8];
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, h = i % H, g = h / rep;
-      const T* kb = k + (b * KV + g) * Smax * hd;
-      const T* vb = v + (b * KV + g) * Smax * hd;
-      for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_mul_ps(load16(q + i * hd + c * 16), _mm512_set1_ps(scale));
-      float mx = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
-        if (allowed && !allowed[b * S + s]) { p[s] = -INFINITY; continue; }
-        const T* ks = kb + s * hd;
-        __m512 dot = _mm512_mul_ps(qv[0], load16(ks));
-        for (int64_t c = 1; c < chunks; ++c) dot = _mm512_fmadd_ps(qv[c], load16(ks + c * 16), dot);
-        p[s] = _mm512_reduce_add_ps(dot);
-        mx = std::max(mx, p[s]);
-      }
-      float total = 0.f;
-      for (int64_t s = 0; s < S; ++s) { p[s] = std::exp(p[s] - mx); total += p[s]; }
-      for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
-      for (int64_t s = 0; s < S; ++s) {
-        if (p[s] == 0.f) continue;
-        const __m512 ps = _mm512_set1_ps(p[s]);
-        const T* vs = vb + s * hd;
-        for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(ps, load16(vs + c * 16), acc[c]);
-      }
-      alignas(64) float tmp[16];
-      for (int64_t c = 0; c < chunks; ++c) {
-        _mm512_store_ps(tmp, _mm512_mul_ps(acc[c], _mm512_set1_ps(1.f / total)));
-        for (int64_t d = 0; d < 16; ++d) out[i * hd + c * 16 + d] = static_cast<T>(tmp[d]);
-      }
+      attend_head(q + i * hd, k + (b * KV + g) * Smax * hd, v + (b * KV + g) * Smax * hd,
+                  allowed ? allowed + b * S : nullptr, out + i * hd, S, hd, scale, p.data());
     }
   });
 }
@@ -550,10 +558,85 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
   return decode_attention_impl<at::BFloat16>(qkv, cos, sin, kc, vc, start, allowed, scale, H);
 }
 
+// decode_attention for M independent sequences, each with its own cache (a server's requests):
+// qkv [M, width], cos/sin [M, hd]; caches[i] = [L, 1, KV, Smax_i, hd] (k and v), `layer` picks the
+// layer; starts[i] the slot of row i's new token; allowed[i] empty or [1, starts[i] + 1]. Every
+// row's numbers are those decode_attention gives it alone (same per-head code).
+template <typename T>
+torch::Tensor decode_attention_many_impl(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                                         const std::vector<torch::Tensor>& ks, const std::vector<torch::Tensor>& vs,
+                                         int64_t layer, const std::vector<int64_t>& starts,
+                                         const std::vector<torch::Tensor>& allowed, double scale, int64_t H) {
+  const int64_t M = qkv.size(0), KV = ks[0].size(2), hd = ks[0].size(4), rep = H / KV;
+  const int64_t width = (H + 2 * KV) * hd;
+  auto q = torch::empty({M, H, hd}, qkv.options());
+  auto out = torch::empty({M, H * hd}, qkv.options());
+  const T* src = qkv.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  T* qp = q.data_ptr<T>();
+  std::vector<T*> kbase(M), vbase(M);
+  std::vector<const bool*> ap(M);
+  std::vector<int64_t> smax(M);
+  int64_t longest = 0, work = 0;
+  for (int64_t b = 0; b < M; ++b) {
+    smax[b] = ks[b].size(3);
+    TORCH_CHECK(starts[b] < smax[b], "decode_attention_many: cache full");
+    kbase[b] = ks[b].data_ptr<T>() + layer * KV * smax[b] * hd;
+    vbase[b] = vs[b].data_ptr<T>() + layer * KV * smax[b] * hd;
+    ap[b] = allowed[b].numel() ? allowed[b].data_ptr<bool>() : nullptr;
+    longest = std::max(longest, starts[b] + 1);
+    work += (starts[b] + 1) * H * hd;
+    const T* row = src + b * width;
+    for (int64_t h = 0; h < H; ++h) rotate_into(row + h * hd, cp + b * hd, sp + b * hd, hd, qp + (b * H + h) * hd);
+    for (int64_t g = 0; g < KV; ++g) {
+      rotate_into(row + (H + g) * hd, cp + b * hd, sp + b * hd, hd, kbase[b] + (g * smax[b] + starts[b]) * hd);
+      std::copy(row + (H + KV + g) * hd, row + (H + KV + g + 1) * hd, vbase[b] + (g * smax[b] + starts[b]) * hd);
+    }
+  }
+  T* op = out.data_ptr<T>();
+  const int64_t grain = work < (1 << 18) ? M * H : 1;
+  at::parallel_for(0, M * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(longest);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / rep;
+      attend_head(qp + i * hd, kbase[b] + g * smax[b] * hd, vbase[b] + g * smax[b] * hd, ap[b], op + i * hd,
+                  starts[b] + 1, hd, (float)scale, p.data());
+    }
+  });
+  return out;
+}
+
+torch::Tensor decode_attention_many(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                                    std::vector<torch::Tensor> ks, std::vector<torch::Tensor> vs, int64_t layer,
+                                    std::vector<int64_t> starts, std::vector<torch::Tensor> allowed, double scale,
+                                    int64_t H) {
+  const int64_t M = qkv.size(0);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
+              "decode_attention_many: contiguous qkv [M, width], cos/sin [M, hd]");
+  TORCH_CHECK((int64_t)ks.size() == M && (int64_t)vs.size() == M && (int64_t)starts.size() == M &&
+              (int64_t)allowed.size() == M, "decode_attention_many: one cache, start and mask per row");
+  for (int64_t b = 0; b < M; ++b) {
+    TORCH_CHECK(ks[b].dim() == 5 && ks[b].is_contiguous() && vs[b].is_contiguous() && ks[b].size(1) == 1 &&
+                ks[b].scalar_type() == qkv.scalar_type() && vs[b].sizes() == ks[b].sizes(),
+                "decode_attention_many: caches [L, 1, KV, Smax, hd] in qkv's dtype");
+    TORCH_CHECK(ks[b].size(2) == ks[0].size(2) && ks[b].size(4) == ks[0].size(4) && layer < ks[b].size(0),
+                "decode_attention_many: cache shapes");
+    TORCH_CHECK(!allowed[b].numel() || (allowed[b].scalar_type() == torch::kBool && allowed[b].is_contiguous() &&
+                                        allowed[b].numel() == starts[b] + 1), "decode_attention_many: mask");
+  }
+  TORCH_CHECK(qkv.size(1) == (H + 2 * ks[0].size(2)) * ks[0].size(4), "decode_attention_many: qkv width");
+  if (qkv.scalar_type() == torch::kFloat)
+    return decode_attention_many_impl<float>(qkv, cos, sin, ks, vs, layer, starts, allowed, scale, H);
+  TORCH_CHECK(qkv.scalar_type() == torch::kBFloat16, "decode_attention_many: float32 or bfloat16");
+  return decode_attention_many_impl<at::BFloat16>(qkv, cos, sin, ks, vs, layer, starts, allowed, scale, H);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_matmul", &block_matmul, "x [..., K] @ block weight [N, K]^T -> [..., N]");
   m.def("block_dequantize", &block_dequantize, "blocks -> dense [N, K]");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim, float32 math");
   m.def("attend_one", &attend_one, "attention of one query per row against a cache");
   m.def("decode_attention", &decode_attention, "rotary + cache write + attention for one new token per row");
+  m.def("decode_attention_many", &decode_attention_many, "decode_attention for rows with caches of their own");
 }
