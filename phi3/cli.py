@@ -356,9 +356,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from phi3.server import serve
+    from phi3.server import check_port, serve
     if not 0 < args.port < 65536:
         raise Phi3Error(f"--port {args.port} is out of range (1 to 65535)")
+    check_port(args.host, args.port)
     if args.max_batch < 1 or args.max_queue < 0 or args.search_k < 1:
         raise Phi3Error("--max-batch and --search-k must be at least 1, --max-queue at least 0")
     searcher = None

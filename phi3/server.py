@@ -375,12 +375,44 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
 
 def serve(lm: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
           max_queue: int = 64, searcher: Any = None, search_k: int = 3, model_id: str | None = None) -> None:
-    """Run the server until interrupted (the `phi3 serve` command)."""
+    """Run the server until interrupted (the `phi3 serve` command): the engine in this (main)
+    thread, where its OpenMP kernels run fastest, and uvicorn in a thread beside it."""
+    import threading
+
     import uvicorn
-    engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue).start()
-    name = model_id or lm.path.name
-    app = create_app(engine, name, api_key=api_key, searcher=searcher, search_k=search_k)
+    engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue)
+    app = create_app(engine, model_id or lm.path.name, api_key=api_key, searcher=searcher, search_k=search_k)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            engine.stop()  # the port was taken, or the server was told to exit: end the engine too
+
+    thread = threading.Thread(target=http, name="phi3-http", daemon=True)
+    thread.start()
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        engine.run_forever()
     finally:
-        engine.stop()
+        server.should_exit = True
+        thread.join(timeout=10)
+    if not server.started:
+        raise Phi3Error(f"the HTTP server could not start on {host}:{port}; see the message above")
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail in a second, before the model loads, when the address cannot be bound."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise Phi3Error(f"--host {host}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise Phi3Error(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port "
+                            "(or stop what is using it)") from None
