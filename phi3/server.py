@@ -23,6 +23,7 @@ import hmac
 import json
 import time
 import uuid
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Union
 
@@ -151,6 +152,21 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
+    docs_dir = Path(searcher.meta["docs_dir"]) if getattr(searcher, "meta", None) and searcher.meta.get("docs_dir") else None
+
+    @app.get("/sources/{name:path}")
+    async def source_file(name: str):
+        """An indexed document, so that the page's source links open (browsers refuse file://
+        links from an http page). Plain text always: an indexed HTML file must not run scripts
+        in the page's origin."""
+        from fastapi.responses import FileResponse
+        from phi3.search import SUPPORTED_SUFFIXES
+        path = (docs_dir / name).resolve() if docs_dir is not None else None
+        if path is None or not path.is_relative_to(docs_dir) or not path.is_file() or path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise APIError(404, f"no indexed document '{name}'", code="not_found")
+        return FileResponse(path, media_type="text/plain; charset=utf-8",
+                            headers={"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"})
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model_id, "context_length": context, "search": searcher is not None,
@@ -264,7 +280,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
             passages = searcher.search(query_of(messages), search_k)
         except Phi3Error as e:
             raise APIError(502, f"search failed: {e}", "search", kind="server_error") from None
-        sources = [{"index": i + 1, "title": p.title, "url": p.url, "source": p.source, "snippet": p.text[:400]}
+        sources = [{"index": i + 1, "title": p.title, "url": p.url, "source": p.source, "snippet": p.text[:400],
+                    **({"link": "/sources/" + quote(p.source)} if docs_dir is not None else {})}
                    for i, p in enumerate(passages)]
         return augment(messages, passages), sources
 

@@ -261,6 +261,10 @@ def test_search_answers_with_the_fact_and_cites_its_document(search_server):
     assert sources[0]["source"] == "vexaria.md" and sources[0]["index"] == 1
     assert sources[0]["url"].startswith("file://") and sources[0]["url"].endswith("vexaria.md")
     assert sources[0]["title"] == "Vexaria"
+    doc = httpx.get(search_server.url + sources[0]["link"])  # the page's link to the document
+    assert doc.status_code == 200 and "Lumora" in doc.text and doc.headers["content-type"].startswith("text/plain")
+    assert httpx.get(search_server.url + "/sources/..%2F..%2Fetc%2Fpasswd").status_code == 404
+    assert httpx.get(search_server.url + "/sources/nothing.md").status_code == 404
 
     off = c.chat.completions.create(model=MODEL, messages=ask, temperature=0, max_tokens=40,
                                     extra_body={"search": False})
