@@ -39,7 +39,7 @@ def main() -> None:
         if sum(len(t) for t in text) >= TARGET_CHARS:
             break
     path = Path(__file__).parent / "data" / "stdlib_docs.txt"
-    path.write_text(f"\n\n".join(text) + "\n")
+    path.write_text("\n\n".join(text) + "\n")
     print(f"{path}: {path.stat().st_size} bytes from Python {sys.version.split()[0]}")
 
 

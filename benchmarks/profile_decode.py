@@ -67,7 +67,7 @@ def main() -> None:
             logits = advance(model, cache, tokens[:, :length])
         total = time.perf_counter() - t
     per_step = total / args.steps * 1e3
-    print(f"| part | ms per token | share | calls per token |\n|---|---|---|---|")
+    print("| part | ms per token | share | calls per token |\n|---|---|---|---|")
     kernel_ms = 0.0
     for name, sec in sorted(timed.seconds.items(), key=lambda kv: -kv[1]):
         ms = sec / args.steps * 1e3
