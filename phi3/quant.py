@@ -19,6 +19,7 @@ does not implement K-quant quantization).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import sys
@@ -74,14 +75,36 @@ def kernel() -> Any:
         tag = hashlib.sha1(src + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:10]
         build = Path(os.environ.get("PHI3_CACHE") or Path.home() / ".cache" / "phi3") / "kernels" / tag
         build.mkdir(parents=True, exist_ok=True)
-        if not (build / "phi3_quant_cpu.so").exists():
-            print("phi3: compiling the quantized matmul kernel (first use only) ...", file=sys.stderr)
-        _ext = load(name="phi3_quant_cpu", sources=[str(_SOURCE)], build_directory=str(build),
-                    extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        library = build / "phi3_quant_cpu.so"
+        if library.exists():
+            # Built before (the tag covers source, flags and torch): import it directly. Not
+            # through cpp_extension.load, whose lock file, left behind by a process killed in the
+            # second it is held, makes every later run wait for ever.
+            _ext = _import_library(library)
+        else:
+            with open(build / "build.flock", "w") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)  # one builder at a time; released if it dies
+                if library.exists():  # another process built it while we waited
+                    _ext = _import_library(library)
+                else:
+                    (build / "lock").unlink(missing_ok=True)  # torch's lock from a killed build
+                    print("phi3: compiling the quantized matmul kernel (first use only) ...", file=sys.stderr)
+                    _ext = load(name="phi3_quant_cpu", sources=[str(_SOURCE)], build_directory=str(build),
+                                extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no headers, no ninja: fall back to dense weights
         _ext_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         _ext = None
     return _ext
+
+
+def _import_library(path: Path) -> Any:
+    import importlib.machinery
+    import importlib.util
+    loader = importlib.machinery.ExtensionFileLoader("phi3_quant_cpu", str(path))
+    spec = importlib.util.spec_from_file_location("phi3_quant_cpu", str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
 
 
 def kernel_available() -> bool:
