@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import report  # benchmarks/report.py (this folder is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "benchmarks" / "data" / "stdlib_docs.txt"
 START_MARK = "<!-- bench_llama_cpp:start -->"
@@ -228,10 +230,7 @@ def _llama_version() -> str:
 
 
 def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else ""
-    start, end = old.find(START_MARK), old.find(END_MARK)
-    new = old[:start] + text + old[end + len(END_MARK):] if start != -1 and end > start else old.rstrip() + "\n\n" + text + "\n"
-    path.write_text(new)
+    report.write_section(path, text, START_MARK, END_MARK)
 
 
 def main(argv: list[str] | None = None) -> int:

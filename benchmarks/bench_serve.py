@@ -24,6 +24,8 @@ from pathlib import Path
 
 import httpx
 
+import report
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 START_MARK, END_MARK = "<!-- bench_serve:start -->", "<!-- bench_serve:end -->"
@@ -101,10 +103,7 @@ def section(command: str, model: str, rows: list[dict], max_tokens: int, threads
 
 
 def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else ""
-    start, end = old.find(START_MARK), old.find(END_MARK)
-    new = old[:start] + text + old[end + len(END_MARK):] if start != -1 and end > start else old.rstrip() + "\n\n" + text + "\n"
-    path.write_text(new)
+    report.write_section(path, text, START_MARK, END_MARK)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -264,6 +264,23 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
         finally:
             request.cancel()  # the client went away (or we are done: then this changes nothing)
 
+    async def follow(events: asyncio.Queue, chunk: dict, piece: Any, final: Any,
+                     include_usage: bool) -> AsyncIterator[dict]:
+        """The engine's events as stream chunks: one per text piece, then the finish reason (and
+        usage when asked), or an error object."""
+        while True:
+            kind, value = await events.get()
+            if kind == "text":
+                yield {**chunk, "choices": [{"index": 0, "logprobs": None, "finish_reason": None, **piece(value)}]}
+            elif kind == "done":
+                yield {**chunk, "choices": [{"index": 0, "logprobs": None, **final(value.finish_reason)}]}
+                if include_usage:
+                    yield {**chunk, "choices": [], "usage": usage(value)}
+                return
+            else:
+                yield {"error": {"message": str(value), "type": "server_error", "param": None, "code": None}}
+                return
+
     def usage(c: Completion) -> dict:
         return {"prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.token_ids),
                 "total_tokens": c.prompt_tokens + len(c.token_ids)}
@@ -319,20 +336,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
             if sources:
                 first["sources"] = sources
             yield first
-            while True:
-                kind, value = await events.get()
-                if kind == "text":
-                    yield {**chunk, "choices": [{"index": 0, "delta": {"content": value}, "logprobs": None,
-                                                 "finish_reason": None}]}
-                elif kind == "done":
-                    yield {**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                                 "finish_reason": value.finish_reason}]}
-                    if include_usage:
-                        yield {**chunk, "choices": [], "usage": usage(value)}
-                    return
-                else:
-                    yield {"error": {"message": str(value), "type": "server_error", "param": None, "code": None}}
-                    return
+            async for c in follow(events, chunk, lambda text: {"delta": {"content": text}},
+                                  lambda reason: {"delta": {}, "finish_reason": reason}, include_usage):
+                yield c
 
         return StreamingResponse(sse(chunks(), request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -370,19 +376,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
         include_usage = bool((req.stream_options or {}).get("include_usage"))
 
         async def chunks() -> AsyncIterator[dict]:
-            while True:
-                kind, value = await events.get()
-                if kind == "text":
-                    yield {**base, "choices": [{"index": 0, "text": value, "logprobs": None, "finish_reason": None}]}
-                elif kind == "done":
-                    yield {**base, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                                "finish_reason": value.finish_reason}]}
-                    if include_usage:
-                        yield {**base, "choices": [], "usage": usage(value)}
-                    return
-                else:
-                    yield {"error": {"message": str(value), "type": "server_error", "param": None, "code": None}}
-                    return
+            async for c in follow(events, base, lambda text: {"text": text},
+                                  lambda reason: {"text": "", "finish_reason": reason}, include_usage):
+                yield c
 
         return StreamingResponse(sse(chunks(), request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
