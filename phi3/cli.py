@@ -207,13 +207,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from phi3.generate import stream
     params = _sampling(args)
     params.validate()
+    searcher = None
+    if args.search:  # before loading the model: a wrong index path should fail in a second
+        from phi3.search import open_searcher
+        searcher = open_searcher(args.search)
     lm = _load(args)
     tok = lm.tokenizer
     interactive = sys.stdin.isatty()
-    searcher = None
-    if args.search:
-        from phi3.search import open_searcher
-        searcher = open_searcher(args.search)
     system = args.system
     history: list[dict[str, str]] = []
     if interactive:
