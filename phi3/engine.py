@@ -103,6 +103,11 @@ class Engine:
         SmolLM2 token on 2 cores)."""
         self._run()
 
+    def run_until_idle(self) -> None:
+        """Run the worker loop in the calling thread until every submitted request has finished:
+        the evaluator submits a task's prompts, then drains them (main thread, as run_forever)."""
+        self._run(until_idle=True)
+
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
@@ -134,11 +139,13 @@ class Engine:
 
     # --- worker -------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, until_idle: bool = False) -> None:
         with torch.inference_mode():
             while True:
                 with self._wake:
                     while not self._stopping and not self._waiting and not self._running:
+                        if until_idle:
+                            return
                         self._wake.wait()
                     if self._stopping:
                         for r in list(self._waiting) + [x.request for x in self._running]:

@@ -254,10 +254,24 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False,
+                allowed: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T]; attention_mask [B, T] with 0 at (left) padding; returns logits
-        [B, T, vocab] (or [B, 1, vocab] with last_only) in float32."""
-        cos, sin, mask, is_causal = self._prepare(input_ids, cache, attention_mask, positions)
+        [B, T, vocab] (or [B, 1, vocab] with last_only) in float32.
+
+        `allowed` [B, T, S] (S = cached + T) replaces the causal mask: which keys each new token
+        sees, for several sequences packed into one (the evaluator scores a shared context once
+        and every answer after it); give `positions` with it. `rows` [R] returns logits
+        [B, R, vocab] for those positions only: the head is the largest matmul of a small model
+        and most positions' logits are not wanted."""
+        if allowed is not None:
+            if positions is None:
+                raise Phi3Error("forward: a custom attention mask needs explicit positions")
+            cos, sin, _, _ = self._prepare(input_ids, cache, None, positions)
+            mask, is_causal = allowed[:, None], False
+        else:
+            cos, sin, mask, is_causal = self._prepare(input_ids, cache, attention_mask, positions)
         x = self.model.embed_tokens.forward(input_ids)
         for i, layer in enumerate(self.model.layers):
             x = layer.forward(x, cos, sin, mask, is_causal, cache, i)
@@ -265,6 +279,8 @@ class Transformer(nn.Module):
             cache.length += input_ids.shape[1]
         if last_only:
             x = x[:, -1:]
+        elif rows is not None:
+            x = x[:, rows]
         return self.lm_head.forward(self.model.norm.forward(x)).float()
 
     def decode_step(self, input_ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
