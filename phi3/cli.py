@@ -1,4 +1,4 @@
-"""The `phi3` command: chat, generate, serve, index, info, convert, quantize, perplexity, bench, fetch.
+"""The `phi3` command: chat, generate, serve, index, info, convert, quantize, perplexity, eval, mt-bench, safety, bench, fetch.
 
 Bad input of any kind ends in one line `phi3: error: ...` on stderr and exit code 2.
 """
@@ -150,6 +150,37 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--context", type=int, default=512, help="chunk length in tokens (default 512)")
     _add_compute_args(ppl)
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
+
+    ev = sub.add_parser("eval", help="few-shot benchmarks of the report's table at temperature 0 "
+                                     "(see --list-tasks)")
+    _add_model_args(ev)
+    ev.add_argument("--tasks", default=None,
+                    help="comma-separated: mmlu,gsm8k,...; 'all'; NAME:SUB+SUB for some subjects/subtasks "
+                         "(bbh:navigate+snarks); ARC-layout tasks also take NAME=FILE.jsonl")
+    ev.add_argument("--data-dir", default=os.environ.get("PHI3_DATA_DIR", "data"),
+                    help="folder with a sub-folder per benchmark as its authors publish it "
+                         "(default $PHI3_DATA_DIR or ./data; see README 'Evaluation data')")
+    ev.add_argument("--limit", type=int, default=None,
+                    help="only the first N examples of each task (of each subject/subtask where it has them)")
+    ev.add_argument("--shots", type=int, default=None, help="few-shot examples (default: each task's k in the report)")
+    ev.add_argument("--batch-size", type=int, default=8,
+                    help="examples scored in one forward pass / completions decoded together (default 8)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="generation tasks: new tokens at most (default: the task's)")
+    ev.add_argument("--output", "-o", default="results.json",
+                    help="results JSON (default results.json); beside it NAME.md, NAME.png and NAME.records/ "
+                         "(per-example records, from which an interrupted run resumes)")
+    ev.add_argument("--timeout", type=float, default=10.0, help="code tasks: seconds per program (default 10)")
+    ev.add_argument("--memory-mb", type=int, default=1024, help="code tasks: memory per program (default 1024)")
+    ev.add_argument("--fast", action="store_true",
+                    help="round activations to int8 like llama.cpp around packed GGUF weights (faster, but the "
+                         "scores then measure that rounding too); default: exact float activations")
+    ev.add_argument("--list-tasks", action="store_true", help="list the tasks, their k and the files they read")
+
+    from phi3 import judge  # standard library only: cheap to import for the parser
+    judge.add_mt_bench_args(sub.add_parser(
+        "mt-bench", help="MT-bench: a local model's answers graded 1-10 by an OpenAI-compatible judge (FastChat's prompts)"))
+    judge.add_safety_args(sub.add_parser(
+        "safety", help="multi-turn safety benchmark: simulated users, judged harm severity (DR-x) and ungroundedness"))
 
     sub.add_parser("fetch", help="download the default model (SmolLM2-135M-Instruct) into the cache "
                                  "and build the quantized CPU kernel")
@@ -345,6 +376,46 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from phi3 import tasks
+    if args.list_tasks:
+        for t in tasks.TASKS.values():
+            print(f"{t.name:15} {t.title:17} {t.kind:9} k={t.shots:<3} {t.layout}\n{'':15} from {t.source}")
+        return 0
+    if not args.tasks:
+        raise Phi3Error("no tasks given: pass --tasks, e.g. --tasks gsm8k,arc_challenge (--list-tasks lists them)")
+    from phi3 import checkpoint
+    from phi3.eval import EvalSettings, evaluate
+    settings = EvalSettings(shots=args.shots, limit=args.limit, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                            timeout_s=args.timeout, memory_mb=args.memory_mb)
+    settings.validate()
+    data_dir = Path(args.data_dir)
+    for task, subsets, file in tasks.parse_tasks(args.tasks):  # fail on data before loading the model
+        tasks.load_task(task, data_dir, subsets, file)
+    set_threads(args.threads)
+    if args.model is None:
+        print(f"phi3: using the default model {checkpoint.DEFAULT_MODEL_FILE}; pass --model to choose another",
+              file=sys.stderr)
+    lm = checkpoint.load(args.model, dtype=args.dtype, exact=not args.fast)
+    model_id = Path(args.model).name if args.model else checkpoint.DEFAULT_MODEL_FILE
+    output = Path(args.output)
+    evaluate(lm, args.tasks, data_dir, settings, output, model_id, progress=True)
+    print(output.with_suffix(".md").read_text(), end="")
+    print(f"phi3: wrote {output}, {output.with_suffix('.md')}, {output.with_suffix('.png')} and "
+          f"{output.with_suffix('.records')}/", file=sys.stderr)
+    return 0
+
+
+def cmd_mt_bench(args: argparse.Namespace) -> int:
+    from phi3.judge import cmd_mt_bench as run
+    return run(args)
+
+
+def cmd_safety(args: argparse.Namespace) -> int:
+    from phi3.judge import cmd_safety as run
+    return run(args)
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from phi3 import quant
     from phi3.checkpoint import fetch_default_model
@@ -399,7 +470,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"chat": cmd_chat, "serve": cmd_serve, "index": cmd_index, "generate": cmd_generate, "info": cmd_info, "convert": cmd_convert,
-            "perplexity": cmd_perplexity, "quantize": cmd_quantize, "bench": cmd_bench,
+            "perplexity": cmd_perplexity, "eval": cmd_eval, "mt-bench": cmd_mt_bench,
+            "safety": cmd_safety, "quantize": cmd_quantize, "bench": cmd_bench,
             "fetch": cmd_fetch}
 
 

@@ -1,22 +1,45 @@
-"""Evaluation. For now: perplexity of a text file, computed the way llama.cpp's `perplexity` tool
-computes it so that numbers from both can be compared on the same file.
+"""Evaluation: the report's benchmarks (`phi3 eval`), and perplexity of a text file.
 
-Chunked windows: the token stream is cut into non-overlapping chunks of `context` tokens (the first
+Benchmarks (tasks in phi3/tasks.py), all at temperature 0:
+- choice tasks: every answer's log-likelihood after the few-shot context; accuracy, and accuracy
+  with log-likelihoods divided by the answer's length in characters (acc_norm). A pack of up to
+  --batch-size examples runs as one forward pass: the context prefix they share (the shots) is
+  computed once, and kept in the KV cache for the next pack, each example's own text once, and
+  every answer after it with an attention mask that lets it see only its own context
+  (`LoglikelihoodScorer`). Only the positions that predict answer tokens go through the head.
+- generation tasks: greedy completions through the continuous-batching engine, cut at the
+  task's stop strings, then its answer extraction and match (GSM-8K's last number, BBH's
+  "the answer is X", TriviaQA's normalised aliases).
+- code tasks: greedy completions run against their tests in phi3.sandbox; pass@1.
+
+Every example's result is appended to a records file as soon as it exists, so an interrupted run
+resumes where it stopped. Results: JSON (per task and metric, with standard errors and counts),
+a markdown table and a bar chart.
+
+Perplexity: chunked windows: the token stream is cut into non-overlapping chunks of `context` tokens (the first
 token of each chunk replaced by BOS when the model wants one); within a chunk only the second half
 is scored, so every scored token sees at least context/2 tokens before it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
+from phi3 import tasks as T
 from phi3.checkpoint import LoadedModel
 from phi3.errors import Phi3Error
+from phi3.model import Transformer
+from phi3.tokenizer import Tokenizer
 
 
 @dataclass
@@ -76,3 +99,498 @@ def read_text(path: str | Path) -> str:
     if not text.strip():
         raise Phi3Error(f"{path} is empty")
     return text
+
+
+# --- benchmarks ---------------------------------------------------------------------------------
+
+PACK_TOKENS = 1024  # packed tokens per forward pass at most (beyond the cached prefix): bounds the attention scores' memory
+PRIMARY = {"choice": "acc", "generate": "exact_match", "code": "pass@1"}
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str,
+                cache: dict[str, list[int]] | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of a context and of its continuation, split as lm-evaluation-harness splits them:
+    trailing spaces of the context move to the continuation, the continuation's ids are those of
+    the whole text after the context's own ids."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if cache is not None and context in cache:
+        ctx = cache[context]
+    else:
+        ctx = tokenizer.encode(context)
+        if cache is not None:
+            cache.clear()  # one context at a time is what the choices of an example share
+            cache[context] = ctx
+    whole = tokenizer.encode(context + continuation)
+    return ctx, whole[len(ctx):]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class LoglikelihoodScorer:
+    """Log-likelihoods of continuations after contexts, with shared context computed once.
+
+    A pack of (context, continuation) pairs becomes one sequence: the prefix all its contexts
+    share (less what the KV cache still holds from the previous pack), each distinct context's
+    remainder, and each continuation but its last token. The attention mask lets a token see its
+    ancestors only (prefix -> context -> continuation), and positions restart where each branch
+    forks, so every pair is scored exactly as if it ran alone."""
+
+    def __init__(self, model: Transformer, max_len: int | None = None) -> None:
+        self.model = model
+        self.max_len = max_len or model.config.max_position_embeddings
+        self.cache = model.new_cache(1, self.max_len)
+        self.cached: list[int] = []  # the tokens whose keys and values the cache holds
+        self.window = model.config.sliding_window
+
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(log-likelihood, whether greedy decoding would produce the continuation) per pair."""
+        contexts: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, cont) in enumerate(pairs):
+            if not ctx:
+                raise Phi3Error("a context must have at least one token")
+            if not cont:
+                raise Phi3Error("a continuation must have at least one token")
+            if len(ctx) + len(cont) > self.max_len:
+                raise Phi3Error(f"a prompt of {len(ctx) + len(cont)} tokens exceeds the model's context of "
+                                f"{self.max_len}; lower --shots")
+            contexts.setdefault(tuple(ctx), []).append(i)
+        uniq = [list(c) for c in contexts]
+        shared = min(len(u) for u in uniq) - 1  # every context keeps a token of its own: it predicts the first answer token
+        for u in uniq[1:]:
+            shared = min(shared, _common_prefix(uniq[0], u))
+        prefix = uniq[0][:shared]
+        reuse = _common_prefix(self.cached, prefix)
+        model = self.model
+        long = model.uses_long_rope(torch.tensor([max(len(u) + max(len(pairs[i][1]) for i in ix)
+                                                      for u, ix in zip(uniq, contexts.values()))]))
+        if reuse and bool((self.cache.rope_long != long).any()):
+            reuse = 0  # cached keys were rotated with the other LongRoPE factor set
+        # Lay out segments: 0 = the new part of the shared prefix; then per context its remainder
+        # and after it each of its continuations (last token dropped: nothing to predict after it).
+        ids: list[int] = []
+        positions: list[int] = []
+        segment: list[int] = []
+        parent: list[int] = [-1]
+        ids += prefix[reuse:]
+        positions += list(range(reuse, shared))
+        segment += [0] * (shared - reuse)
+        rows: list[int] = []  # positions (in ids) whose logits predict the targets below
+        targets: list[int] = []
+        owner: list[int] = []  # which pair each target belongs to
+        for u, members in zip(uniq, contexts.values()):
+            seg_ctx = len(parent)
+            parent.append(0)
+            ids += u[shared:]
+            positions += list(range(shared, len(u)))
+            segment += [seg_ctx] * (len(u) - shared)
+            last_ctx = len(ids) - 1
+            for i in members:
+                cont = pairs[i][1]
+                seg = len(parent)
+                parent.append(seg_ctx)
+                body = len(ids)
+                ids += cont[:-1]
+                positions += list(range(len(u), len(u) + len(cont) - 1))
+                segment += [seg] * (len(cont) - 1)
+                rows += [last_ctx] + list(range(body, body + len(cont) - 1))
+                targets += cont
+                owner += [i] * len(cont)
+        n = len(parent)
+        ancestor = torch.eye(n, dtype=torch.bool)
+        for s in range(1, n):
+            p = parent[s]
+            while p >= 0:
+                ancestor[s, p] = True
+                p = parent[p]
+        seg_t = torch.tensor(segment)
+        idx = torch.arange(len(ids))
+        allowed = ancestor[seg_t[:, None], seg_t[None, :]] & (idx[None, :] <= idx[:, None])
+        allowed = torch.cat([torch.ones(len(ids), reuse, dtype=torch.bool), allowed], dim=1)
+        pos_t = torch.tensor(positions)
+        if self.window is not None and int(pos_t.max()) >= self.window:
+            key_pos = torch.cat([torch.arange(reuse), pos_t])
+            allowed &= (pos_t[:, None] - key_pos[None, :]) < self.window
+        self.cache.reset()
+        self.cache.length = reuse
+        self.cache.rope_long = long
+        device = model.device
+        logits = model.forward(torch.tensor([ids], device=device), cache=self.cache,
+                               positions=pos_t[None].to(device), allowed=allowed[None].to(device),
+                               rows=torch.tensor(rows, device=device))[0]
+        self.cached = prefix
+        logprobs = torch.log_softmax(logits, dim=-1)
+        tgt = torch.tensor(targets, device=device)
+        picked = logprobs.gather(1, tgt[:, None])[:, 0]
+        greedy = logits.argmax(dim=-1) == tgt
+        out_ll = [0.0] * len(pairs)
+        out_greedy = [True] * len(pairs)
+        for j, i in enumerate(owner):
+            out_ll[i] += float(picked[j])
+            out_greedy[i] = out_greedy[i] and bool(greedy[j])
+        return list(zip(out_ll, out_greedy))
+
+
+@dataclass
+class EvalSettings:
+    shots: int | None = None  # None: each task's default (the report's k)
+    limit: int | None = None  # examples per task (per subject/subtask where a task has them)
+    batch_size: int = 8
+    max_tokens: int | None = None  # generation tasks: override the task's
+    timeout_s: float = 10.0  # code tasks: per program
+    memory_mb: int = 1024
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise Phi3Error(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise Phi3Error(f"--limit must be at least 1, got {self.limit}")
+        if self.shots is not None and self.shots < 0:
+            raise Phi3Error(f"--shots must be 0 or more, got {self.shots}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise Phi3Error(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        if not self.timeout_s > 0 or self.memory_mb < 64:
+            raise Phi3Error("--timeout must be above 0 seconds and --memory-mb at least 64")
+
+
+@dataclass
+class TaskResult:
+    name: str
+    title: str
+    kind: str
+    shots: int
+    n: int
+    metrics: dict[str, dict[str, float]]  # metric -> {"value", "stderr"}
+    groups: dict[str, dict[str, float]]  # group -> metric -> mean
+    seconds: float
+    examples_per_s: float
+    files: list[str]
+
+    @property
+    def primary(self) -> str:
+        return next(iter(self.metrics))
+
+
+def mean_stderr(values: list[float]) -> dict[str, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n)), as lm-eval reports."""
+    n = len(values)
+    if n == 0:
+        return {"value": float("nan"), "stderr": float("nan")}
+    mean = sum(values) / n
+    if n < 2:
+        return {"value": mean, "stderr": float("nan")}
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return {"value": mean, "stderr": math.sqrt(var / n)}
+
+
+def select(examples: list[T.Example], limit: int | None) -> list[T.Example]:
+    """The first `limit` examples of each group (a fixed sample, the same on every run)."""
+    if limit is None:
+        return examples
+    seen: dict[str, int] = {}
+    out = []
+    for ex in examples:
+        if seen.get(ex.group, 0) < limit:
+            seen[ex.group] = seen.get(ex.group, 0) + 1
+            out.append(ex)
+    return out
+
+
+def _sha(*parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+class Records:
+    """Per-example results of one task, appended as they come (jsonl). The first line records the
+    settings; a later run with the same settings reuses every example whose prompt is unchanged."""
+
+    def __init__(self, path: Path, header: dict) -> None:
+        self.path = path
+        self.done: dict[str, dict] = {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file() and path.stat().st_size > 0:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            try:
+                first = json.loads(lines[0])
+            except json.JSONDecodeError:
+                raise Phi3Error(f"{path} is not a records file of phi3 eval; delete it or choose another --output") from None
+            if first.get("settings") != header:
+                raise Phi3Error(f"{path} holds records made with other settings ({first.get('settings')}); "
+                                "delete it or choose another --output")
+            for line in lines[1:]:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by an interruption: that example runs again
+                self.done.setdefault(rec["key"], {}).update(rec)
+            self.file = open(path, "a", encoding="utf-8")
+            if not lines[-1:] or not path.read_bytes().endswith(b"\n"):
+                self.file.write("\n")
+        else:
+            self.file = open(path, "w", encoding="utf-8")
+            self.file.write(json.dumps({"settings": header}, ensure_ascii=False) + "\n")
+            self.file.flush()
+
+    def add(self, record: dict) -> None:
+        self.done.setdefault(record["key"], {}).update(record)
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="ex", file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True)
+
+
+def run_choice(model: Transformer, tokenizer: Tokenizer, task: T.Task, data: T.TaskData,
+               examples: list[T.Example], shots: int, records: Records, batch_size: int, progress: bool) -> None:
+    scorer = LoglikelihoodScorer(model)
+    metrics = task.choice_metrics or T.accuracy
+    todo = []
+    for ex in examples:
+        reqs = T.requests(ex, data, shots)
+        key = _sha(ex.id, reqs)
+        if key not in records.done or "lls" not in records.done[key]:
+            todo.append((ex, reqs, key))
+    bar = _progress(len(examples), task.name, progress, initial=len(examples) - len(todo))
+    ctx_cache: dict[str, list[int]] = {}
+    with torch.inference_mode():
+        i = 0
+        while i < len(todo):
+            pack: list[tuple[T.Example, str, list[tuple[list[int], list[int]]]]] = []
+            tokens = 0
+            while i < len(todo) and len(pack) < batch_size:
+                ex, reqs, key = todo[i]
+                pairs = [encode_pair(tokenizer, c, x, ctx_cache) for c, x in reqs]
+                size = sum(len(c) for c, _ in pairs[:1]) + sum(len(x) for _, x in pairs)
+                if pack and tokens + size > PACK_TOKENS * 4:
+                    break
+                pack.append((ex, key, pairs))
+                tokens += size
+                i += 1
+            flat = [p for _, _, pairs in pack for p in pairs]
+            scores = _score_in_pieces(scorer, flat)
+            at = 0
+            for ex, key, pairs in pack:
+                lls = [s[0] for s in scores[at:at + len(pairs)]]
+                greedy = [s[1] for s in scores[at:at + len(pairs)]]
+                at += len(pairs)
+                records.add({"key": key, "id": ex.id, "group": ex.group, "gold": ex.gold, "lls": lls,
+                             "greedy": greedy, **metrics(ex, lls)})
+            bar.update(len(pack))
+    bar.close()
+
+
+def _score_in_pieces(scorer: LoglikelihoodScorer, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    """Score a pack, split where its new tokens would exceed PACK_TOKENS (long contexts)."""
+    out: list[tuple[float, bool]] = []
+    piece: list[tuple[list[int], list[int]]] = []
+    for ctx, cont in pairs:
+        piece.append((ctx, cont))
+        distinct = {tuple(c) for c, _ in piece}
+        shared = min(len(c) for c in distinct)
+        new = sum(len(c) - shared // 2 for c in distinct) + sum(len(x) for _, x in piece)
+        if new > PACK_TOKENS and len(piece) > 1:
+            piece.pop()
+            out += scorer.score(piece)
+            piece = [(ctx, cont)]
+    if piece:
+        out += scorer.score(piece)
+    return out
+
+
+def run_generation(model: Transformer, tokenizer: Tokenizer, task: T.Task, data: T.TaskData,
+                   examples: list[T.Example], shots: int, records: Records, max_tokens: int,
+                   progress: bool, batch_size: int, on_done: Callable[[T.Example, str, str], dict] | None = None) -> None:
+    """Greedy completions of every example not yet recorded, `batch_size` decoding together."""
+    from phi3.engine import Engine, Request
+    from phi3.generate import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, stop=task.stop)
+    todo = []
+    for ex in examples:
+        prompt = T.context(ex, data, shots)
+        key = _sha(ex.id, prompt, max_tokens, task.stop)
+        if key not in records.done or "completion" not in records.done[key]:
+            todo.append((ex, prompt, key))
+    bar = _progress(len(examples), task.name, progress, initial=len(examples) - len(todo))
+    engine = Engine(model, tokenizer, max_batch=max(1, batch_size), max_queue=len(todo) + 1)
+    failures: list[str] = []
+
+    def finisher(ex: T.Example, key: str) -> Callable[[str, object], None]:
+        def on_event(kind: str, value: object) -> None:
+            if kind == "error":
+                failures.append(f"{ex.id}: {value}")
+            elif kind == "done":
+                text = value.text  # type: ignore[attr-defined]
+                record = {"key": key, "id": ex.id, "group": ex.group, "completion": text,
+                          "finish_reason": value.finish_reason}  # type: ignore[attr-defined]
+                if on_done is not None:
+                    record.update(on_done(ex, key, text))
+                records.add(record)
+                bar.update(1)
+        return on_event
+
+    for ex, prompt, key in todo:
+        ids = tokenizer.encode(prompt)
+        if len(ids) + max_tokens > model.config.max_position_embeddings:
+            raise Phi3Error(f"{task.name} example {ex.id}: a prompt of {len(ids)} tokens plus {max_tokens} new "
+                            f"tokens exceeds the model's context of {model.config.max_position_embeddings}; "
+                            "lower --shots or --max-tokens")
+        engine.submit(Request(ids, params, finisher(ex, key)))
+    engine.run_until_idle()
+    bar.close()
+    if failures:
+        raise Phi3Error(f"{task.name}: generation failed for {len(failures)} examples, e.g. {failures[0]}")
+
+
+def score_generation(task: T.Task, ex: T.Example, text: str) -> dict:
+    answer = task.extract(text) if task.extract else text
+    return {"answer": answer, "gold": ex.answers[0] if ex.answers else "",
+            "exact_match": float(task.match(answer, ex)) if task.match else float(answer == ex.answers[0])}
+
+
+def code_program(task: T.Task, ex: T.Example, completion: str) -> str:
+    from phi3 import sandbox
+    if task.name == "humaneval":
+        return sandbox.humaneval_program(ex.query, completion, ex.extra["test"], ex.extra["entry_point"])
+    return sandbox.mbpp_program(completion, ex.extra["tests"], ex.extra.get("setup", ""))
+
+
+def run_code(task: T.Task, examples: list[T.Example], records: Records, keys: dict[str, str],
+             settings: EvalSettings, progress: bool) -> None:
+    """Run every recorded completion not yet tested in the sandbox; pass@1 (greedy, one sample)."""
+    from phi3 import sandbox
+    todo = [ex for ex in examples if "passed" not in records.done.get(keys[ex.id], {})]
+    if not todo:
+        return
+    programs = [code_program(task, ex, records.done[keys[ex.id]]["completion"]) for ex in todo]
+    results = sandbox.run_programs(programs, timeout_s=settings.timeout_s, memory_mb=settings.memory_mb,
+                                   workers=min(2, os.cpu_count() or 1), progress=progress)
+    for ex, res in zip(todo, results):
+        records.add({"key": keys[ex.id], "id": ex.id, "status": res.status, "passed": res.status == "passed",
+                     "pass@1": float(res.status == "passed"), "output": res.output[-2000:]})
+
+
+def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path | None, data_dir: Path,
+                  settings: EvalSettings, records_dir: Path, model_id: str, progress: bool = True) -> TaskResult:
+    data = T.load_task(task, data_dir, subsets, file)
+    settings.validate()
+    shots = task.shots if settings.shots is None else settings.shots
+    if task.name == "bbh" and shots > 3:
+        raise Phi3Error("bbh's published chain-of-thought prompts have 3 examples; use --shots 3 or fewer")
+    examples = select(data.examples, settings.limit)
+    max_tokens = settings.max_tokens or task.max_tokens
+    header = {"task": task.name, "model": model_id, "shots": shots, "subsets": subsets,
+              "max_tokens": max_tokens if task.kind != "choice" else None}
+    name = task.name + (":" + "+".join(subsets) if subsets else "")
+    records = Records(records_dir / f"{name.replace(':', '-').replace('+', '_')}.jsonl", header)
+    started = time.perf_counter()
+    try:
+        if task.kind == "choice":
+            run_choice(lm.model, lm.tokenizer, task, data, examples, shots, records, settings.batch_size, progress)
+            keys = {ex.id: _sha(ex.id, T.requests(ex, data, shots)) for ex in examples}
+        else:
+            on_done = (lambda ex, key, text: score_generation(task, ex, text)) if task.kind == "generate" else None
+            run_generation(lm.model, lm.tokenizer, task, data, examples, shots, records, max_tokens, progress,
+                           settings.batch_size, on_done)
+            keys = {ex.id: _sha(ex.id, T.context(ex, data, shots), max_tokens, task.stop) for ex in examples}
+            if task.kind == "code":
+                run_code(task, examples, records, keys, settings, progress)
+    finally:
+        records.close()
+    seconds = time.perf_counter() - started
+    recs = [records.done[keys[ex.id]] for ex in examples]
+    names = {"choice": ["acc", "acc_norm"], "generate": ["exact_match"], "code": ["pass@1"]}[task.kind]
+    if task.choice_metrics is not None:
+        names = [k for k in recs[0] if k in ("mc1", "mc2")] if recs else ["mc1", "mc2"]
+        names = sorted(names, key=lambda k: k != "mc2")
+    metrics = {m: mean_stderr([float(r[m]) for r in recs]) for m in names}
+    groups: dict[str, dict[str, float]] = {}
+    for g in sorted({ex.group for ex in examples if ex.group}):
+        rs = [r for ex, r in zip(examples, recs) if ex.group == g]
+        groups[g] = {m: sum(float(r[m]) for r in rs) / len(rs) for m in names}
+        groups[g]["n"] = len(rs)
+    return TaskResult(name, task.title, task.kind, shots, len(examples), metrics, groups, seconds,
+                      len(examples) / seconds if seconds > 0 else float("inf"), [str(p) for p in data.files])
+
+
+def evaluate(lm: LoadedModel, spec: str, data_dir: Path, settings: EvalSettings, output: Path,
+             model_id: str, progress: bool = True) -> dict:
+    """Run the tasks of `spec` and write output (.json), its .md table, .png chart and .records/."""
+    settings.validate()
+    chosen = T.parse_tasks(spec)
+    for task, subsets, file in chosen:  # fail on missing data before spending any time
+        if file is None:
+            T.load_task(task, data_dir, subsets, None)
+    output = output if output.suffix == ".json" else output.with_suffix(".json")
+    records_dir = output.with_suffix(".records")
+    results = []
+    for task, subsets, file in chosen:
+        results.append(evaluate_task(lm, task, subsets, file, data_dir, settings, records_dir, model_id, progress))
+        write_outputs(output, model_id, settings, results)
+    return json.loads(output.read_text())
+
+
+def write_outputs(output: Path, model_id: str, settings: EvalSettings, results: list[TaskResult]) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"model": model_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "settings": asdict(settings),
+           "tasks": {r.name: {"title": r.title, "kind": r.kind, "shots": r.shots, "n": r.n, "metrics": r.metrics,
+                              "groups": r.groups, "seconds": round(r.seconds, 2),
+                              "examples_per_s": round(r.examples_per_s, 3), "files": r.files}
+                     for r in results},
+           "records": str(output.with_suffix(".records"))}
+    tmp = output.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(output)
+    output.with_suffix(".md").write_text(markdown_table(model_id, results))
+    try:
+        bar_chart(output.with_suffix(".png"), model_id, results)
+    except ImportError:
+        print("phi3: matplotlib is not installed; no bar chart written (pip install matplotlib)", file=sys.stderr)
+
+
+def markdown_table(model_id: str, results: list[TaskResult]) -> str:
+    lines = [f"Model: `{model_id}`", "", "| task | k | n | metric | value | ± stderr | examples/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for i, (m, v) in enumerate(r.metrics.items()):
+            head = f"| {r.title} | {r.shots} | {r.n} |" if i == 0 else "| | | |"
+            err = "" if math.isnan(v["stderr"]) else f"{100 * v['stderr']:.2f}"
+            rate = f"{r.examples_per_s:.2f}" if i == 0 else ""
+            lines.append(f"{head} {m} | {100 * v['value']:.2f} | {err} | {rate} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(path: Path, model_id: str, results: list[TaskResult]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [r.title for r in results]
+    values = [100 * r.metrics[r.primary]["value"] for r in results]
+    errors = [0 if math.isnan(r.metrics[r.primary]["stderr"]) else 100 * r.metrics[r.primary]["stderr"]
+              for r in results]
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(results) + 2), 4))
+    ax.bar(range(len(results)), values, yerr=errors, color="#4c72b0", capsize=3)
+    ax.set_xticks(range(len(results)))
+    ax.set_xticklabels([f"{n}\n({r.primary}, {r.shots}-shot)" for n, r in zip(names, results)], fontsize=7)
+    ax.set_ylabel("score (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(model_id, fontsize=9)
+    for i, v in enumerate(values):
+        ax.text(i, v + 1, f"{v:.1f}", ha="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

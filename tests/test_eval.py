@@ -1,4 +1,8 @@
-"""Perplexity: the chunked method against a direct computation with transformers, and the CLI."""
+"""Perplexity (the chunked method against a direct computation with transformers, and the CLI), and
+`phi3 eval` on the real SmolLM2: shared-context scoring equals scoring each answer alone, results
+do not depend on --batch-size, interrupted runs resume from their records, outputs are written,
+and generation and code tasks go end to end. Parity with lm-evaluation-harness on a small sample
+is in test_eval_parity.py."""
 
 from __future__ import annotations
 
@@ -8,9 +12,11 @@ import math
 import pytest
 import torch
 
+from phi3 import tasks as T
 from phi3.checkpoint import load
+from phi3.errors import Phi3Error
 from phi3.eval import perplexity
-from tests.conftest import hf_reference, run_cli, save_hf_model, tiny_config
+from tests.conftest import BENCHDATA, ROOT, hf_reference, run_cli, save_hf_model, tiny_config
 from tests.test_cli import assert_one_line_error
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 8 + "Pack my box with five dozen liquor jugs. " * 6)
@@ -56,3 +62,134 @@ def test_perplexity_cli(tiny, tmp_path):
     (tmp_path / "short.txt").write_text("too short")
     assert_one_line_error(run_cli("perplexity", str(folder), str(tmp_path / "short.txt"), "--context", "64"),
                           "needs at least --context 64")
+
+
+# --- benchmarks ---
+
+ARC = ROOT / "tests" / "data" / "arc_phi3" / "ARC-Phi3-Test.jsonl"
+
+
+@pytest.fixture(scope="module")
+def lm(smollm_gguf):
+    return load(str(smollm_gguf), exact=True)
+
+
+def test_the_arc_layout_set_kept_with_the_tests():
+    data = T.load_task(T.TASKS["arc_challenge"], ROOT, [], ARC)
+    assert len(data.examples) >= 200 and len(data.shots) >= 10
+    assert len({e.id for e in data.examples}) == len(data.examples)
+
+
+def test_packed_scoring_equals_scoring_each_answer_alone(lm):
+    from phi3.eval import LoglikelihoodScorer, encode_pair
+    data = T.load_task(T.TASKS["arc_challenge"], ROOT, [], ARC)
+    pairs = [encode_pair(lm.tokenizer, c, x) for ex in data.examples[:3] for c, x in T.requests(ex, data, 3)]
+    scorer = LoglikelihoodScorer(lm.model)
+    with torch.inference_mode():
+        packed = scorer.score(pairs[:5]) + scorer.score(pairs[5:])  # the second reuses the cached shots
+        for (ctx, cont), (ll, greedy) in zip(pairs, packed):
+            logits = lm.model(torch.tensor([ctx + cont]))[0, len(ctx) - 1:-1]
+            alone = torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).sum()
+            assert ll == pytest.approx(float(alone), abs=2e-4)
+            assert greedy == bool((logits.argmax(-1) == torch.tensor(cont)).all())
+    assert scorer.cached == pairs[5][0][:len(scorer.cached)] and len(scorer.cached) > 50
+
+
+def test_winogrande_style_pairs_share_only_what_they_share(lm):
+    """Two contexts and one continuation each (WinoGrande): a pack of contexts that fork."""
+    from phi3.eval import LoglikelihoodScorer
+    tok = lm.tokenizer
+    a, b = tok.encode("The trophy did not fit in the case because the trophy"), tok.encode("Paris is in France")
+    cont = tok.encode(" was too big.")
+    scorer = LoglikelihoodScorer(lm.model)
+    with torch.inference_mode():
+        got = scorer.score([(a, cont), (b, cont), (a, cont[:1])])
+        for (ctx, c), (ll, _) in zip([(a, cont), (b, cont), (a, cont[:1])], got):
+            logits = lm.model(torch.tensor([ctx + c]))[0, len(ctx) - 1:-1]
+            assert ll == pytest.approx(float(torch.log_softmax(logits, -1).gather(1, torch.tensor(c)[:, None]).sum()),
+                                       abs=2e-4)
+
+
+def test_scores_do_not_depend_on_batch_size_and_runs_resume(lm, tmp_path):
+    from phi3.eval import EvalSettings, evaluate_task
+    task = T.TASKS["arc_challenge"]
+    one = evaluate_task(lm, task, [], ARC, ROOT, EvalSettings(limit=12, batch_size=1), tmp_path / "a", "m", False)
+    many = evaluate_task(lm, task, [], ARC, ROOT, EvalSettings(limit=12, batch_size=8), tmp_path / "b", "m", False)
+    assert one.metrics == many.metrics and one.n == 12
+    recs_a = [json.loads(x) for x in (tmp_path / "a/arc_challenge.jsonl").read_text().splitlines()[1:]]
+    recs_b = [json.loads(x) for x in (tmp_path / "b/arc_challenge.jsonl").read_text().splitlines()[1:]]
+    for x, y in zip(recs_a, recs_b):
+        assert x["lls"] == pytest.approx(y["lls"], abs=2e-4)
+    # An interrupted run: the last record cut in half. Resuming recomputes only what is missing.
+    path = tmp_path / "a/arc_challenge.jsonl"
+    text = path.read_text()
+    path.write_text(text[:-40])
+    more = evaluate_task(lm, task, [], ARC, ROOT, EvalSettings(limit=15, batch_size=4), tmp_path / "a", "m", False)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 + 12 + 4  # header, 12 old (one broken), the broken one again and 3 new
+    assert more.n == 15
+    with pytest.raises(Phi3Error, match="holds records made with other settings"):
+        evaluate_task(lm, task, [], ARC, ROOT, EvalSettings(limit=3, shots=2), tmp_path / "a", "m", False)
+
+
+@pytest.mark.skipif(not (BENCHDATA / "gsm8k").is_dir(), reason="../shared/benchdata is absent")
+def test_cli_runs_choice_and_generation_tasks_and_writes_every_output(smollm_gguf, tmp_path):
+    out = tmp_path / "res.json"
+    r = run_cli("eval", "--model", str(smollm_gguf), "--tasks", f"arc_challenge={ARC},gsm8k,bbh:navigate",
+                "--data-dir", str(BENCHDATA), "--limit", "2", "--max-tokens", "48", "--output", str(out),
+                "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert set(doc["tasks"]) == {"arc_challenge", "gsm8k", "bbh:navigate"}
+    arc = doc["tasks"]["arc_challenge"]
+    assert arc["n"] == 2 and arc["shots"] == 10 and set(arc["metrics"]) == {"acc", "acc_norm"}
+    assert set(arc["metrics"]["acc"]) == {"value", "stderr"}
+    assert doc["tasks"]["gsm8k"]["shots"] == 8 and "exact_match" in doc["tasks"]["gsm8k"]["metrics"]
+    assert doc["tasks"]["bbh:navigate"]["groups"]["navigate"]["n"] == 2
+    table = out.with_suffix(".md").read_text()
+    assert "| ARC-Challenge | 10 | 2 | acc |" in table and "| GSM-8K | 8 | 2 | exact_match |" in table
+    assert table in r.stdout
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gsm = [json.loads(x) for x in (out.with_suffix(".records") / "gsm8k.jsonl").read_text().splitlines()]
+    assert gsm[0]["settings"]["shots"] == 8 and len(gsm) == 3
+    for rec in gsm[1:]:
+        assert rec["answer"] == T.last_number(rec["completion"]) and "Question:" not in rec["completion"]
+    assert "ex/s" in r.stderr  # the progress bar
+    # A second run reuses every record: nothing to compute, same results.
+    again = run_cli("eval", "--model", str(smollm_gguf), "--tasks", f"arc_challenge={ARC},gsm8k,bbh:navigate",
+                    "--data-dir", str(BENCHDATA), "--limit", "2", "--max-tokens", "48", "--output", str(out))
+    assert again.returncode == 0 and json.loads(out.read_text())["tasks"]["gsm8k"]["metrics"] == \
+        doc["tasks"]["gsm8k"]["metrics"]
+    assert len((out.with_suffix(".records") / "gsm8k.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.skipif(not (BENCHDATA / "humaneval").is_dir(), reason="../shared/benchdata is absent")
+def test_code_task_runs_completions_in_the_sandbox(lm, tmp_path):
+    from phi3.eval import EvalSettings, evaluate_task
+    res = evaluate_task(lm, T.TASKS["humaneval"], [], None, BENCHDATA,
+                        EvalSettings(limit=2, max_tokens=64, timeout_s=5), tmp_path, "m", False)
+    recs = {}
+    for line in (tmp_path / "humaneval.jsonl").read_text().splitlines()[1:]:
+        rec = json.loads(line)
+        recs.setdefault(rec["id"], {}).update(rec)
+    assert res.n == 2 and set(res.metrics) == {"pass@1"}
+    for rec in recs.values():
+        assert rec["status"] in ("passed", "failed", "timeout", "memory") and "completion" in rec
+    assert res.metrics["pass@1"]["value"] == sum(r["passed"] for r in recs.values()) / 2
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    cases = [
+        (["eval"], "no tasks given"),
+        (["eval", "--tasks", "nope"], "unknown task 'nope'"),
+        (["eval", "--tasks", "gsm8k", "--data-dir", str(tmp_path)], "no folder"),
+        (["eval", "--tasks", f"arc_challenge={tmp_path / 'x.jsonl'}"], "x.jsonl: no such file"),
+        (["eval", "--tasks", "gsm8k", "--limit", "0", "--data-dir", str(BENCHDATA)], "--limit must be at least 1"),
+        (["eval", "--tasks", "gsm8k", "--batch-size", "0", "--data-dir", str(BENCHDATA)], "--batch-size must be"),
+    ]
+    for args, message in cases:
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    listed = run_cli("eval", "--list-tasks")
+    assert listed.returncode == 0 and "gsm8k" in listed.stdout and "github.com/openai/grade-school-math" in listed.stdout
