@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned: an unpinned torch resolves to a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench parity clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ bench: $(VENV)/.bench
 	$(BIN)/python benchmarks/bench_decode.py --write BENCHMARKS.md
 	$(BIN)/python benchmarks/bench_llama_cpp.py --write BENCHMARKS.md
 	$(BIN)/python benchmarks/bench_serve.py --write BENCHMARKS.md
+	$(BIN)/python benchmarks/lm_eval_parity.py --tasks arc --mc-limit 200 --out parity-results/speed --write-speed BENCHMARKS.md
+
+# phi3 eval against lm-evaluation-harness: 200 multiple-choice items, 100 per generation task
+# (GSM-8K, three BBH subtasks); about an hour on 2 cores, most of it lm-eval's generation.
+parity: $(VENV)/.test
+	$(BIN)/phi3 fetch
+	$(BIN)/python benchmarks/lm_eval_parity.py --write EVALUATION.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -369,16 +369,9 @@ def run_choice(model: Transformer, tokenizer: Tokenizer, task: T.Task, data: T.T
         i = 0
         while i < len(todo):
             pack: list[tuple[T.Example, str, list[tuple[list[int], list[int]]]]] = []
-            tokens = 0
-            while i < len(todo) and len(pack) < batch_size:
-                ex, reqs, key = todo[i]
-                pairs = [encode_pair(tokenizer, c, x, ctx_cache) for c, x in reqs]
-                size = sum(len(c) for c, _ in pairs[:1]) + sum(len(x) for _, x in pairs)
-                if pack and tokens + size > PACK_TOKENS * 4:
-                    break
-                pack.append((ex, key, pairs))
-                tokens += size
-                i += 1
+            for ex, reqs, key in todo[i:i + batch_size]:
+                pack.append((ex, key, [encode_pair(tokenizer, c, x, ctx_cache) for c, x in reqs]))
+            i += len(pack)
             flat = [p for _, _, pairs in pack for p in pairs]
             scores = _score_in_pieces(scorer, flat)
             at = 0
@@ -393,21 +386,25 @@ def run_choice(model: Transformer, tokenizer: Tokenizer, task: T.Task, data: T.T
 
 
 def _score_in_pieces(scorer: LoglikelihoodScorer, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-    """Score a pack, split where its new tokens would exceed PACK_TOKENS (long contexts)."""
+    """Score a pack in as few forward passes as PACK_TOKENS of new tokens each allow (the
+    attention scores of a pass grow with its tokens times the context's)."""
     out: list[tuple[float, bool]] = []
     piece: list[tuple[list[int], list[int]]] = []
-    for ctx, cont in pairs:
-        piece.append((ctx, cont))
-        distinct = {tuple(c) for c, _ in piece}
-        shared = min(len(c) for c in distinct)
-        new = sum(len(c) - shared // 2 for c in distinct) + sum(len(x) for _, x in piece)
-        if new > PACK_TOKENS and len(piece) > 1:
-            piece.pop()
+    for pair in pairs:
+        if piece and _new_tokens(piece + [pair]) > PACK_TOKENS:
             out += scorer.score(piece)
-            piece = [(ctx, cont)]
-    if piece:
-        out += scorer.score(piece)
-    return out
+            piece = []
+        piece.append(pair)
+    return out + scorer.score(piece)
+
+
+def _new_tokens(pairs: list[tuple[list[int], list[int]]]) -> int:
+    """Tokens a pack adds after the prefix its contexts share."""
+    distinct = list({tuple(c): c for c, _ in pairs}.values())
+    shared = min(len(c) for c in distinct)
+    for c in distinct[1:]:
+        shared = min(shared, _common_prefix(distinct[0], c))
+    return sum(len(c) - shared for c in distinct) + sum(len(x) for _, x in pairs)
 
 
 def run_generation(model: Transformer, tokenizer: Tokenizer, task: T.Task, data: T.TaskData,
@@ -492,7 +489,11 @@ def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path 
         raise Phi3Error("bbh's published chain-of-thought prompts have 3 examples; use --shots 3 or fewer")
     examples = select(data.examples, settings.limit)
     max_tokens = settings.max_tokens or task.max_tokens
-    header = {"task": task.name, "model": model_id, "shots": shots, "subsets": subsets,
+    # The file's size and weight types too: a model re-quantized under the same name must not reuse records.
+    header = {"task": task.name, "model": model_id, "model_bytes": lm.file_bytes,
+              "weights": dict(sorted(lm.weight_types.items())), "dtype": str(lm.model.dtype),
+              "int8_activations": any(getattr(m, "int8_activations", False) for m in lm.model.modules()),
+              "shots": shots, "subsets": subsets,
               "max_tokens": max_tokens if task.kind != "choice" else None}
     name = task.name + (":" + "+".join(subsets) if subsets else "")
     records = Records(records_dir / f"{name.replace(':', '-').replace('+', '_')}.jsonl", header)
@@ -522,7 +523,8 @@ def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path 
         rs = [r for ex, r in zip(examples, recs) if ex.group == g]
         groups[g] = {m: sum(float(r[m]) for r in rs) / len(rs) for m in names}
         groups[g]["n"] = len(rs)
-    return TaskResult(name, task.title, task.kind, shots, len(examples), metrics, groups, seconds,
+    title = f"{task.title} ({file.name})" if file is not None else task.title
+    return TaskResult(name, title, task.kind, shots, len(examples), metrics, groups, seconds,
                       len(examples) / seconds if seconds > 0 else float("inf"), [str(p) for p in data.files])
 
 
@@ -589,8 +591,8 @@ def bar_chart(path: Path, model_id: str, results: list[TaskResult]) -> None:
     ax.set_ylabel("score (%)")
     ax.set_ylim(0, 100)
     ax.set_title(model_id, fontsize=9)
-    for i, v in enumerate(values):
-        ax.text(i, v + 1, f"{v:.1f}", ha="center", fontsize=7)
+    for i, (v, e) in enumerate(zip(values, errors)):
+        ax.text(i, min(v + e + 1.5, 95), f"{v:.1f}", ha="center", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
