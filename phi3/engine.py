@@ -45,6 +45,34 @@ Event = Callable[[str, object], None]  # ("text", str) | ("done", Completion) | 
 
 
 @dataclass
+class Prefix:
+    """Keys and values of a prompt prefix that many requests share (an evaluation's few-shot
+    examples): computed once, then copied into each request's cache instead of prefilled again."""
+
+    tokens: list[int]
+    cache: KVCache
+
+    @classmethod
+    def build(cls, model: Transformer, tokens: list[int]) -> "Prefix":
+        cache = model.new_cache(1, len(tokens))
+        with torch.inference_mode():
+            advance(model, cache, torch.tensor([tokens], dtype=torch.long, device=model.device))
+        return cls(list(tokens), cache)
+
+    def fill(self, cache: KVCache, prompt: list[int]) -> None:
+        """Start `cache` with this prefix when `prompt` begins with it (and goes beyond it)."""
+        n = len(self.tokens)
+        if len(prompt) <= n or prompt[:n] != self.tokens:
+            return
+        cache.k[:, :, :, :n] = self.cache.k
+        cache.v[:, :, :, :n] = self.cache.v
+        cache.valid[:, :n] = True
+        cache.next_position.fill_(n)
+        cache.rope_long.copy_(self.cache.rope_long)
+        cache.length = n
+
+
+@dataclass
 class Request:
     """One generation. `on_event` is called from the worker thread: ("text", piece) as text is
     released, then exactly one of ("done", Completion) or ("error", message)."""
@@ -53,6 +81,7 @@ class Request:
     params: SamplingParams
     on_event: Event
     stop_ids: set[int] | None = None
+    prefix: Prefix | None = None  # shared keys and values to start from, where the prompt begins with them
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -195,6 +224,8 @@ class Engine:
         cache = self.model.new_cache(1, len(request.prompt) + p.max_new_tokens)
         run = _Running(request, cache, _Row(self.tokenizer, p.stop, len(request.prompt)),
                        Sampler(p, self.model.device), list(request.prompt))
+        if request.prefix is not None:
+            request.prefix.fill(cache, request.prompt)
         tokens = torch.tensor([request.prompt], dtype=torch.long, device=self.model.device)
         logits = advance(self.model, cache, tokens)[:, -1]
         if self._accept(run, logits):

@@ -37,6 +37,7 @@ import torch
 
 from phi3 import tasks as T
 from phi3.checkpoint import LoadedModel
+from phi3.engine import Prefix
 from phi3.errors import Phi3Error
 from phi3.model import Transformer
 from phi3.tokenizer import Tokenizer
@@ -439,17 +440,37 @@ def run_generation(model: Transformer, tokenizer: Tokenizer, task: T.Task, data:
                 bar.update(1)
         return on_event
 
+    encoded = []
     for ex, prompt, key in todo:
         ids = tokenizer.encode(prompt)
         if len(ids) + max_tokens > model.config.max_position_embeddings:
             raise Phi3Error(f"{task.name} example {ex.id}: a prompt of {len(ids)} tokens plus {max_tokens} new "
                             f"tokens exceeds the model's context of {model.config.max_position_embeddings}; "
                             "lower --shots or --max-tokens")
-        engine.submit(Request(ids, params, finisher(ex, key)))
+        encoded.append(ids)
+    prefixes = shared_prefixes(model, [ex.group for ex, _, _ in todo], encoded)
+    for (ex, prompt, key), ids in zip(todo, encoded):
+        engine.submit(Request(ids, params, finisher(ex, key), prefix=prefixes.get(ex.group)))
     engine.run_until_idle()
     bar.close()
     if failures:
         raise Phi3Error(f"{task.name}: generation failed for {len(failures)} examples, e.g. {failures[0]}")
+
+
+MIN_SHARED_PREFIX = 32  # tokens: below this, copying a prefix's cache saves nothing worth having
+
+
+def shared_prefixes(model: Transformer, groups: list[str], prompts: list[list[int]]) -> dict[str, Prefix]:
+    """Per group, the keys and values of the tokens all its prompts begin with (the shots), computed
+    once: the engine copies them into each request's cache and prefills only the rest."""
+    by_group: dict[str, list[int]] = {}
+    for group, ids in zip(groups, prompts):
+        if group not in by_group:
+            by_group[group] = ids[:-1]  # a prompt keeps a token of its own: its last logits start the answer
+        else:
+            by_group[group] = by_group[group][:_common_prefix(by_group[group], ids[:-1])]
+    return {g: Prefix.build(model, ids) for g, ids in by_group.items()
+            if len(ids) >= MIN_SHARED_PREFIX and sum(gr == g for gr in groups) > 1}
 
 
 def score_generation(task: T.Task, ex: T.Example, text: str) -> dict:

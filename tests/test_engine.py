@@ -134,3 +134,36 @@ def test_bounded_queue_and_cancellation(smollm):
             engine.submit(Request(ids, SamplingParams(max_new_tokens=10 ** 6), lambda k, v: None))
     finally:
         engine.stop()
+
+
+def test_a_shared_prefix_is_copied_not_recomputed_and_changes_nothing(smollm_gguf):
+    """Requests that begin with a Prefix start from its keys and values (what phi3 eval does for
+    few-shot prompts); with exact float activations (as phi3 eval runs) their logits equal a full
+    prefill's to float rounding, their greedy text too; a prompt that does not begin with the
+    prefix ignores it."""
+    from phi3.engine import Prefix
+    smollm = load(smollm_gguf, exact=True)
+    tok = smollm.tokenizer
+    shots = tok.encode("Q: What is 1+1?\nA: 2\n\nQ: What is 2+3?\nA: 5\n\nQ: What is 4+4?\nA: 8\n\n")
+    prompts = [shots + tok.encode(f"Q: What is {a}+{b}?\nA:") for a, b in ((3, 4), (6, 1), (9, 9))]
+    other = tok.encode("Name three colors.")
+    prefix = Prefix.build(smollm.model, shots)
+    with torch.inference_mode():
+        cache = smollm.model.new_cache(1, 64)
+        prefix.fill(cache, prompts[0])
+        assert cache.length == len(shots)
+        fast = smollm.model(torch.tensor([prompts[0][len(shots):]]), cache, last_only=True)[0, -1]
+        full = smollm.model(torch.tensor([prompts[0]]), last_only=True)[0, -1]
+        assert torch.allclose(fast, full, atol=1e-3)
+        untouched = smollm.model.new_cache(1, 64)
+        prefix.fill(untouched, other)
+        assert untouched.length == 0
+    params = SamplingParams(max_new_tokens=8)
+    engine = Engine(smollm.model, tok, max_batch=4)
+    results: dict[int, object] = {}
+    for i, p in enumerate(prompts[:2] + [other]):
+        engine.submit(Request(p, params, lambda kind, value, i=i: results.__setitem__(i, value)
+                              if kind in ("done", "error") else None, prefix=prefix))
+    engine.run_until_idle()  # the evaluator's way: submit everything, drain in this thread
+    for i, p in enumerate(prompts[:2] + [other]):
+        assert results[i].token_ids == generate(smollm.model, tok, [p], params)[0].token_ids
