@@ -121,48 +121,45 @@ def write_lm_eval_tasks(folder: Path, benchdata: Path, arc_file: Path) -> dict[s
     return names
 
 
-def run_lm_eval(model_path: Path, folder: Path, tasks: list[str], limits: dict[str, int], batch_size: int):
-    """{lm-eval task: (metrics, samples sorted by doc_id, seconds)}, one simple_evaluate per task so
-    that each gets its own limit and timing."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+class LmEvalRunner:
+    """lm-eval's HF backend loaded once; one simple_evaluate per task, so that each task gets its
+    own limit and timing."""
 
-    lm = HFLM(pretrained=str(model_path.parent), gguf_file=model_path.name, dtype="float32",
-              batch_size=batch_size, device="cpu")
-    manager = TaskManager(include_path=str(folder))
-    out = {}
-    for name in tasks:
+    def __init__(self, model_path: Path, folder: Path, batch_size: int) -> None:
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+        self.lm = HFLM(pretrained=str(model_path.parent), gguf_file=model_path.name, dtype="float32",
+                       batch_size=batch_size, device="cpu")
+        self.manager = TaskManager(include_path=str(folder))
+        self.batch_size = batch_size
+
+    def run(self, name: str, limit: int):
+        """(metrics, samples sorted by doc_id, seconds)"""
+        import lm_eval
         started = time.perf_counter()
-        res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limits[name],
-                                      log_samples=True, batch_size=batch_size, random_seed=0, numpy_random_seed=0,
-                                      torch_random_seed=0, fewshot_random_seed=0)
+        res = lm_eval.simple_evaluate(model=self.lm, tasks=[name], task_manager=self.manager, limit=limit,
+                                      log_samples=True, batch_size=self.batch_size, random_seed=0,
+                                      numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
         seconds = time.perf_counter() - started
-        samples = sorted(res["samples"][name], key=lambda s: s["doc_id"])
-        out[name] = (res["results"][name], samples, seconds)
-    return out
+        return res["results"][name], sorted(res["samples"][name], key=lambda x: x["doc_id"]), seconds
 
 
 # --- phi3's side ---------------------------------------------------------------------------------
 
-def run_phi3(model_path: Path, benchdata: Path, specs: list[str], limits: dict[str, int], batch_size: int,
-             out_dir: Path):
+def run_phi3(lm, model_path: Path, benchdata: Path, spec: str, limit: int, batch_size: int, out_dir: Path):
+    """(TaskResult, records and prompts in example order, seconds) of one task."""
     from phi3.eval import EvalSettings, evaluate_task, select
-    lm = checkpoint.load(str(model_path), exact=True)
-    out = {}
-    for spec in specs:
-        task, subsets, file = T.parse_tasks(spec)[0]
-        settings = EvalSettings(limit=limits[spec], batch_size=batch_size)
-        started = time.perf_counter()
-        result = evaluate_task(lm, task, subsets, file, benchdata, settings, out_dir / "records", model_path.name,
-                               progress=True)
-        seconds = time.perf_counter() - started
-        data = T.load_task(task, benchdata, subsets, file)
-        examples = select(data.examples, limits[spec])
-        records = _read_records(out_dir / "records", result.name)
-        prompts = [T.context(ex, data, result.shots) for ex in examples]
-        out[spec] = (result, [records[ex.id] for ex in examples], prompts, seconds)
-    return out
+    task, subsets, file = T.parse_tasks(spec)[0]
+    settings = EvalSettings(limit=limit, batch_size=batch_size)
+    started = time.perf_counter()
+    result = evaluate_task(lm, task, subsets, file, benchdata, settings, out_dir / "records", model_path.name,
+                           progress=True)
+    seconds = time.perf_counter() - started
+    data = T.load_task(task, benchdata, subsets, file)
+    examples = select(data.examples, limit)
+    records = _read_records(out_dir / "records", result.name)
+    prompts = [T.context(ex, data, result.shots) for ex in examples]
+    return result, [records[ex.id] for ex in examples], prompts, seconds
 
 
 def _read_records(folder: Path, name: str) -> dict[str, dict]:
@@ -277,29 +274,35 @@ def main(argv: list[str] | None = None) -> int:
     wanted = {t.strip() for t in args.tasks.split(",")}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    command = ("python benchmarks/lm_eval_parity.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    import shutil
+    shutil.rmtree(out_dir / "records", ignore_errors=True)  # a fresh phi3 run, timed from scratch
+    lm = checkpoint.load(str(model_path), exact=True)
+    comparisons: list[Comparison] = []
     with tempfile.TemporaryDirectory() as tmp:
         names = write_lm_eval_tasks(Path(tmp), benchdata, ARC_FILE)
         specs = [s for s in names if (s.split("=")[0].split(":")[0].replace("arc_challenge", "arc")) in wanted]
-        limits = {s: args.mc_limit if s.startswith("arc") else args.gen_limit for s in specs}
-        lm_limits = {names[s]: limits[s] for s in specs}
-        theirs = run_lm_eval(model_path, Path(tmp), [names[s] for s in specs], lm_limits, args.batch_size)
-    import shutil
-    shutil.rmtree(out_dir / "records", ignore_errors=True)  # a fresh phi3 run, timed from scratch
-    ours = run_phi3(model_path, benchdata, specs, limits, args.batch_size, out_dir)
-    comparisons = [compare(s, ours[s], theirs[names[s]]) for s in specs]
-    command = "python benchmarks/lm_eval_parity.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = markdown(comparisons, command.strip(), model_path.name)
+        runner = LmEvalRunner(model_path, Path(tmp), args.batch_size)
+        for spec in specs:  # one task at a time, results written after each: a long run keeps what it finished
+            limit = args.mc_limit if spec.startswith("arc") else args.gen_limit
+            theirs = runner.run(names[spec], limit)
+            ours = run_phi3(lm, model_path, benchdata, spec, limit, args.batch_size, out_dir)
+            comparisons.append(compare(spec, ours, theirs))
+            report(comparisons, command, model_path, out_dir, args)
+    return 0 if all(c.passes() for c in comparisons) else 1
+
+
+def report(comparisons: list[Comparison], command: str, model_path: Path, out_dir: Path, args) -> None:
+    table = markdown(comparisons, command, model_path.name)
     print(table)
     (out_dir / "parity.json").write_text(json.dumps([c.__dict__ for c in comparisons], indent=2, default=str))
+    from benchmarks.report import write_section
     if args.write:
-        from benchmarks.report import write_section
         start, end = "<!-- lm-eval parity: start -->", "<!-- lm-eval parity: end -->"
         write_section(Path(args.write), f"{start}\n{table}{end}", start, end)
     if args.write_speed:
-        from benchmarks.report import write_section
         start, end = "<!-- eval speed: start -->", "<!-- eval speed: end -->"
-        write_section(Path(args.write_speed), f"{start}\n{speed_table(comparisons, command.strip())}{end}", start, end)
-    return 0 if all(c.passes() for c in comparisons) else 1
+        write_section(Path(args.write_speed), f"{start}\n{speed_table(comparisons, command)}{end}", start, end)
 
 
 def speed_table(comparisons: list[Comparison], command: str) -> str:
