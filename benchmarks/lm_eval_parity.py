@@ -302,16 +302,17 @@ def report(comparisons: list[Comparison], command: str, model_path: Path, out_di
         write_section(Path(args.write), f"{start}\n{table}{end}", start, end)
     if args.write_speed:
         start, end = "<!-- eval speed: start -->", "<!-- eval speed: end -->"
-        write_section(Path(args.write_speed), f"{start}\n{speed_table(comparisons, command)}{end}", start, end)
+        write_section(Path(args.write_speed), f"{start}\n{speed_table(comparisons, command, args.batch_size)}{end}", start, end)
 
 
-def speed_table(comparisons: list[Comparison], command: str) -> str:
+def speed_table(comparisons: list[Comparison], command: str, batch_size: int) -> str:
     import torch
     rows = [c for c in comparisons if c.kind == "choice"]
     lines = ["## Log-likelihood evaluation speed: phi3 eval and lm-evaluation-harness", "",
              f"The same {rows[0].n if rows else 0} ARC-layout items (10-shot, 4 choices mostly), the same GGUF "
              f"(SmolLM2-135M-Instruct Q4_1), {torch.get_num_threads()} threads, evaluation time after loading "
-             "(lm-eval: its HF backend in float32, batch size as given; phi3: exact float activations). Made by:", "",
+             f"(lm-eval: its HF backend in float32; phi3: exact float activations; batch size {batch_size} on both "
+             "sides). Made by:", "",
              f"    {command}", "", "| task | items | phi3 ex/s | lm-eval ex/s | ratio |", "|---|---|---|---|---|"]
     for c in rows:
         ours, theirs = c.n / c.phi3_s, c.n / c.lm_eval_s
