@@ -163,7 +163,8 @@ def run_phi3(lm, model_path: Path, benchdata: Path, spec: str, limit: int, batch
 
 
 def _read_records(folder: Path, name: str) -> dict[str, dict]:
-    path = folder / f"{name.replace(':', '-').replace('+', '_')}.jsonl"
+    from phi3.eval import records_name
+    path = folder / records_name(name)
     by_id: dict[str, dict] = {}
     for line in path.read_text().splitlines()[1:]:
         rec = json.loads(line)

@@ -390,8 +390,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             timeout_s=args.timeout, memory_mb=args.memory_mb)
     settings.validate()
     data_dir = Path(args.data_dir)
-    for task, subsets, file in tasks.parse_tasks(args.tasks):  # fail on data before loading the model
-        tasks.load_task(task, data_dir, subsets, file)
+    from phi3.eval import load_tasks
+    loaded = load_tasks(args.tasks, data_dir)  # bad data fails before the model loads
     set_threads(args.threads)
     if args.model is None:
         print(f"phi3: using the default model {checkpoint.DEFAULT_MODEL_FILE}; pass --model to choose another",
@@ -399,10 +399,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     lm = checkpoint.load(args.model, dtype=args.dtype, exact=not args.fast)
     model_id = Path(args.model).name if args.model else checkpoint.DEFAULT_MODEL_FILE
     output = Path(args.output)
-    evaluate(lm, args.tasks, data_dir, settings, output, model_id, progress=True)
+    output = output if output.suffix == ".json" else output.with_suffix(".json")
+    evaluate(lm, args.tasks, data_dir, settings, output, model_id, progress=True, loaded=loaded)
     print(output.with_suffix(".md").read_text(), end="")
-    print(f"phi3: wrote {output}, {output.with_suffix('.md')}, {output.with_suffix('.png')} and "
-          f"{output.with_suffix('.records')}/", file=sys.stderr)
+    written = [output, output.with_suffix(".md")] + [p for p in [output.with_suffix(".png")] if p.exists()]
+    print(f"phi3: wrote {', '.join(map(str, written))} and {output.with_suffix('.records')}/", file=sys.stderr)
     return 0
 
 

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -105,7 +106,7 @@ def read_text(path: str | Path) -> str:
 # --- benchmarks ---------------------------------------------------------------------------------
 
 PACK_TOKENS = 1024  # packed tokens per forward pass at most (beyond the cached prefix): bounds the attention scores' memory
-PRIMARY = {"choice": "acc", "generate": "exact_match", "code": "pass@1"}
+FIRST_CACHE = 2048  # tokens the scorer's KV cache starts with; it grows to what a task needs
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str,
@@ -147,7 +148,8 @@ class LoglikelihoodScorer:
     def __init__(self, model: Transformer, max_len: int | None = None) -> None:
         self.model = model
         self.max_len = max_len or model.config.max_position_embeddings
-        self.cache = model.new_cache(1, self.max_len)
+        # Small at first and grown on demand: a 128K model's full-length cache is tens of GB.
+        self.cache = model.new_cache(1, min(self.max_len, FIRST_CACHE))
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds
         self.window = model.config.sliding_window
 
@@ -170,10 +172,18 @@ class LoglikelihoodScorer:
         prefix = uniq[0][:shared]
         reuse = _common_prefix(self.cached, prefix)
         model = self.model
-        long = model.uses_long_rope(torch.tensor([max(len(u) + max(len(pairs[i][1]) for i in ix)
-                                                      for u, ix in zip(uniq, contexts.values()))]))
+        # The model picks LongRoPE's factor set from the last position + 1 (of a pair: all its tokens but the last).
+        long = model.uses_long_rope(torch.tensor([max(len(u) + len(pairs[i][1]) - 1 for u, ix in
+                                                      zip(uniq, contexts.values()) for i in ix)],
+                                                 device=self.cache.rope_long.device))
         if reuse and bool((self.cache.rope_long != long).any()):
             reuse = 0  # cached keys were rotated with the other LongRoPE factor set
+        needed = shared + sum(len(u) - shared for u in uniq) + sum(len(c) - 1 for _, c in pairs)
+        if needed > self.max_len:
+            raise Phi3Error(f"a pack of {needed} tokens exceeds the model's context of {self.max_len}")
+        if needed > self.cache.max_len:
+            self.cache = model.new_cache(1, min(self.max_len, max(needed, 2 * self.cache.max_len)))
+            reuse = 0
         # Lay out segments: 0 = the new part of the shared prefix; then per context its remainder
         # and after it each of its continuations (last token dropped: nothing to predict after it).
         ids: list[int] = []
@@ -315,22 +325,29 @@ class Records:
     def __init__(self, path: Path, header: dict) -> None:
         self.path = path
         self.done: dict[str, dict] = {}
+        self.added = 0  # examples recorded by this run (not resumed)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file() and path.stat().st_size > 0:
             lines = path.read_text(encoding="utf-8").splitlines()
             try:
                 first = json.loads(lines[0])
             except json.JSONDecodeError:
-                raise Phi3Error(f"{path} is not a records file of phi3 eval; delete it or choose another --output") from None
-            if first.get("settings") != header:
-                raise Phi3Error(f"{path} holds records made with other settings ({first.get('settings')}); "
+                first = None
+            if not isinstance(first, dict) or not isinstance(first.get("settings"), dict):
+                raise Phi3Error(f"{path} is not a records file of phi3 eval; delete it or choose another --output")
+            old = first["settings"]
+            if old != header:
+                changed = ", ".join(f"{k}: {old.get(k)!r} -> {header.get(k)!r}"
+                                    for k in sorted(set(old) | set(header)) if old.get(k) != header.get(k))
+                raise Phi3Error(f"{path} holds records made with other settings ({changed}); "
                                 "delete it or choose another --output")
             for line in lines[1:]:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by an interruption: that example runs again
-                self.done.setdefault(rec["key"], {}).update(rec)
+                if isinstance(rec, dict) and isinstance(rec.get("key"), str):
+                    self.done.setdefault(rec["key"], {}).update(rec)
             self.file = open(path, "a", encoding="utf-8")
             if not lines[-1:] or not path.read_bytes().endswith(b"\n"):
                 self.file.write("\n")
@@ -340,6 +357,8 @@ class Records:
             self.file.flush()
 
     def add(self, record: dict) -> None:
+        if record["key"] not in self.done:
+            self.added += 1
         self.done.setdefault(record["key"], {}).update(record)
         self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.file.flush()
@@ -391,20 +410,37 @@ def _score_in_pieces(scorer: LoglikelihoodScorer, pairs: list[tuple[list[int], l
     attention scores of a pass grow with its tokens times the context's)."""
     out: list[tuple[float, bool]] = []
     piece: list[tuple[list[int], list[int]]] = []
+    model = scorer.model
+
+    def long(pair: tuple[list[int], list[int]]) -> bool:
+        return bool(model.uses_long_rope(torch.tensor([len(pair[0]) + len(pair[1]) - 1]))[0])
+
     for pair in pairs:
-        if piece and _new_tokens(piece + [pair]) > PACK_TOKENS:
-            out += scorer.score(piece)
-            piece = []
+        if piece:
+            candidate = piece + [pair]
+            new = _new_tokens(candidate)
+            # A pack is scored with one LongRoPE factor set: pairs on both sides of the original
+            # context would not be scored as they are alone.
+            if new > PACK_TOKENS or new + _shared(candidate) > scorer.max_len or long(pair) != long(piece[0]):
+                out += scorer.score(piece)
+                piece = []
         piece.append(pair)
     return out + scorer.score(piece)
 
 
-def _new_tokens(pairs: list[tuple[list[int], list[int]]]) -> int:
-    """Tokens a pack adds after the prefix its contexts share."""
+def _shared(pairs: list[tuple[list[int], list[int]]]) -> int:
+    """Tokens all the pack's contexts begin with."""
     distinct = list({tuple(c): c for c, _ in pairs}.values())
     shared = min(len(c) for c in distinct)
     for c in distinct[1:]:
         shared = min(shared, _common_prefix(distinct[0], c))
+    return shared
+
+
+def _new_tokens(pairs: list[tuple[list[int], list[int]]]) -> int:
+    """Tokens a pack adds after the prefix its contexts share."""
+    shared = _shared(pairs)
+    distinct = list({tuple(c): c for c, _ in pairs}.values())
     return sum(len(c) - shared for c in distinct) + sum(len(x) for _, x in pairs)
 
 
@@ -448,10 +484,13 @@ def run_generation(model: Transformer, tokenizer: Tokenizer, task: T.Task, data:
                             f"tokens exceeds the model's context of {model.config.max_position_embeddings}; "
                             "lower --shots or --max-tokens")
         encoded.append(ids)
-    prefixes = shared_prefixes(model, [ex.group for ex, _, _ in todo], encoded)
-    for (ex, prompt, key), ids in zip(todo, encoded):
-        engine.submit(Request(ids, params, finisher(ex, key), prefix=prefixes.get(ex.group)))
-    engine.run_until_idle()
+    # Group by group (BBH's subtasks, ...): one group's prefix in memory at a time.
+    for group in dict.fromkeys(ex.group for ex, _, _ in todo):
+        members = [(ex, key, ids) for (ex, _, key), ids in zip(todo, encoded) if ex.group == group]
+        prefix = shared_prefix(model, [ids for _, _, ids in members])
+        for ex, key, ids in members:
+            engine.submit(Request(ids, params, finisher(ex, key), prefix=prefix))
+        engine.run_until_idle()
     bar.close()
     if failures:
         raise Phi3Error(f"{task.name}: generation failed for {len(failures)} examples, e.g. {failures[0]}")
@@ -460,17 +499,16 @@ def run_generation(model: Transformer, tokenizer: Tokenizer, task: T.Task, data:
 MIN_SHARED_PREFIX = 32  # tokens: below this, copying a prefix's cache saves nothing worth having
 
 
-def shared_prefixes(model: Transformer, groups: list[str], prompts: list[list[int]]) -> dict[str, Prefix]:
-    """Per group, the keys and values of the tokens all its prompts begin with (the shots), computed
-    once: the engine copies them into each request's cache and prefills only the rest."""
-    by_group: dict[str, list[int]] = {}
-    for group, ids in zip(groups, prompts):
-        if group not in by_group:
-            by_group[group] = ids[:-1]  # a prompt keeps a token of its own: its last logits start the answer
-        else:
-            by_group[group] = by_group[group][:_common_prefix(by_group[group], ids[:-1])]
-    return {g: Prefix.build(model, ids) for g, ids in by_group.items()
-            if len(ids) >= MIN_SHARED_PREFIX and sum(gr == g for gr in groups) > 1}
+def shared_prefix(model: Transformer, prompts: list[list[int]]) -> Prefix | None:
+    """The keys and values of the tokens most prompts begin with (the shots), computed once: the
+    engine copies them into each request's cache and prefills only the rest. Most, not all: where
+    shots come from the eval set itself, the first k examples have other shots."""
+    if len(prompts) < 2:
+        return None
+    reference = prompts[len(prompts) // 2][:-1]  # a prompt keeps a token of its own: its logits start the answer
+    lengths = sorted(_common_prefix(reference, p[:-1]) for p in prompts)
+    common = lengths[len(lengths) // 4]  # shared by at least three quarters of the prompts
+    return Prefix.build(model, reference[:common]) if common >= MIN_SHARED_PREFIX else None
 
 
 def score_generation(task: T.Task, ex: T.Example, text: str) -> dict:
@@ -502,8 +540,10 @@ def run_code(task: T.Task, examples: list[T.Example], records: Records, keys: di
 
 
 def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path | None, data_dir: Path,
-                  settings: EvalSettings, records_dir: Path, model_id: str, progress: bool = True) -> TaskResult:
-    data = T.load_task(task, data_dir, subsets, file)
+                  settings: EvalSettings, records_dir: Path, model_id: str, progress: bool = True,
+                  data: T.TaskData | None = None) -> TaskResult:
+    """One task (`data`: its files, when already loaded). Its records go to records_dir/NAME.jsonl."""
+    data = data if data is not None else T.load_task(task, data_dir, subsets, file)
     settings.validate()
     shots = task.shots if settings.shots is None else settings.shots
     if task.name == "bbh" and shots > 3:
@@ -516,8 +556,10 @@ def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path 
               "int8_activations": any(getattr(m, "int8_activations", False) for m in lm.model.modules()),
               "shots": shots, "subsets": subsets,
               "max_tokens": max_tokens if task.kind != "choice" else None}
-    name = task.name + (":" + "+".join(subsets) if subsets else "")
-    records = Records(records_dir / f"{name.replace(':', '-').replace('+', '_')}.jsonl", header)
+    if task.kind == "code":
+        header |= {"timeout_s": settings.timeout_s, "memory_mb": settings.memory_mb}
+    name = task.name + (":" + "+".join(subsets) if subsets else "") + (f"={file.stem}" if file is not None else "")
+    records = Records(records_dir / records_name(name), header)
     started = time.perf_counter()
     try:
         if task.kind == "choice":
@@ -545,23 +587,40 @@ def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path 
         groups[g] = {m: sum(float(r[m]) for r in rs) / len(rs) for m in names}
         groups[g]["n"] = len(rs)
     title = f"{task.title} ({file.name})" if file is not None else task.title
-    return TaskResult(name, title, task.kind, shots, len(examples), metrics, groups, seconds,
-                      len(examples) / seconds if seconds > 0 else float("inf"), [str(p) for p in data.files])
+    # Examples/s of what this run computed: resumed records took no time now.
+    rate = records.added / seconds if records.added and seconds > 0 else float("nan")
+    return TaskResult(name, title, task.kind, shots, len(examples), metrics, groups, seconds, rate,
+                      [str(p) for p in data.files])
+
+
+def records_name(name: str) -> str:
+    """A task's records file: 'bbh:navigate+snarks' -> 'bbh-navigate_snarks.jsonl'."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name.replace(":", "-").replace("+", "_").replace("=", "-")) + ".jsonl"
+
+
+def load_tasks(spec: str, data_dir: Path) -> list[tuple[T.Task, list[str], Path | None, T.TaskData]]:
+    """Parse --tasks and read every task's files: bad data fails here, before any model time."""
+    loaded = [(task, subsets, file, T.load_task(task, data_dir, subsets, file))
+              for task, subsets, file in T.parse_tasks(spec)]
+    names = [t.name + ":" + "+".join(s) + "=" + str(f) for t, s, f, _ in loaded]
+    if len(set(names)) != len(names):
+        raise Phi3Error("--tasks names the same task twice")
+    return loaded
 
 
 def evaluate(lm: LoadedModel, spec: str, data_dir: Path, settings: EvalSettings, output: Path,
-             model_id: str, progress: bool = True) -> dict:
-    """Run the tasks of `spec` and write output (.json), its .md table, .png chart and .records/."""
+             model_id: str, progress: bool = True,
+             loaded: list[tuple[T.Task, list[str], Path | None, T.TaskData]] | None = None) -> dict:
+    """Run the tasks of `spec` (`loaded`: from load_tasks) and write output (.json), its .md table,
+    .png chart and .records/."""
     settings.validate()
-    chosen = T.parse_tasks(spec)
-    for task, subsets, file in chosen:  # fail on missing data before spending any time
-        if file is None:
-            T.load_task(task, data_dir, subsets, None)
+    loaded = loaded if loaded is not None else load_tasks(spec, data_dir)
     output = output if output.suffix == ".json" else output.with_suffix(".json")
     records_dir = output.with_suffix(".records")
     results = []
-    for task, subsets, file in chosen:
-        results.append(evaluate_task(lm, task, subsets, file, data_dir, settings, records_dir, model_id, progress))
+    for task, subsets, file, data in loaded:
+        results.append(evaluate_task(lm, task, subsets, file, data_dir, settings, records_dir, model_id, progress,
+                                     data))
         write_outputs(output, model_id, settings, results)
     return json.loads(output.read_text())
 
@@ -570,9 +629,9 @@ def write_outputs(output: Path, model_id: str, settings: EvalSettings, results: 
     output.parent.mkdir(parents=True, exist_ok=True)
     doc = {"model": model_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "settings": asdict(settings),
-           "tasks": {r.name: {"title": r.title, "kind": r.kind, "shots": r.shots, "n": r.n, "metrics": r.metrics,
-                              "groups": r.groups, "seconds": round(r.seconds, 2),
-                              "examples_per_s": round(r.examples_per_s, 3), "files": r.files}
+           "tasks": {r.name: {"title": r.title, "kind": r.kind, "shots": r.shots, "n": r.n,
+                              "metrics": _no_nan(r.metrics), "groups": r.groups, "seconds": round(r.seconds, 2),
+                              "examples_per_s": _no_nan(round(r.examples_per_s, 3)), "files": r.files}
                      for r in results},
            "records": str(output.with_suffix(".records"))}
     tmp = output.with_suffix(".json.tmp")
@@ -585,6 +644,13 @@ def write_outputs(output: Path, model_id: str, settings: EvalSettings, results: 
         print("phi3: matplotlib is not installed; no bar chart written (pip install matplotlib)", file=sys.stderr)
 
 
+def _no_nan(value: Any) -> Any:
+    """NaN (a standard error of one example, the speed of a run that computed nothing) as JSON null."""
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def markdown_table(model_id: str, results: list[TaskResult]) -> str:
     lines = [f"Model: `{model_id}`", "", "| task | k | n | metric | value | ± stderr | examples/s |",
              "|---|---|---|---|---|---|---|"]
@@ -592,7 +658,7 @@ def markdown_table(model_id: str, results: list[TaskResult]) -> str:
         for i, (m, v) in enumerate(r.metrics.items()):
             head = f"| {r.title} | {r.shots} | {r.n} |" if i == 0 else "| | | |"
             err = "" if math.isnan(v["stderr"]) else f"{100 * v['stderr']:.2f}"
-            rate = f"{r.examples_per_s:.2f}" if i == 0 else ""
+            rate = f"{r.examples_per_s:.2f}" if i == 0 and not math.isnan(r.examples_per_s) else ""
             lines.append(f"{head} {m} | {100 * v['value']:.2f} | {err} | {rate} |")
     return "\n".join(lines) + "\n"
 

@@ -50,6 +50,7 @@ class TaskData:
     examples: list[Example]
     shots: list[Example]  # the few-shot split; [] means: take shots from `examples`
     files: list[Path]
+    pools: dict[str, list[Example]] = field(default_factory=dict, repr=False)  # group -> its shots, built once
 
 
 @dataclass
@@ -154,6 +155,10 @@ def find(root: Path, task: Task, names: list[str], required: bool = True) -> Pat
     if base.is_dir():
         for name in names:
             hits = sorted(base.rglob(name))
+            if len({h.parent for h in hits}) > 1:
+                # An unpacked archive may hold several (MedQA: US and Mainland): never guess.
+                raise DataError(f"{base}: {len(hits)} files named {name} ({', '.join(str(h.relative_to(base)) for h in hits[:4])}); "
+                                f"keep only the one for {task.name} there, or point --data-dir at it")
             if hits:
                 return hits[0]
     if not required:
@@ -163,6 +168,17 @@ def find(root: Path, task: Task, names: list[str], required: bool = True) -> Pat
                         f"--data-dir sets the root)")
     raise DataError(f"{base}: no {' or '.join(names)} for {task.name}; expected {task.layout} "
                     f"(get it from {task.source})")
+
+
+def find_dir(root: Path, task: Task, name: str) -> Path:
+    """The folder `name` under the task's folder, or in a sub-folder an archive unpacked into."""
+    base = root / task.folder
+    if (base / name).is_dir():
+        return base / name
+    hits = sorted(d for d in base.rglob(name) if d.is_dir()) if base.is_dir() else []
+    if not hits:
+        raise DataError(f"no folder {base / name} for {task.name}: expected {task.layout} (get it from {task.source})")
+    return hits[0]
 
 
 def field_of(row: dict, key: str, path: Path, n: int, task: Task, kind: type | tuple = str) -> Any:
@@ -195,9 +211,10 @@ def pick_shots(ex: Example, data: TaskData, k: int) -> list[Example]:
     if k <= 0:
         return []
     own_split = not data.shots  # shots drawn from the eval set itself: skip the example at hand
-    pool = data.examples if own_split else data.shots
-    same = [s for s in pool if s.group == ex.group] or pool
-    chosen = [s for s in same if not (own_split and s.id == ex.id)][:k]
+    if ex.group not in data.pools:
+        pool = data.examples if own_split else data.shots
+        data.pools[ex.group] = [s for s in pool if s.group == ex.group] or pool
+    chosen = [s for s in data.pools[ex.group][:k + 1] if not (own_split and s.id == ex.id)][:k]
     if len(chosen) < k:
         raise Phi3Error(f"{ex.group or 'this task'} has only {len(chosen)} few-shot examples; "
                         f"asked for {k} (lower --shots)")
@@ -297,7 +314,8 @@ def truthfulqa_metrics(ex: Example, lls: list[float]) -> dict[str, float]:
     n1 = ex.extra["n_mc1"]
     mc1, mc2 = lls[:n1], lls[n1:]
     labels = ex.extra["mc2_labels"]
-    probs = [math.exp(x) for x in mc2]
+    top = max(mc2)  # relative to the largest: exp of a long answer's log-likelihood underflows to 0
+    probs = [math.exp(x - top) for x in mc2]
     total = sum(probs)
     true_mass = sum(p for p, label in zip(probs, labels) if label) / total if total > 0 else 0.0
     best = max(range(n1), key=lambda i: mc1[i])
@@ -354,11 +372,12 @@ def load_arc(task: Task, which: str) -> Callable[[Path, list[str]], TaskData]:
 
 
 def load_arc_file(task: Task, test: Path) -> TaskData:
-    """An ARC-layout file given directly (`arc_challenge=PATH`); shots from its -Train sibling."""
+    """An ARC-layout file given directly (`arc_challenge=PATH`); shots from its Train sibling."""
     train = None
-    for a, b in (("-Test", "-Train"), ("Test", "Train"), ("test", "train")):
+    for a, b in (("-Test", "-Train"), ("Test", "Train"), ("test", "train"), ("dev", "train"), ("Dev", "Train")):
         train = train or _sibling_shots(test, a, b)
-    return TaskData(_arc_like(task, test, False), _arc_like(task, train, False) if train else [],
+    letters = task.name == "commonsenseqa"
+    return TaskData(_arc_like(task, test, letters), _arc_like(task, train, letters) if train else [],
                     [p for p in (test, train) if p])
 
 
@@ -370,7 +389,7 @@ def load_mmlu(task: Task) -> Callable[[Path, list[str]], TaskData]:
     def rows(path: Path, subject: str, split: str) -> list[Example]:
         out = []
         for n, r in enumerate(read_csv(path, header=False), 1):
-            if len(r) != 6 or r[5].strip() not in "ABCD" or not r[5].strip():
+            if len(r) != 6 or r[5].strip() not in ("A", "B", "C", "D"):
                 raise bad_file(path, f"row {n} has {len(r)} columns or answer {r[-1]!r}", task)
             gold = "ABCD".index(r[5].strip())
             opts = [" A", " B", " C", " D"]
@@ -420,7 +439,10 @@ def load_hellaswag(task: Task) -> Callable[[Path, list[str]], TaskData]:
         def make(r: dict, n: int) -> Example:
             ctx = field_of(r, "ctx_a", path, n, task) + " " + field_of(r, "ctx_b", path, n, task).capitalize()
             endings = field_of(r, "endings", path, n, task, list)
-            gold = check_gold(int(field_of(r, "label", path, n, task, (int, str))), endings, path, n, task)
+            label = str(field_of(r, "label", path, n, task, (int, str)))
+            if not label.isdigit():
+                raise bad_file(path, f"record {n}: label {label!r} is not a number (the test split has no labels)", task)
+            gold = check_gold(int(label), endings, path, n, task)
             query = _hellaswag_clean(field_of(r, "activity_label", path, n, task) + ": " + ctx)
             opts = [" " + _hellaswag_clean(e) for e in endings]
             return Example(str(r.get("ind", n)), query, opts[gold], opts, gold)
@@ -450,7 +472,7 @@ def load_anli(task: Task) -> Callable[[Path, list[str]], TaskData]:
     def load(root: Path, only: list[str]) -> TaskData:
         examples, shots, files = [], [], []
         for rnd in only or ["R1", "R2", "R3"]:
-            test = root / task.folder / rnd / "test.jsonl"
+            test = find_dir(root, task, rnd) / "test.jsonl"
             if not test.is_file():
                 raise DataError(f"{test}: missing; expected {task.layout} (get it from {task.source})")
             train = test.with_name("train.jsonl")
@@ -497,7 +519,7 @@ def load_medqa(task: Task) -> Callable[[Path, list[str]], TaskData]:
         return _choice_task_rows(task, path, make)
 
     def load(root: Path, subsets: list[str]) -> TaskData:
-        test = find(root, task, ["test.jsonl", "phrases_no_exclude_test.jsonl"])
+        test = find(root, task, ["phrases_no_exclude_test.jsonl", "test.jsonl"])
         train = _sibling_shots(test, "test", "train")
         return TaskData(make_rows(test), make_rows(train) if train else [], [p for p in (test, train) if p])
     return load
@@ -527,13 +549,16 @@ def load_agieval(task: Task) -> Callable[[Path, list[str]], TaskData]:
         return _choice_task_rows(task, path, make)
 
     def load(root: Path, only: list[str]) -> TaskData:
-        names = only or [n for n in AGIEVAL_ENGLISH if (root / task.folder / f"{n}.jsonl").is_file()]
+        folder = root / task.folder
+        if folder.is_dir() and not any(folder.glob("*.jsonl")):
+            folder = next((d.parent for d in sorted(folder.rglob("lsat-lr.jsonl"))), folder)  # data/v1/ of the archive
+        names = only or [n for n in AGIEVAL_ENGLISH if (folder / f"{n}.jsonl").is_file()]
         if not names:
-            raise DataError(f"{root / task.folder}: none of {', '.join(n + '.jsonl' for n in AGIEVAL_ENGLISH)}; "
+            raise DataError(f"{folder}: none of {', '.join(n + '.jsonl' for n in AGIEVAL_ENGLISH)}; "
                             f"expected {task.layout} (get it from {task.source})")
         examples, files = [], []
         for name in names:
-            path = root / task.folder / f"{name}.jsonl"
+            path = folder / f"{name}.jsonl"
             if not path.is_file():
                 raise DataError(f"{path}: missing; expected {task.layout}")
             examples += make_rows(path, name)
@@ -621,8 +646,16 @@ BBH_QUERY = "Q: {input}\nA: Let's think step by step."
 
 
 def load_bbh(task: Task) -> Callable[[Path, list[str]], TaskData]:
+    def folder(root: Path) -> Path:
+        base = root / task.folder
+        if base.is_dir() and not (base / "cot-prompts").is_dir():
+            return next((d.parent for d in sorted(base.rglob("cot-prompts")) if d.is_dir()), base)
+        return base
+
     def subtasks(root: Path) -> list[str]:
-        return sorted(p.stem for p in (root / task.folder).glob("*.json"))
+        base = folder(root)
+        return sorted(p.stem for p in (base / "bbh").glob("*.json")) if not any(base.glob("*.json")) \
+            else sorted(p.stem for p in base.glob("*.json"))
 
     def shots_of(path: Path, name: str) -> tuple[str, list[Example]]:
         """The published CoT prompt: a canary line, '-----', the task's description, then 3
@@ -650,10 +683,12 @@ def load_bbh(task: Task) -> Callable[[Path, list[str]], TaskData]:
         if not names:
             raise DataError(f"{root / task.folder}: no <task>.json files; expected {task.layout} "
                             f"(get it from {task.source})")
+        base = folder(root)
+        data_dir = base if any(base.glob("*.json")) else base / "bbh"  # the repository keeps them in bbh/
         examples, shots, files = [], [], []
         for name in names:
-            path = root / task.folder / f"{name}.json"
-            prompt = root / task.folder / "cot-prompts" / f"{name}.txt"
+            path = data_dir / f"{name}.json"
+            prompt = base / "cot-prompts" / f"{name}.txt"
             for p in (path, prompt):
                 if not p.is_file():
                     raise DataError(f"{p}: missing; expected {task.layout} (get it from {task.source})")
@@ -729,10 +764,13 @@ def load_boolq(task: Task) -> Callable[[Path, list[str]], TaskData]:
 
 def load_truthfulqa(task: Task) -> Callable[[Path, list[str]], TaskData]:
     def targets(value: Any, path: Path, n: int, key: str) -> tuple[list[str], list[int]]:
-        if isinstance(value, dict) and "choices" in value:  # the Hugging Face copy
-            return list(value["choices"]), [int(x) for x in value["labels"]]
-        if isinstance(value, dict) and value:  # the authors' mc_task.json: {answer: 0/1}
-            return list(value), [int(x) for x in value.values()]
+        try:
+            if isinstance(value, dict) and "choices" in value:  # the Hugging Face copy
+                return list(value["choices"]), [int(x) for x in value["labels"]]
+            if isinstance(value, dict) and value:  # the authors' mc_task.json: {answer: 0/1}
+                return list(value), [int(x) for x in value.values()]
+        except (TypeError, ValueError):
+            pass
         raise bad_file(path, f"record {n}: '{key}' is not {{answer: 0 or 1}}", task)
 
     def load(root: Path, subsets: list[str]) -> TaskData:

@@ -116,12 +116,12 @@ def test_scores_do_not_depend_on_batch_size_and_runs_resume(lm, tmp_path):
     one = evaluate_task(lm, task, [], ARC, ROOT, EvalSettings(limit=12, batch_size=1), tmp_path / "a", "m", False)
     many = evaluate_task(lm, task, [], ARC, ROOT, EvalSettings(limit=12, batch_size=8), tmp_path / "b", "m", False)
     assert one.metrics == many.metrics and one.n == 12
-    recs_a = [json.loads(x) for x in (tmp_path / "a/arc_challenge.jsonl").read_text().splitlines()[1:]]
-    recs_b = [json.loads(x) for x in (tmp_path / "b/arc_challenge.jsonl").read_text().splitlines()[1:]]
+    recs_a = [json.loads(x) for x in (tmp_path / "a/arc_challenge-ARC-Phi3-Test.jsonl").read_text().splitlines()[1:]]
+    recs_b = [json.loads(x) for x in (tmp_path / "b/arc_challenge-ARC-Phi3-Test.jsonl").read_text().splitlines()[1:]]
     for x, y in zip(recs_a, recs_b):
         assert x["lls"] == pytest.approx(y["lls"], abs=2e-4)
     # An interrupted run: the last record cut in half. Resuming recomputes only what is missing.
-    path = tmp_path / "a/arc_challenge.jsonl"
+    path = tmp_path / "a/arc_challenge-ARC-Phi3-Test.jsonl"
     text = path.read_text()
     path.write_text(text[:-40])
     more = evaluate_task(lm, task, [], ARC, ROOT, EvalSettings(limit=15, batch_size=4), tmp_path / "a", "m", False)
@@ -140,8 +140,8 @@ def test_cli_runs_choice_and_generation_tasks_and_writes_every_output(smollm_ggu
                 "--threads", "2")
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
-    assert set(doc["tasks"]) == {"arc_challenge", "gsm8k", "bbh:navigate"}
-    arc = doc["tasks"]["arc_challenge"]
+    assert set(doc["tasks"]) == {"arc_challenge=ARC-Phi3-Test", "gsm8k", "bbh:navigate"}
+    arc = doc["tasks"]["arc_challenge=ARC-Phi3-Test"]
     assert arc["n"] == 2 and arc["shots"] == 10 and set(arc["metrics"]) == {"acc", "acc_norm"}
     assert set(arc["metrics"]["acc"]) == {"value", "stderr"}
     assert doc["tasks"]["gsm8k"]["shots"] == 8 and "exact_match" in doc["tasks"]["gsm8k"]["metrics"]
@@ -193,3 +193,25 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
         assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     listed = run_cli("eval", "--list-tasks")
     assert listed.returncode == 0 and "gsm8k" in listed.stdout and "github.com/openai/grade-school-math" in listed.stdout
+
+
+@pytest.mark.parametrize("kind", ["mini-128k", "mini-4k"])
+def test_packed_scoring_with_longrope_and_a_sliding_window(kind, tmp_path):
+    """LongRoPE (original context 32 here) and a sliding window (7 here): pairs on both sides of
+    the boundary, scored in one call, each equal to its own full forward."""
+    from phi3.eval import LoglikelihoodScorer, _score_in_pieces
+    cfg = tiny_config(kind)
+    model = load(save_hf_model(hf_reference(cfg), cfg, tmp_path), dtype="float32").model
+    g = torch.Generator().manual_seed(0)
+    shots = torch.randint(0, 250, (20,), generator=g).tolist()
+    pairs = []
+    for extra, cont in ((3, 4), (9, 3), (14, 2), (2, 1)):  # 20+extra+cont-1 tokens: 26, 31, 35, 22
+        ctx = shots + torch.randint(0, 250, (extra,), generator=g).tolist()
+        pairs.append((ctx, torch.randint(0, 250, (cont,), generator=g).tolist()))
+    scorer = LoglikelihoodScorer(model)
+    with torch.inference_mode():
+        got = _score_in_pieces(scorer, pairs)
+        for (ctx, cont), (ll, _) in zip(pairs, got):
+            logits = model(torch.tensor([ctx + cont]))[0, len(ctx) - 1:-1]
+            alone = torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).sum()
+            assert ll == pytest.approx(float(alone), abs=1e-4)

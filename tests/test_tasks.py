@@ -271,3 +271,23 @@ def test_the_published_files_load():
     assert len(bbh.examples) == 6511 and len({e.group for e in bbh.examples}) == 27
     assert all(len([s for s in bbh.shots if s.group == g]) == 3 for g in {e.group for e in bbh.examples})
     assert len(T.load_task(T.TASKS["humaneval"], root, []).examples) == 164
+
+
+def test_archives_unpacked_with_their_own_folders_are_found_and_ambiguity_is_refused(tmp_path):
+    rows = [{"uid": f"u{i}", "premise": "p", "hypothesis": "h", "label": "e"} for i in range(3)]
+    for rnd in ("R1", "R2", "R3"):
+        jsonl(tmp_path / f"anli/anli_v1.0/{rnd}/test.jsonl", rows)
+    assert len(T.load_task(T.TASKS["anli"], tmp_path, []).examples) == 9
+    (tmp_path / "bbh/BIG-Bench-Hard/cot-prompts").mkdir(parents=True)
+    (tmp_path / "bbh/BIG-Bench-Hard/bbh").mkdir()
+    (tmp_path / "bbh/BIG-Bench-Hard/bbh/navigate.json").write_text(json.dumps({"examples": [{"input": "i", "target": "t"}]}))
+    (tmp_path / "bbh/BIG-Bench-Hard/cot-prompts/navigate.txt").write_text(
+        "x\n-----\nNavigate.\n\nQ: q?\nA: Let's think step by step.\nSo the answer is Yes.")
+    assert [e.id for e in T.load_task(T.TASKS["bbh"], tmp_path, []).examples] == ["navigate/1"]
+    mq = {"question": "q", "options": {"A": "a", "B": "b"}, "answer_idx": "A"}
+    jsonl(tmp_path / "medqa/questions/US/test.jsonl", [mq])
+    jsonl(tmp_path / "medqa/questions/Mainland/test.jsonl", [mq])
+    with pytest.raises(Phi3Error, match=r"2 files named test.jsonl .*keep only the one for medqa"):
+        T.load_task(T.TASKS["medqa"], tmp_path, [])
+    jsonl(tmp_path / "medqa/questions/US/4_options/phrases_no_exclude_test.jsonl", [mq, mq])
+    assert len(T.load_task(T.TASKS["medqa"], tmp_path, []).examples) == 2  # the 4-option US file first
