@@ -357,6 +357,11 @@ def _arc_like(task: Task, path: Path, letters_in_query: bool) -> list[Example]:
     return _choice_task_rows(task, path, make)
 
 
+def with_shots(make_rows: Callable[[Path], list[Example]], test: Path, train: Path | None) -> TaskData:
+    """An eval file and, where there is one, its few-shot file."""
+    return TaskData(make_rows(test), make_rows(train) if train else [], [p for p in (test, train) if p])
+
+
 def _sibling_shots(path: Path, test_word: str, train_word: str) -> Path | None:
     other = path.with_name(path.name.replace(test_word, train_word))
     return other if other != path and other.is_file() else None
@@ -366,8 +371,7 @@ def load_arc(task: Task, which: str) -> Callable[[Path, list[str]], TaskData]:
     def load(root: Path, subsets: list[str]) -> TaskData:
         test = find(root, task, [f"ARC-{which}-Test.jsonl"])
         train = _sibling_shots(test, "-Test", "-Train")
-        return TaskData(_arc_like(task, test, False), _arc_like(task, train, False) if train else [],
-                        [p for p in (test, train) if p])
+        return with_shots(lambda path: _arc_like(task, path, False), test, train)
     return load
 
 
@@ -377,8 +381,7 @@ def load_arc_file(task: Task, test: Path) -> TaskData:
     for a, b in (("-Test", "-Train"), ("Test", "Train"), ("test", "train"), ("dev", "train"), ("Dev", "Train")):
         train = train or _sibling_shots(test, a, b)
     letters = task.name == "commonsenseqa"
-    return TaskData(_arc_like(task, test, letters), _arc_like(task, train, letters) if train else [],
-                    [p for p in (test, train) if p])
+    return with_shots(lambda path: _arc_like(task, path, letters), test, train)
 
 
 def load_mmlu(task: Task) -> Callable[[Path, list[str]], TaskData]:
@@ -451,7 +454,7 @@ def load_hellaswag(task: Task) -> Callable[[Path, list[str]], TaskData]:
     def load(root: Path, subsets: list[str]) -> TaskData:
         val = find(root, task, ["hellaswag_val.jsonl"])
         train = find(root, task, ["hellaswag_train.jsonl"], required=False)
-        return TaskData(make_rows(val), make_rows(train) if train else [], [p for p in (val, train) if p])
+        return with_shots(make_rows, val, train)
     return load
 
 
@@ -499,7 +502,7 @@ def load_gsm8k(task: Task) -> Callable[[Path, list[str]], TaskData]:
     def load(root: Path, subsets: list[str]) -> TaskData:
         test = find(root, task, ["test.jsonl"])
         train = find(root, task, ["train.jsonl"], required=False)
-        return TaskData(make_rows(test), make_rows(train) if train else [], [p for p in (test, train) if p])
+        return with_shots(make_rows, test, train)
     return load
 
 
@@ -521,7 +524,7 @@ def load_medqa(task: Task) -> Callable[[Path, list[str]], TaskData]:
     def load(root: Path, subsets: list[str]) -> TaskData:
         test = find(root, task, ["phrases_no_exclude_test.jsonl", "test.jsonl"])
         train = _sibling_shots(test, "test", "train")
-        return TaskData(make_rows(test), make_rows(train) if train else [], [p for p in (test, train) if p])
+        return with_shots(make_rows, test, train)
     return load
 
 
@@ -587,7 +590,7 @@ def load_triviaqa(task: Task) -> Callable[[Path, list[str]], TaskData]:
         dev = find(root, task, ["unfiltered-web-dev.json", "web-dev.json", "verified-web-dev.json",
                                 "wikipedia-dev.json", "validation.jsonl"])
         train = find(root, task, ["unfiltered-web-train.json", "web-train.json", "train.jsonl"], required=False)
-        return TaskData(make_rows(dev), make_rows(train) if train else [], [p for p in (dev, train) if p])
+        return with_shots(make_rows, dev, train)
     return load
 
 
@@ -619,7 +622,7 @@ def load_piqa(task: Task) -> Callable[[Path, list[str]], TaskData]:
     def load(root: Path, subsets: list[str]) -> TaskData:
         valid = find(root, task, ["valid.jsonl"])
         train = _sibling_shots(valid, "valid", "train")
-        return TaskData(make_rows(valid), make_rows(train) if train else [], [p for p in (valid, train) if p])
+        return with_shots(make_rows, valid, train)
     return load
 
 
@@ -638,7 +641,7 @@ def load_siqa(task: Task) -> Callable[[Path, list[str]], TaskData]:
     def load(root: Path, subsets: list[str]) -> TaskData:
         dev = find(root, task, ["dev.jsonl"])
         train = _sibling_shots(dev, "dev", "train")
-        return TaskData(make_rows(dev), make_rows(train) if train else [], [p for p in (dev, train) if p])
+        return with_shots(make_rows, dev, train)
     return load
 
 
@@ -730,7 +733,7 @@ def load_winogrande(task: Task) -> Callable[[Path, list[str]], TaskData]:
         dev = find(root, task, ["dev.jsonl"])
         train = find(root, task, ["train_xl.jsonl", "train_l.jsonl", "train_m.jsonl", "train_s.jsonl",
                                   "train_xs.jsonl"], required=False)
-        return TaskData(make_rows(dev), make_rows(train) if train else [], [p for p in (dev, train) if p])
+        return with_shots(make_rows, dev, train)
     return load
 
 
@@ -739,8 +742,7 @@ def load_arc_layout(task: Task, test_names: list[str], train_word: tuple[str, st
     def load(root: Path, subsets: list[str]) -> TaskData:
         test = find(root, task, test_names)
         train = _sibling_shots(test, *train_word)
-        return TaskData(_arc_like(task, test, letters), _arc_like(task, train, letters) if train else [],
-                        [p for p in (test, train) if p])
+        return with_shots(lambda path: _arc_like(task, path, letters), test, train)
     return load
 
 
@@ -758,7 +760,7 @@ def load_boolq(task: Task) -> Callable[[Path, list[str]], TaskData]:
     def load(root: Path, subsets: list[str]) -> TaskData:
         dev = find(root, task, ["dev.jsonl", "val.jsonl"])
         train = find(root, task, ["train.jsonl"], required=False)
-        return TaskData(make_rows(dev), make_rows(train) if train else [], [p for p in (dev, train) if p])
+        return with_shots(make_rows, dev, train)
     return load
 
 
