@@ -286,6 +286,7 @@ class TaskResult:
 
     @property
     def primary(self) -> str:
+        """The headline metric: listed first."""
         return next(iter(self.metrics))
 
 
@@ -580,6 +581,8 @@ def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path 
     if task.choice_metrics is not None:
         names = [k for k in recs[0] if k in ("mc1", "mc2")] if recs else ["mc1", "mc2"]
         names = sorted(names, key=lambda k: k != "mc2")
+    if task.headline in names:
+        names.sort(key=lambda m: m != task.headline)
     metrics = {m: mean_stderr([float(r[m]) for r in recs]) for m in names}
     groups: dict[str, dict[str, float]] = {}
     for g in sorted({ex.group for ex in examples if ex.group}):

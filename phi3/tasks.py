@@ -69,6 +69,7 @@ class Task:
     match: Callable[[str, Example], bool] | None = None
     choice_metrics: Callable[[Example, list[float]], dict[str, float]] | None = None
     subsets: Callable[[Path], list[str]] | None = None  # e.g. MMLU's subjects, for `name:a+b`
+    headline: str | None = None  # the metric usually quoted for it (first in tables and the chart)
 
 
 # --- reading files ------------------------------------------------------------------------------
@@ -875,7 +876,7 @@ def _all_tasks() -> list[Task]:
               load_mmlu),
         _task("hellaswag", "HellaSwag", "choice", 5, "hellaswag",
               'hellaswag/hellaswag_val.jsonl (and hellaswag_train.jsonl for shots), records {"ctx_a", "ctx_b", '
-              '"activity_label", "endings": [4], "label"}', "github.com/rowanz/hellaswag (data/)", load_hellaswag),
+              '"activity_label", "endings": [4], "label"}', "github.com/rowanz/hellaswag (data/)", load_hellaswag, headline="acc_norm"),
         _task("anli", "ANLI", "choice", 7, "anli",
               'anli/R1|R2|R3/test.jsonl (and train.jsonl), records {"uid", "premise", "hypothesis", "label": e|n|c}',
               "github.com/facebookresearch/anli (anli_v1.0.zip)", load_anli),
@@ -898,14 +899,14 @@ def _all_tasks() -> list[Task]:
               load_triviaqa, stop=("\n", ".", ","), max_tokens=32, extract=first_line, match=normalized_match),
         _task("arc_challenge", "ARC-Challenge", "choice", 10, "arc",
               f"arc/ARC-Challenge-Test.jsonl (and -Train.jsonl for shots), {arc_layout}",
-              "allenai.org/data/arc (ARC-V1-Feb2018.zip)", lambda t: load_arc(t, "Challenge")),
+              "allenai.org/data/arc (ARC-V1-Feb2018.zip)", lambda t: load_arc(t, "Challenge"), headline="acc_norm"),
         _task("arc_easy", "ARC-Easy", "choice", 10, "arc",
               f"arc/ARC-Easy-Test.jsonl (and -Train.jsonl for shots), {arc_layout}",
-              "allenai.org/data/arc (ARC-V1-Feb2018.zip)", lambda t: load_arc(t, "Easy")),
+              "allenai.org/data/arc (ARC-V1-Feb2018.zip)", lambda t: load_arc(t, "Easy"), headline="acc_norm"),
         _task("piqa", "PIQA", "choice", 5, "piqa",
               'piqa/valid.jsonl with valid-labels.lst (and train.jsonl, train-labels.lst), records '
               '{"goal", "sol1", "sol2"}, labels 0/1 one per line', "github.com/ybisk/ybisk.github.io (piqa/data/)",
-              load_piqa),
+              load_piqa, headline="acc_norm"),
         _task("siqa", "Social IQA", "choice", 5, "siqa",
               'siqa/dev.jsonl with dev-labels.lst (and train.jsonl, train-labels.lst), records {"context", '
               '"question", "answerA", "answerB", "answerC"}, labels 1-3 one per line',
@@ -921,7 +922,7 @@ def _all_tasks() -> list[Task]:
         _task("openbookqa", "OpenBookQA", "choice", 10, "openbookqa",
               f"openbookqa/test.jsonl (and train.jsonl), {arc_layout}",
               "allenai.org/data/open-book-qa (OpenBookQA-V1-Sep2018, Data/Main/)",
-              lambda t: load_arc_layout(t, ["test.jsonl"], ("test", "train"), False)),
+              lambda t: load_arc_layout(t, ["test.jsonl"], ("test", "train"), False), headline="acc_norm"),
         _task("boolq", "BoolQ", "choice", 2, "boolq",
               'boolq/dev.jsonl (and train.jsonl), records {"question", "passage", "answer": true|false}',
               "github.com/google-research-datasets/boolean-questions", load_boolq),

@@ -147,7 +147,7 @@ def test_cli_runs_choice_and_generation_tasks_and_writes_every_output(smollm_ggu
     assert doc["tasks"]["gsm8k"]["shots"] == 8 and "exact_match" in doc["tasks"]["gsm8k"]["metrics"]
     assert doc["tasks"]["bbh:navigate"]["groups"]["navigate"]["n"] == 2
     table = out.with_suffix(".md").read_text()
-    assert "| ARC-Challenge (ARC-Phi3-Test.jsonl) | 10 | 2 | acc |" in table and "| GSM-8K | 8 | 2 | exact_match |" in table
+    assert "| ARC-Challenge (ARC-Phi3-Test.jsonl) | 10 | 2 | acc_norm |" in table and "| GSM-8K | 8 | 2 | exact_match |" in table
     assert table in r.stdout
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     gsm = [json.loads(x) for x in (out.with_suffix(".records") / "gsm8k.jsonl").read_text().splitlines()]
