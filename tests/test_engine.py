@@ -4,6 +4,7 @@ cancellation. Transformer.decode_step against the one-sequence forward."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -129,6 +130,11 @@ def test_bounded_queue_and_cancellation(smollm):
         assert kind == "done" and 0 < len(completion.token_ids) < 2000
         # both cancelled requests are gone: a new one runs at once
         assert run_alone(engine, ids, SamplingParams(max_new_tokens=3)).token_ids
+        # "done" is delivered inside the worker's step, just before it drops the request from its
+        # running list: wait for that step to end rather than race it.
+        deadline = time.monotonic() + 30
+        while engine.counts() != {"running": 0, "waiting": 0} and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert engine.counts() == {"running": 0, "waiting": 0}
         with pytest.raises(Phi3Error, match="exceeds the model's context"):
             engine.submit(Request(ids, SamplingParams(max_new_tokens=10 ** 6), lambda k, v: None))
