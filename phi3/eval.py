@@ -375,13 +375,16 @@ def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
 
 
 def run_choice(model: Transformer, tokenizer: Tokenizer, task: T.Task, data: T.TaskData,
-               examples: list[T.Example], shots: int, records: Records, batch_size: int, progress: bool) -> None:
+               examples: list[T.Example], shots: int, records: Records, batch_size: int,
+               progress: bool) -> dict[str, str]:
+    """Score every example not yet recorded; returns each example's record key."""
+    keys: dict[str, str] = {}
     scorer = LoglikelihoodScorer(model)
     metrics = task.choice_metrics or T.accuracy
     todo = []
     for ex in examples:
         reqs = T.requests(ex, data, shots)
-        key = _sha(ex.id, reqs)
+        key = keys[ex.id] = _sha(ex.id, reqs)
         if key not in records.done or "lls" not in records.done[key]:
             todo.append((ex, reqs, key))
     bar = _progress(len(examples), task.name, progress, initial=len(examples) - len(todo))
@@ -404,6 +407,7 @@ def run_choice(model: Transformer, tokenizer: Tokenizer, task: T.Task, data: T.T
                              "greedy": greedy, **metrics(ex, lls)})
             bar.update(len(pack))
     bar.close()
+    return keys
 
 
 def _score_in_pieces(scorer: LoglikelihoodScorer, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -447,16 +451,19 @@ def _new_tokens(pairs: list[tuple[list[int], list[int]]]) -> int:
 
 def run_generation(model: Transformer, tokenizer: Tokenizer, task: T.Task, data: T.TaskData,
                    examples: list[T.Example], shots: int, records: Records, max_tokens: int,
-                   progress: bool, batch_size: int, on_done: Callable[[T.Example, str, str], dict] | None = None) -> None:
-    """Greedy completions of every example not yet recorded, `batch_size` decoding together."""
+                   progress: bool, batch_size: int,
+                   on_done: Callable[[T.Example, str, str], dict] | None = None) -> dict[str, str]:
+    """Greedy completions of every example not yet recorded, `batch_size` decoding together;
+    returns each example's record key."""
     from phi3.engine import Engine, Request
     from phi3.generate import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, stop=task.stop)
     todo = []
+    keys: dict[str, str] = {}
     for ex in examples:
         prompt = T.context(ex, data, shots)
-        key = _sha(ex.id, prompt, max_tokens, task.stop)
+        key = keys[ex.id] = _sha(ex.id, prompt, max_tokens, task.stop)
         if key not in records.done or "completion" not in records.done[key]:
             todo.append((ex, prompt, key))
     bar = _progress(len(examples), task.name, progress, initial=len(examples) - len(todo))
@@ -495,6 +502,7 @@ def run_generation(model: Transformer, tokenizer: Tokenizer, task: T.Task, data:
     bar.close()
     if failures:
         raise Phi3Error(f"{task.name}: generation failed for {len(failures)} examples, e.g. {failures[0]}")
+    return keys
 
 
 MIN_SHARED_PREFIX = 32  # tokens: below this, copying a prefix's cache saves nothing worth having
@@ -564,13 +572,12 @@ def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path 
     started = time.perf_counter()
     try:
         if task.kind == "choice":
-            run_choice(lm.model, lm.tokenizer, task, data, examples, shots, records, settings.batch_size, progress)
-            keys = {ex.id: _sha(ex.id, T.requests(ex, data, shots)) for ex in examples}
+            keys = run_choice(lm.model, lm.tokenizer, task, data, examples, shots, records, settings.batch_size,
+                              progress)
         else:
             on_done = (lambda ex, key, text: score_generation(task, ex, text)) if task.kind == "generate" else None
-            run_generation(lm.model, lm.tokenizer, task, data, examples, shots, records, max_tokens, progress,
-                           settings.batch_size, on_done)
-            keys = {ex.id: _sha(ex.id, T.context(ex, data, shots), max_tokens, task.stop) for ex in examples}
+            keys = run_generation(lm.model, lm.tokenizer, task, data, examples, shots, records, max_tokens,
+                                  progress, settings.batch_size, on_done)
             if task.kind == "code":
                 run_code(task, examples, records, keys, settings, progress)
     finally:
