@@ -521,6 +521,8 @@ def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str 
     state, packed = _gguf_state(tensors, cfg, torch_dtype, keep, exact, progress=cfg.num_parameters() > 1e9,
                                 release=_page_releaser(reader))
     model = _finish(model, state, device, packed)
+    if packed and not exact and model.dtype == torch.float32:
+        model.kv_dtype = torch.float16  # llama.cpp's cache type; --exact keeps float32
     return LoadedModel(model, tokenizer, cfg, path, "gguf", path.stat().st_size, types)
 
 
@@ -634,8 +636,18 @@ def describe(path: Path) -> dict[str, Any]:
         "tokenizer": tokenizer,
         "weights": types,
         "kernels": kernels,
+        "kv_cache": _kv_cache_summary(cfg, any(k.startswith("packed") for k in kernels)),
         "file_bytes": size,
     }
+
+
+def _kv_cache_summary(cfg: ModelConfig, packed: bool) -> str:
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.dim_per_head
+    full = cfg.max_position_embeddings
+    if packed:
+        return (f"float16 ({per_token * 2 / 2**20 * full:,.0f} MiB for {full} tokens; float32 with --exact, "
+                f"{per_token * 4 / 2**20 * full:,.0f} MiB)")
+    return f"compute dtype ({per_token * 4 / 2**20 * full:,.0f} MiB in float32 for {full} tokens)"
 
 
 def _kernel_summary(tensors: list[Any]) -> dict[str, int]:

@@ -137,6 +137,8 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start:end] = k
             cache.v[layer, :, :, start:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != KV)
         return out.transpose(1, 2).reshape(B, T, H * self.head_dim)
 
@@ -208,6 +210,10 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq_short", short, persistent=False)
         self.register_buffer("inv_freq_long", long, persistent=False)
         self.rope_scale = cfg.rope_attention_factor
+        # The KV cache's element type; None: the activations'. A GGUF model with int8 activations
+        # caches float16, as llama.cpp does: half the memory (1.6 GB instead of 3.2 GB for
+        # phi-3-mini's 4K context) for a rounding no coarser than its matmuls'.
+        self.kv_dtype: torch.dtype | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -234,7 +240,7 @@ class Transformer(nn.Module):
         if max_len > self.config.max_position_embeddings:
             raise Phi3Error(
                 f"{max_len} tokens exceed the model's context of {self.config.max_position_embeddings}")
-        return KVCache(self.config, batch_size, max_len, self.dtype, self.device)
+        return KVCache(self.config, batch_size, max_len, self.kv_dtype or self.dtype, self.device)
 
     def rotary(self, positions: torch.Tensor, long: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [B, T, 1, head_dim] for positions [B, T]; `long` [B] picks each row's factors

@@ -167,6 +167,37 @@ def test_decode_kernels_match_pytorch(dtype):
     assert (got.float() - expected).abs().max().item() <= tol * expected.abs().max().item() + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_with_a_float16_cache(dtype):
+    """Float16 caches under float32/bfloat16 activations: the new token's key and value are
+    stored with PyTorch's rounding (the prompt path's copy), and attention reads them widened."""
+    ext = quant.kernel()
+    if ext is None:
+        pytest.skip(f"CPU kernels unavailable: {quant.kernel_error()}")
+    from phi3.model import apply_rotary
+    torch.manual_seed(6)
+    B, H, KV, hd, Smax, start = 1, 4, 2, 32, 20, 11
+    qkv = torch.randn(B, (H + 2 * KV) * hd).to(dtype)
+    angles = torch.rand(B, hd // 2) * 3
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    kc = torch.randn(B, KV, Smax, hd).half()
+    vc = torch.randn(B, KV, Smax, hd).half()
+    out = ext.decode_attention(qkv, cos, sin, kc, vc, start, torch.empty(0, dtype=torch.bool), hd ** -0.5, H)
+    parts = qkv.view(B, H + 2 * KV, hd)
+    rotated = apply_rotary(parts[:, :H + KV], cos[:, None], sin[:, None])
+    assert torch.equal(kc[:, :, start], rotated[:, H:].half())
+    assert torch.equal(vc[:, :, start], parts[:, H + KV:].half())
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        rotated[:, :H, None].float(), kc[:, :, :start + 1].float(), vc[:, :, :start + 1].float(),
+        enable_gqa=True)[:, :, 0]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype
+    assert (out.float().view(B, H, hd) - expected).abs().max().item() <= tol * expected.abs().max().item()
+    many = ext.decode_attention_many(qkv, cos, sin, [kc[None].clone()], [vc[None].clone()], 0, [start],
+                                     [torch.empty(0, dtype=torch.bool)], hd ** -0.5, H)
+    assert torch.equal(many.view_as(out), out)
+
+
 def test_a_lock_left_by_a_killed_build_does_not_hang_later_runs(tmp_path):
     """torch's cpp_extension waits for ever on a lock file that a process killed mid-build left
     behind; a built kernel must load regardless."""

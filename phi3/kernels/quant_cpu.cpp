@@ -28,6 +28,7 @@
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -425,11 +426,15 @@ inline __m512 load16(const at::BFloat16* p) {  // bfloat16 is the top half of a 
   __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 
 // One head of one query against its cache stretch: kb, vb point at slot 0 of the head's keys and
-// values; `allowed` is the row's [S] mask or null. p is scratch of S floats.
-template <typename T>
-inline void attend_head(const T* q, const T* kb, const T* vb, const bool* allowed, T* out,
+// values (C: the activations' type T, or half for a 16-bit cache under float32 activations);
+// `allowed` is the row's [S] mask or null. p is scratch of S floats.
+template <typename T, typename C>
+inline void attend_head(const T* q, const C* kb, const C* vb, const bool* allowed, T* out,
                         int64_t S, int64_t hd, float scale, float* p) {
   const int64_t chunks = hd / 16;
   __m512 qv[8], acc[8];
@@ -437,7 +442,7 @@ inline void attend_head(const T* q, const T* kb, const T* vb, const bool* allowe
   float mx = -INFINITY;
   for (int64_t s = 0; s < S; ++s) {
     if (allowed && !allowed[s]) { p[s] = -INFINITY; continue; }
-    const T* ks = kb + s * hd;
+    const C* ks = kb + s * hd;
     __m512 dot = _mm512_mul_ps(qv[0], load16(ks));
     for (int64_t c = 1; c < chunks; ++c) dot = _mm512_fmadd_ps(qv[c], load16(ks + c * 16), dot);
     p[s] = _mm512_reduce_add_ps(dot);
@@ -449,7 +454,7 @@ inline void attend_head(const T* q, const T* kb, const T* vb, const bool* allowe
   for (int64_t s = 0; s < S; ++s) {
     if (p[s] == 0.f) continue;
     const __m512 ps = _mm512_set1_ps(p[s]);
-    const T* vs = vb + s * hd;
+    const C* vs = vb + s * hd;
     for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(ps, load16(vs + c * 16), acc[c]);
   }
   alignas(64) float tmp[16];
@@ -459,8 +464,8 @@ inline void attend_head(const T* q, const T* kb, const T* vb, const bool* allowe
   }
 }
 
-template <typename T>
-void attend_impl(const T* q, const T* k, const T* v, const bool* allowed, T* out,
+template <typename T, typename C>
+void attend_impl(const T* q, const C* k, const C* v, const bool* allowed, T* out,
                  int64_t B, int64_t H, int64_t KV, int64_t Smax, int64_t S, int64_t hd, float scale) {
   const int64_t rep = H / KV;
   // Short caches are cheaper on one thread than waking the other.
@@ -478,7 +483,9 @@ void attend_impl(const T* q, const T* k, const T* v, const bool* allowed, T* out
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t S, torch::Tensor allowed,
                          double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && k.is_contiguous() && v.is_contiguous(), "attend_one: shapes");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "attend_one: dtypes differ");
+  TORCH_CHECK((q.scalar_type() == k.scalar_type() || k.scalar_type() == torch::kHalf) &&
+              k.scalar_type() == v.scalar_type(), "attend_one: cache dtype must be q's or float16");
+  const bool half_cache = k.scalar_type() == torch::kHalf;
   auto qc = q.contiguous();
   const int64_t B = q.size(0), H = q.size(1), hd = q.size(2), KV = k.size(1), Smax = k.size(2);
   TORCH_CHECK(S <= Smax && H % KV == 0 && k.size(3) == hd, "attend_one: cache shape");
@@ -492,12 +499,21 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, int6
     ap = allowed_c.data_ptr<bool>();
   }
   if (q.scalar_type() == torch::kFloat) {
-    attend_impl(qc.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), ap, out.data_ptr<float>(),
-                B, H, KV, Smax, S, hd, (float)scale);
+    if (half_cache)
+      attend_impl(qc.data_ptr<float>(), k.data_ptr<at::Half>(), v.data_ptr<at::Half>(), ap, out.data_ptr<float>(),
+                  B, H, KV, Smax, S, hd, (float)scale);
+    else
+      attend_impl(qc.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), ap, out.data_ptr<float>(),
+                  B, H, KV, Smax, S, hd, (float)scale);
   } else {
     TORCH_CHECK(q.scalar_type() == torch::kBFloat16, "attend_one: float32 or bfloat16");
-    attend_impl(qc.data_ptr<at::BFloat16>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), ap,
-                out.data_ptr<at::BFloat16>(), B, H, KV, Smax, S, hd, (float)scale);
+    using BF = at::BFloat16;
+    if (half_cache)
+      attend_impl(qc.data_ptr<BF>(), k.data_ptr<at::Half>(), v.data_ptr<at::Half>(), ap, out.data_ptr<BF>(),
+                  B, H, KV, Smax, S, hd, (float)scale);
+    else
+      attend_impl(qc.data_ptr<BF>(), k.data_ptr<BF>(), v.data_ptr<BF>(), ap, out.data_ptr<BF>(),
+                  B, H, KV, Smax, S, hd, (float)scale);
   }
   return out;
 }
@@ -519,7 +535,22 @@ void rotate_into(const T* x, const T* cos, const T* sin, int64_t hd, T* out) {
   }
 }
 
-template <typename T>
+// A new token's key (rotated) or value into its cache slot, rounded to the cache's type C as
+// PyTorch's copy into a float16 cache rounds it (so decoding and prefill cache the same bits).
+template <typename T, typename C>
+void write_slot(const T* x, const T* cos, const T* sin, int64_t hd, bool rotate, C* slot) {
+  if constexpr (std::is_same_v<T, C>) {
+    if (rotate) rotate_into(x, cos, sin, hd, slot);
+    else std::copy(x, x + hd, slot);
+  } else {
+    T tmp[128];  // hd <= 128, checked by the callers
+    const T* src = x;
+    if (rotate) { rotate_into(x, cos, sin, hd, tmp); src = tmp; }
+    for (int64_t d = 0; d < hd; ++d) slot[d] = static_cast<C>(as_float(src[d]));
+  }
+}
+
+template <typename T, typename C>
 torch::Tensor decode_attention_impl(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc,
                                     torch::Tensor vc, int64_t start, torch::Tensor allowed, double scale,
                                     int64_t H) {
@@ -529,16 +560,15 @@ torch::Tensor decode_attention_impl(torch::Tensor qkv, torch::Tensor cos, torch:
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
   T* qp = q.data_ptr<T>();
-  T* kp = kc.data_ptr<T>();
-  T* vp = vc.data_ptr<T>();
+  C* kp = kc.data_ptr<C>();
+  C* vp = vc.data_ptr<C>();
   const int64_t width = (H + 2 * KV) * hd;
   for (int64_t b = 0; b < B; ++b) {
     const T* row = src + b * width;
     for (int64_t h = 0; h < H; ++h) rotate_into(row + h * hd, cp + b * hd, sp + b * hd, hd, qp + (b * H + h) * hd);
     for (int64_t g = 0; g < KV; ++g) {
-      T* kslot = kp + ((b * KV + g) * Smax + start) * hd;
-      rotate_into(row + (H + g) * hd, cp + b * hd, sp + b * hd, hd, kslot);
-      std::copy(row + (H + KV + g) * hd, row + (H + KV + g + 1) * hd, vp + ((b * KV + g) * Smax + start) * hd);
+      write_slot(row + (H + g) * hd, cp + b * hd, sp + b * hd, hd, true, kp + ((b * KV + g) * Smax + start) * hd);
+      write_slot(row + (H + KV + g) * hd, cp, sp, hd, false, vp + ((b * KV + g) * Smax + start) * hd);
     }
   }
   return attend_one(q, kc, vc, start + 1, allowed, scale);
@@ -550,19 +580,25 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
               "decode_attention: contiguous qkv [B, width], cos/sin [B, hd]");
   TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && start < kc.size(2), "decode_attention: cache");
   TORCH_CHECK(qkv.size(1) == (H + 2 * kc.size(1)) * kc.size(3), "decode_attention: qkv width");
-  TORCH_CHECK(qkv.scalar_type() == kc.scalar_type() && cos.scalar_type() == qkv.scalar_type(),
-              "decode_attention: dtypes differ");
+  TORCH_CHECK(kc.size(3) % 16 == 0 && kc.size(3) <= 128, "decode_attention: head_dim must be a multiple of 16, at most 128");
+  TORCH_CHECK((qkv.scalar_type() == kc.scalar_type() || kc.scalar_type() == torch::kHalf) &&
+              vc.scalar_type() == kc.scalar_type() && cos.scalar_type() == qkv.scalar_type(),
+              "decode_attention: cache dtype must be qkv's or float16");
+  const bool half_cache = kc.scalar_type() == torch::kHalf;
   if (qkv.scalar_type() == torch::kFloat)
-    return decode_attention_impl<float>(qkv, cos, sin, kc, vc, start, allowed, scale, H);
+    return half_cache ? decode_attention_impl<float, at::Half>(qkv, cos, sin, kc, vc, start, allowed, scale, H)
+                      : decode_attention_impl<float, float>(qkv, cos, sin, kc, vc, start, allowed, scale, H);
   TORCH_CHECK(qkv.scalar_type() == torch::kBFloat16, "decode_attention: float32 or bfloat16");
-  return decode_attention_impl<at::BFloat16>(qkv, cos, sin, kc, vc, start, allowed, scale, H);
+  using BF = at::BFloat16;
+  return half_cache ? decode_attention_impl<BF, at::Half>(qkv, cos, sin, kc, vc, start, allowed, scale, H)
+                    : decode_attention_impl<BF, BF>(qkv, cos, sin, kc, vc, start, allowed, scale, H);
 }
 
 // decode_attention for M independent sequences, each with its own cache (a server's requests):
 // qkv [M, width], cos/sin [M, hd]; caches[i] = [L, 1, KV, Smax_i, hd] (k and v), `layer` picks the
 // layer; starts[i] the slot of row i's new token; allowed[i] empty or [1, starts[i] + 1]. Every
 // row's numbers are those decode_attention gives it alone (same per-head code).
-template <typename T>
+template <typename T, typename C>
 torch::Tensor decode_attention_many_impl(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
                                          const std::vector<torch::Tensor>& ks, const std::vector<torch::Tensor>& vs,
                                          int64_t layer, const std::vector<int64_t>& starts,
@@ -575,23 +611,23 @@ torch::Tensor decode_attention_many_impl(torch::Tensor qkv, torch::Tensor cos, t
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
   T* qp = q.data_ptr<T>();
-  std::vector<T*> kbase(M), vbase(M);
+  std::vector<C*> kbase(M), vbase(M);
   std::vector<const bool*> ap(M);
   std::vector<int64_t> smax(M);
   int64_t longest = 0, work = 0;
   for (int64_t b = 0; b < M; ++b) {
     smax[b] = ks[b].size(3);
     TORCH_CHECK(starts[b] < smax[b], "decode_attention_many: cache full");
-    kbase[b] = ks[b].data_ptr<T>() + layer * KV * smax[b] * hd;
-    vbase[b] = vs[b].data_ptr<T>() + layer * KV * smax[b] * hd;
+    kbase[b] = ks[b].data_ptr<C>() + layer * KV * smax[b] * hd;
+    vbase[b] = vs[b].data_ptr<C>() + layer * KV * smax[b] * hd;
     ap[b] = allowed[b].numel() ? allowed[b].data_ptr<bool>() : nullptr;
     longest = std::max(longest, starts[b] + 1);
     work += (starts[b] + 1) * H * hd;
     const T* row = src + b * width;
     for (int64_t h = 0; h < H; ++h) rotate_into(row + h * hd, cp + b * hd, sp + b * hd, hd, qp + (b * H + h) * hd);
     for (int64_t g = 0; g < KV; ++g) {
-      rotate_into(row + (H + g) * hd, cp + b * hd, sp + b * hd, hd, kbase[b] + (g * smax[b] + starts[b]) * hd);
-      std::copy(row + (H + KV + g) * hd, row + (H + KV + g + 1) * hd, vbase[b] + (g * smax[b] + starts[b]) * hd);
+      write_slot(row + (H + g) * hd, cp + b * hd, sp + b * hd, hd, true, kbase[b] + (g * smax[b] + starts[b]) * hd);
+      write_slot(row + (H + KV + g) * hd, cp, sp, hd, false, vbase[b] + (g * smax[b] + starts[b]) * hd);
     }
   }
   T* op = out.data_ptr<T>();
@@ -618,18 +654,28 @@ torch::Tensor decode_attention_many(torch::Tensor qkv, torch::Tensor cos, torch:
               (int64_t)allowed.size() == M, "decode_attention_many: one cache, start and mask per row");
   for (int64_t b = 0; b < M; ++b) {
     TORCH_CHECK(ks[b].dim() == 5 && ks[b].is_contiguous() && vs[b].is_contiguous() && ks[b].size(1) == 1 &&
-                ks[b].scalar_type() == qkv.scalar_type() && vs[b].sizes() == ks[b].sizes(),
-                "decode_attention_many: caches [L, 1, KV, Smax, hd] in qkv's dtype");
+                ks[b].scalar_type() == ks[0].scalar_type() && vs[b].scalar_type() == ks[0].scalar_type() &&
+                vs[b].sizes() == ks[b].sizes(),
+                "decode_attention_many: caches [L, 1, KV, Smax, hd], all of one dtype");
     TORCH_CHECK(ks[b].size(2) == ks[0].size(2) && ks[b].size(4) == ks[0].size(4) && layer < ks[b].size(0),
                 "decode_attention_many: cache shapes");
     TORCH_CHECK(!allowed[b].numel() || (allowed[b].scalar_type() == torch::kBool && allowed[b].is_contiguous() &&
                                         allowed[b].numel() == starts[b] + 1), "decode_attention_many: mask");
   }
   TORCH_CHECK(qkv.size(1) == (H + 2 * ks[0].size(2)) * ks[0].size(4), "decode_attention_many: qkv width");
+  TORCH_CHECK(ks[0].size(4) % 16 == 0 && ks[0].size(4) <= 128,
+              "decode_attention_many: head_dim must be a multiple of 16, at most 128");
+  TORCH_CHECK(ks[0].scalar_type() == qkv.scalar_type() || ks[0].scalar_type() == torch::kHalf,
+              "decode_attention_many: cache dtype must be qkv's or float16");
+  const bool half_cache = ks[0].scalar_type() == torch::kHalf;
   if (qkv.scalar_type() == torch::kFloat)
-    return decode_attention_many_impl<float>(qkv, cos, sin, ks, vs, layer, starts, allowed, scale, H);
+    return half_cache
+        ? decode_attention_many_impl<float, at::Half>(qkv, cos, sin, ks, vs, layer, starts, allowed, scale, H)
+        : decode_attention_many_impl<float, float>(qkv, cos, sin, ks, vs, layer, starts, allowed, scale, H);
   TORCH_CHECK(qkv.scalar_type() == torch::kBFloat16, "decode_attention_many: float32 or bfloat16");
-  return decode_attention_many_impl<at::BFloat16>(qkv, cos, sin, ks, vs, layer, starts, allowed, scale, H);
+  using BF = at::BFloat16;
+  return half_cache ? decode_attention_many_impl<BF, at::Half>(qkv, cos, sin, ks, vs, layer, starts, allowed, scale, H)
+                    : decode_attention_many_impl<BF, BF>(qkv, cos, sin, ks, vs, layer, starts, allowed, scale, H);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
