@@ -565,6 +565,9 @@ def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path 
               "int8_activations": any(getattr(m, "int8_activations", False) for m in lm.model.modules()),
               "shots": shots, "subsets": subsets,
               "max_tokens": max_tokens if task.kind != "choice" else None}
+    if lm.model.kv_dtype not in (None, lm.model.dtype):
+        # Only when it differs, so that records from before caches could be float16 stay valid.
+        header["kv_cache"] = str(lm.model.kv_dtype)
     if task.kind == "code":
         header |= {"timeout_s": settings.timeout_s, "memory_mb": settings.memory_mb}
     name = task.name + (":" + "+".join(subsets) if subsets else "") + (f"={file.stem}" if file is not None else "")

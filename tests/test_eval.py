@@ -132,6 +132,21 @@ def test_scores_do_not_depend_on_batch_size_and_runs_resume(lm, tmp_path):
         evaluate_task(lm, task, [], ARC, ROOT, EvalSettings(limit=3, shots=2), tmp_path / "a", "m", False)
 
 
+def test_fast_runs_record_their_float16_cache_and_do_not_reuse_exact_records(lm, smollm_gguf, tmp_path):
+    from phi3.eval import EvalSettings, evaluate_task
+    task = T.TASKS["arc_challenge"]
+    evaluate_task(lm, task, [], ARC, ROOT, EvalSettings(limit=2), tmp_path, "m", False)
+    path = tmp_path / "arc_challenge-ARC-Phi3-Test.jsonl"
+    assert "kv_cache" not in json.loads(path.read_text().splitlines()[0])["settings"]
+    fast = load(str(smollm_gguf))
+    assert fast.model.kv_dtype == torch.float16
+    with pytest.raises(Phi3Error, match=r"int8_activations: False -> True, kv_cache: None -> 'torch.float16'"):
+        evaluate_task(fast, task, [], ARC, ROOT, EvalSettings(limit=2), tmp_path, "m", False)
+    evaluate_task(fast, task, [], ARC, ROOT, EvalSettings(limit=2), tmp_path / "fast", "m", False)
+    header = json.loads((tmp_path / "fast" / path.name).read_text().splitlines()[0])["settings"]
+    assert header["kv_cache"] == "torch.float16" and header["int8_activations"] is True
+
+
 @pytest.mark.skipif(not (BENCHDATA / "gsm8k").is_dir(), reason="../shared/benchdata is absent")
 def test_cli_runs_choice_and_generation_tasks_and_writes_every_output(smollm_gguf, tmp_path):
     out = tmp_path / "res.json"
