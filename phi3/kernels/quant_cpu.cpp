@@ -498,22 +498,20 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, int6
     TORCH_CHECK(allowed_c.numel() == B * S, "attend_one: allowed must be [B, S]");
     ap = allowed_c.data_ptr<bool>();
   }
-  if (q.scalar_type() == torch::kFloat) {
+  auto run = [&](auto activation) {  // the activations' type T; the cache's is T or half
+    using T = decltype(activation);
     if (half_cache)
-      attend_impl(qc.data_ptr<float>(), k.data_ptr<at::Half>(), v.data_ptr<at::Half>(), ap, out.data_ptr<float>(),
+      attend_impl(qc.data_ptr<T>(), k.data_ptr<at::Half>(), v.data_ptr<at::Half>(), ap, out.data_ptr<T>(),
                   B, H, KV, Smax, S, hd, (float)scale);
     else
-      attend_impl(qc.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), ap, out.data_ptr<float>(),
-                  B, H, KV, Smax, S, hd, (float)scale);
+      attend_impl(qc.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), ap, out.data_ptr<T>(), B, H, KV, Smax, S, hd,
+                  (float)scale);
+  };
+  if (q.scalar_type() == torch::kFloat) {
+    run(float{});
   } else {
     TORCH_CHECK(q.scalar_type() == torch::kBFloat16, "attend_one: float32 or bfloat16");
-    using BF = at::BFloat16;
-    if (half_cache)
-      attend_impl(qc.data_ptr<BF>(), k.data_ptr<at::Half>(), v.data_ptr<at::Half>(), ap, out.data_ptr<BF>(),
-                  B, H, KV, Smax, S, hd, (float)scale);
-    else
-      attend_impl(qc.data_ptr<BF>(), k.data_ptr<BF>(), v.data_ptr<BF>(), ap, out.data_ptr<BF>(),
-                  B, H, KV, Smax, S, hd, (float)scale);
+    run(at::BFloat16{});
   }
   return out;
 }
