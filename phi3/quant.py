@@ -288,30 +288,45 @@ def _nearest(x: np.ndarray) -> np.ndarray:
     return np.rint(x).astype(np.int32)  # round half to even, as llama.cpp's nearest_int
 
 
+def _sum_in_order(a: np.ndarray) -> np.ndarray:
+    """Column sums of [n, S] float32, rows added first to last as llama.cpp's scalar loops add them:
+    numpy's pairwise .sum() can differ in the last bit, and that bit can move a half-precision
+    scale (18 of 3456 Q4_K blocks of one SmolLM2 matrix did), so the written bytes would not be
+    llama.cpp's."""
+    acc = a[0].copy()
+    for row in a[1:]:
+        acc += row
+    return acc
+
+
 def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1,
                       nstep: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """llama.cpp's make_qkx2_quants over many sub-blocks at once: x, w [S, 32] -> codes [S, 32],
     scale [S], min [S] (w = scale * code - min) minimising the weighted squared error over a sweep
-    of candidate scales, each refined by weighted least squares."""
-    x = x.astype(np.float32)
-    mn = np.minimum(x.min(1), 0).astype(np.float32)
-    mx = x.max(1)
-    sum_w = w.sum(1)
-    sum_x = (w * x).sum(1)
+    of candidate scales, each refined by weighted least squares. Works on [32, S] copies so that
+    the in-order sums add contiguous rows."""
+    x = np.ascontiguousarray(x.T, dtype=np.float32)
+    w = np.ascontiguousarray(w.T, dtype=np.float32)
+    mn = np.minimum(x.min(0), 0).astype(np.float32)
+    mx = x.max(0)
+    sum_w = _sum_in_order(w)
+    sum_x = _sum_in_order(w * x)
     flat = mx == mn
     rng0 = np.where(flat, 1, mx - mn).astype(np.float32)
     iscale = np.float32(nmax) / rng0
     scale = np.float32(1) / iscale
-    codes = np.clip(_nearest(iscale[:, None] * (x - mn[:, None])), 0, nmax)
-    err = (w * (scale[:, None] * codes + mn[:, None] - x) ** 2).sum(1)
+    codes = np.clip(_nearest(iscale * (x - mn)), 0, nmax)
+    err = _sum_in_order(w * (scale * codes + mn - x) ** 2)
     best_min = mn.copy()
     for i in range(nstep + 1):
         rng = np.where(flat, 1, mx - best_min).astype(np.float32)
-        isc = np.float32(rmin + rdelta * i + nmax) / rng
-        laux = np.clip(_nearest(isc[:, None] * (x - best_min[:, None])), 0, nmax).astype(np.float32)
-        sl = (w * laux).sum(1)
-        sl2 = (w * laux * laux).sum(1)
-        sxl = (w * laux * x).sum(1)
+        # In float32 step by step, as C evaluates rmin + rdelta*is + nmax with float operands.
+        isc = (np.float32(rmin) + np.float32(rdelta) * np.float32(i) + np.float32(nmax)) / rng
+        laux = np.clip(_nearest(isc * (x - best_min)), 0, nmax).astype(np.float32)
+        wl = w * laux
+        sl = _sum_in_order(wl)
+        sl2 = _sum_in_order(wl * laux)
+        sxl = _sum_in_order(wl * x)
         det = sum_w * sl2 - sl * sl
         ok = det > 0
         det = np.where(ok, det, 1)
@@ -320,15 +335,15 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int = 15, rmin: float 
         pos = this_min > 0
         this_scale = np.where(pos, sxl / np.where(sl2 > 0, sl2, 1), this_scale)
         this_min = np.where(pos, 0, this_min)
-        cur = (w * (this_scale[:, None] * laux + this_min[:, None] - x) ** 2).sum(1)
+        cur = _sum_in_order(w * (this_scale * laux + this_min - x) ** 2)
         better = ok & (cur < err) & ~flat
-        codes = np.where(better[:, None], laux.astype(np.int32), codes)
+        codes = np.where(better, laux.astype(np.int32), codes)
         err = np.where(better, cur, err)
         scale = np.where(better, this_scale, scale)
         best_min = np.where(better, this_min, best_min)
     scale = np.where(flat, 0, scale)
-    codes = np.where(flat[:, None], 0, codes)
-    return codes, scale.astype(np.float32), (-best_min).astype(np.float32)
+    codes = np.where(flat, 0, codes)
+    return codes.T, scale.astype(np.float32), (-best_min).astype(np.float32)
 
 
 def quantize_q4_k(a: np.ndarray) -> np.ndarray:
@@ -336,7 +351,7 @@ def quantize_q4_k(a: np.ndarray) -> np.ndarray:
     following llama.cpp's quantize_row_q4_K_ref."""
     rows, cols = a.shape
     x = a.astype(np.float32).reshape(-1, BLOCK)  # sub-blocks
-    av = np.sqrt((x * x).sum(1, keepdims=True) / BLOCK)
+    av = np.sqrt(_sum_in_order(np.ascontiguousarray((x * x).T))[:, None] / np.float32(BLOCK))
     weights = av + np.abs(x)
     _, scales, mins = _make_qkx2_quants(x, weights)
     scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)

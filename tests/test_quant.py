@@ -145,6 +145,59 @@ def test_quantizers_write_gguf_layouts():
     assert not gguf.quants.dequantize(zeros, gguf.GGMLQuantizationType.Q4_K).any()
 
 
+
+def _make_qkx2_quants_scalar(x: list[float], w: list[float]) -> tuple[np.float32, np.float32]:
+    """llama.cpp's make_qkx2_quants(32, 15, x, w, ..., -1.f, 0.1f, 20, false), one float32 operation
+    at a time in the C code's order: the reference our vectorised version must equal bit for bit."""
+    f = np.float32
+    mn = mx = f(x[0])
+    sum_w, sum_x = f(w[0]), f(w[0]) * f(x[0])
+    for xi, wi in zip(x[1:], w[1:]):
+        mn, mx = min(mn, f(xi)), max(mx, f(xi))
+        sum_w += f(wi)
+        sum_x += f(wi) * f(xi)
+    mn = min(mn, f(0))
+    if mx == mn:
+        return f(0), -mn
+    iscale = f(15) / (mx - mn)
+    scale = f(1) / iscale
+    codes = [min(15, max(0, int(np.rint(iscale * (f(xi) - mn))))) for xi in x]
+    best = f(0)
+    for xi, wi, q in zip(x, w, codes):
+        best += f(wi) * (scale * f(q) + mn - f(xi)) ** 2
+    for step in range(21):
+        isc = (f(-1) + f(0.1) * f(step) + f(15)) / (mx - mn)
+        laux = [min(15, max(0, int(np.rint(isc * (f(xi) - mn))))) for xi in x]
+        sl = sl2 = sxl = f(0)
+        for xi, wi, q in zip(x, w, laux):
+            wl = f(wi) * f(q)
+            sl, sl2, sxl = sl + wl, sl2 + wl * f(q), sxl + wl * f(xi)
+        det = sum_w * sl2 - sl * sl
+        if det > 0:
+            this_scale = (sum_w * sxl - sum_x * sl) / det
+            this_min = (sl2 * sum_x - sl * sxl) / det
+            if this_min > 0:
+                this_scale, this_min = sxl / sl2, f(0)
+            cur = f(0)
+            for xi, wi, q in zip(x, w, laux):
+                cur += f(wi) * (this_scale * f(q) + this_min - f(xi)) ** 2
+            if cur < best:
+                best, scale, mn = cur, this_scale, this_min
+    return scale, -mn
+
+
+def test_q4_k_scale_search_equals_llama_cpp_bit_for_bit():
+    """Same scales and mins as llama.cpp's scalar loops, not just close: a last-bit difference can
+    move a block's half-precision scale, and then phi3 and llama.cpp write different Q4_K files."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((96, 32)) * rng.uniform(0.01, 2, (96, 1))).astype(np.float32)
+    x[:8] = np.abs(x[:8])  # all-positive blocks: the least-squares min comes out positive
+    w = np.sqrt((x * x).mean(1, keepdims=True)) + np.abs(x)
+    _, scales, mins = quant._make_qkx2_quants(x, w)
+    want = np.array([_make_qkx2_quants_scalar(list(a), list(b)) for a, b in zip(x, w)], np.float32)
+    np.testing.assert_array_equal(scales, want[:, 0])
+    np.testing.assert_array_equal(mins, want[:, 1])
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_kernels_match_pytorch(dtype):
     ext = quant.kernel()
