@@ -156,7 +156,7 @@ def agreement(work: Path, n: int = 32) -> list[dict]:
             ours.append(json.loads(r.stdout)["token_ids"])
         theirs = in_fresh_process("llama_greedy_worker", str(path), prompts, n)
         # llama.cpp against itself: the same file with the prompt fed one token at a time, which
-        # changes only the order of its float sums (GEMV instead of GEMM). The rate at which that
+        # changes only which of its kernels run (GEMV instead of GEMM), so the order of its sums. The rate at which that
         # alone changes the tokens is the most any other engine can expect to match.
         theirs_one_by_one = in_fresh_process("llama_greedy_worker", str(path), prompts, n, 1)
         rows.append({"type": qtype, "prompts": len(PROMPTS),
@@ -181,6 +181,7 @@ def same_tensor_bytes(ours: Path, theirs: Path, qtype: str) -> dict:
     b = {t.name: t for t in GGUFReader(theirs).tensors}
     both = [n for n in a if n in b and a[n].tensor_type.name == b[n].tensor_type.name == qtype.upper()]
     same = sum(np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8)) for n in both)
+
     def fallback(tensors: dict) -> list[str]:
         return sorted({t.tensor_type.name for t in tensors.values()} - {qtype.upper(), "F32"})
 
