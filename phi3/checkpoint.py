@@ -523,7 +523,22 @@ def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str 
     model = _finish(model, state, device, packed)
     if packed and not exact and model.dtype == torch.float32:
         model.kv_dtype = torch.float16  # llama.cpp's cache type; --exact keeps float32
+    del state, packed, reader, tensors
+    release_freed_memory()
     return LoadedModel(model, tokenizer, cfg, path, "gguf", path.stat().st_size, types)
+
+
+def release_freed_memory() -> None:
+    """Hand memory that was freed but kept by the C allocator back to the OS. Loading a GGUF
+    dequantizes and repacks tensor by tensor, and glibc keeps those freed temporaries in its
+    arenas: phi-3-mini Q4_0 held ~70 MB of them after loading (2453 -> 2381 MB resident)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
+        pass
 
 
 # --- Writing Hugging Face folders -----------------------------------------------------------------
