@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import torch
 
-from phi3 import quant
+from phi3 import cpu_kernels, quant
 from phi3.checkpoint import load
 from phi3.generate import advance
 
@@ -59,7 +59,7 @@ def main() -> None:
         for _ in range(4):  # warm up
             length += 1
             logits = advance(model, cache, tokens[:, :length])
-        quant._ext = timed
+        cpu_kernels._ext = timed
         t = time.perf_counter()
         for _ in range(args.steps):
             tokens[0, length] = logits[0, -1].argmax()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from phi3 import quant
+from phi3 import cpu_kernels, quant
 
 # (rows, cols) per kind: odd numbers of blocks exercise the kernels' tails; Q4_K needs 256s.
 SHAPES = {"Q4_0": (200, 352), "Q4_1": (200, 320), "Q8_0": (200, 352), "Q4_K": (72, 768)}
@@ -116,8 +116,8 @@ def test_fallback_without_kernel_gives_the_same_numbers(monkeypatch):
     data, dense = blocks("Q4_1", 64, 128)
     q = quant.from_gguf_blocks("Q4_1", data, 64, 128)
     x = torch.randn(1, 128)
-    monkeypatch.setattr(quant, "_ext", None)
-    monkeypatch.setattr(quant, "_ext_error", "disabled for this test")
+    monkeypatch.setattr(cpu_kernels, "_ext", None)
+    monkeypatch.setattr(cpu_kernels, "_ext_error", "disabled for this test")
     assert torch.allclose(q(x), x @ torch.from_numpy(dense).t(), rtol=1e-5, atol=1e-5)
 
 
