@@ -26,6 +26,7 @@ import torch
 from phi3 import quant
 from phi3.config import ModelConfig, RopeScaling, load_config
 from phi3.errors import Phi3Error
+from phi3.fastpath import fits_attention_kernel, install_cpu_fast_path
 from phi3.model import Transformer, rope_inv_freq
 from phi3.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
@@ -132,13 +133,40 @@ def _fetch_from_hub(repo_id: str) -> Path:
 
 # --- Loading ------------------------------------------------------------------------------------
 
-def resolve_dtype(name: str | torch.dtype | None, stored: str | None = None) -> torch.dtype:
-    """The compute dtype. 'auto' keeps a bfloat16 checkpoint in bfloat16 (as it was trained; float32
-    would double its memory) and computes everything else in float32: GGUF blocks are multiplied
-    exactly in float32 (bfloat16 would round 4-bit block scales), and float16 on CPUs risks overflow."""
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """'auto' (or None): the best device present, CUDA, then Apple's MPS, then the CPU."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise Phi3Error(f"unknown device {name!r}; choose auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Phi3Error(f"--device {name}: this PyTorch sees no CUDA GPU (torch {torch.__version__}); use --device cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise Phi3Error(f"--device {name}: Apple's MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise Phi3Error(f"unsupported device {name!r}; choose auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(name: str | torch.dtype | None, stored: str | None = None,
+                  device: torch.device | str = "cpu") -> torch.dtype:
+    """The compute dtype. 'auto' on a GPU is bfloat16 (its tensor cores' type). On a CPU it keeps a
+    bfloat16 checkpoint in bfloat16 (as it was trained; float32 would double its memory) and computes
+    everything else in float32: GGUF blocks are multiplied exactly in float32 (bfloat16 would round
+    4-bit block scales), and float16 on CPUs risks overflow."""
     if isinstance(name, torch.dtype):
         return name
     if name in (None, "auto"):
+        if torch.device(device).type != "cpu":
+            return torch.bfloat16
         return torch.bfloat16 if stored == "bfloat16" else torch.float32
     if name not in DTYPES:
         raise Phi3Error(f"unknown dtype {name!r}; choose float32, bfloat16, float16 or auto")
@@ -146,13 +174,15 @@ def resolve_dtype(name: str | torch.dtype | None, stored: str | None = None) -> 
 
 
 def load(spec: str | os.PathLike | None = None, dtype: str | torch.dtype | None = "auto",
-         device: str = "cpu", exact: bool = False) -> LoadedModel:
-    """A model from a Hugging Face folder, a GGUF file or a hub id (see load_gguf for `exact`)."""
+         device: str | torch.device = "cpu", exact: bool = False, dequantize: bool = False) -> LoadedModel:
+    """A model from a Hugging Face folder, a GGUF file or a hub id (see load_gguf for `exact` and
+    `dequantize`), on `device` ('auto': the best one present)."""
+    device = resolve_device(device)
     path = resolve_model_path(spec)
     if path.is_dir():
         return load_hf_folder(path, dtype, device)
     if path.suffix == ".gguf" or _is_gguf(path):
-        return load_gguf(path, dtype, device, exact=exact)
+        return load_gguf(path, dtype, device, keep_quantized=not dequantize, exact=exact)
     raise Phi3Error(f"{path} is neither a Hugging Face folder nor a GGUF file")
 
 
@@ -167,7 +197,7 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
     return model.to(dtype=dtype)
 
 
-def _finish(model: Transformer, state: dict[str, torch.Tensor], device: str,
+def _finish(model: Transformer, state: dict[str, torch.Tensor], device: str | torch.device,
             packed: dict[str, "quant.QuantLinear"] | None = None) -> Transformer:
     for name, q in (packed or {}).items():
         parent, _, attr = name.rpartition(".")
@@ -201,7 +231,10 @@ def _finish(model: Transformer, state: dict[str, torch.Tensor], device: str,
     # Non-persistent buffers (rotary frequencies) were created on meta: rebuild them for real.
     model.inv_freq_short, model.inv_freq_long = rope_inv_freq(model.config)
     model.tie_weights()
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if torch.device(device).type == "cpu":
+        install_cpu_fast_path(model)
+    return model
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -272,9 +305,10 @@ def _fuse_llama_layout(name: str, tensor: torch.Tensor, pending: dict[str, torch
     return None
 
 
-def load_hf_folder(folder: Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu") -> LoadedModel:
+def load_hf_folder(folder: Path, dtype: str | torch.dtype | None = "auto",
+                   device: str | torch.device = "cpu") -> LoadedModel:
     cfg = load_config(folder)
-    torch_dtype = resolve_dtype(dtype, cfg.torch_dtype)
+    torch_dtype = resolve_dtype(dtype, cfg.torch_dtype, device)
     files = _safetensors_files(folder)
     model = _empty_model(cfg, torch_dtype)
     state: dict[str, torch.Tensor] = {}
@@ -434,11 +468,10 @@ def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, k
         return out
 
     def packable(names: list[str]) -> bool:
-        kinds = {tensors[n].tensor_type.name for n in names}
-        if not (keep_quantized and len(kinds) == 1 and kinds <= set(quant.QUANT_KINDS)):
+        if not keep_quantized:
             return False
-        block = quant.block_size(next(iter(kinds)).lower())
-        return all(len(tensors[n].shape) == 2 and int(tensors[n].shape[0]) % block == 0 for n in names)
+        return all(quant.keeps_packed(tensors[n].tensor_type.name, tuple(int(d) for d in tensors[n].shape))
+                   for n in names)
 
     def linear(dst: str, sources: list[str], heads: list[int | None]) -> None:
         for src in sources:
@@ -456,7 +489,7 @@ def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, k
                 if h is not None:
                     q = quant.permute_rows(q, _unpermute_rope(torch.arange(rows)[:, None], h)[:, 0])
                 parts.append(q)
-            packed[dst] = quant.concat_rows(parts) if len(parts) > 1 else parts[0]
+            packed[dst] = quant.join_rows(parts)
             return
         dense = [get(src) for src in sources]
         dense = [_unpermute_rope(w, h) if h is not None else w for w, h in zip(dense, heads)]
@@ -499,12 +532,14 @@ def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, k
     return state, packed
 
 
-def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
+def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
               keep_quantized: bool = True, exact: bool = False) -> LoadedModel:
     """Load a GGUF model. Q4_0/Q4_1/Q4_K/Q8_0 linear weights stay in their block format (see
-    quant.py) when `keep_quantized` and the CPU kernel is available; everything else is
-    dequantized. `exact` multiplies packed weights with float activations instead of int8 ones
-    (slower; equal to the dequantized model up to float rounding)."""
+    quant.py) on every machine, with or without a compiled kernel; other types are dequantized.
+    `keep_quantized=False` (`--dequantize`) unpacks every weight to the compute dtype, which costs
+    4 bytes per weight in float32, and says so on stderr. `exact` multiplies packed weights with
+    float activations instead of int8 ones (slower; equal to the dequantized model up to float
+    rounding)."""
     reader = open_gguf(path)
     fields = gguf_fields(reader)
     tensors = {t.name: t for t in reader.tensors}
@@ -515,10 +550,14 @@ def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str 
     tokenizer = tokenizer_from_gguf(fields, cfg.model_type)
     if not cfg.eos_token_id and tokenizer.eos_id is not None:
         cfg = cfg.with_(eos_token_id=(tokenizer.eos_id,))
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, device=device)
     model = _empty_model(cfg, torch_dtype)
-    keep = keep_quantized and device == "cpu" and quant.kernel_available()
-    state, packed = _gguf_state(tensors, cfg, torch_dtype, keep, exact, progress=cfg.num_parameters() > 1e9,
+    if not keep_quantized:
+        unpacked = cfg.num_parameters() * torch.empty(0, dtype=torch_dtype).element_size()
+        print(f"phi3: dequantizing every weight to {str(torch_dtype).removeprefix('torch.')}: about "
+              f"{unpacked / 1e9:.1f} GB in memory, against {path.stat().st_size / 1e9:.1f} GB kept packed",
+              file=sys.stderr)
+    state, packed = _gguf_state(tensors, cfg, torch_dtype, keep_quantized, exact, progress=cfg.num_parameters() > 1e9,
                                 release=_page_releaser(reader))
     model = _finish(model, state, device, packed)
     if packed and not exact and model.dtype == torch.float32:
@@ -651,6 +690,7 @@ def describe(path: Path) -> dict[str, Any]:
         "tokenizer": tokenizer,
         "weights": types,
         "kernels": kernels,
+        "fast_paths": _fast_path_summary(cfg),
         "kv_cache": _kv_cache_summary(cfg, any(k.startswith("packed") for k in kernels)),
         "file_bytes": size,
     }
@@ -665,17 +705,31 @@ def _kv_cache_summary(cfg: ModelConfig, packed: bool) -> str:
     return f"compute dtype ({per_token * 4 / 2**20 * full:,.0f} MiB in float32 for {full} tokens)"
 
 
+def _fast_path_summary(cfg: ModelConfig) -> dict[str, str]:
+    """What install_cpu_fast_path will run for the norms and the one-token attention on this CPU."""
+    isa = quant.kernel_isa() if quant.kernel_available() else None
+    if isa is None:
+        return {"rmsnorm": "PyTorch", "decode attention": f"PyTorch (SDPA; no compiled kernel: {quant.kernel_error()})"}
+    attention = (f"phi3 {isa} kernel (rotary + cache write + attention fused)" if fits_attention_kernel(cfg.dim_per_head)
+                 else f"PyTorch (SDPA; head dim {cfg.dim_per_head} does not fit the kernel)")
+    return {"rmsnorm": f"phi3 {isa} kernel", "decode attention": attention}
+
+
 def _kernel_summary(tensors: list[Any]) -> dict[str, int]:
     """How load_gguf will hold and multiply each tensor (2-D weights; norms and factors are small)."""
     out: dict[str, int] = {}
-    ok = quant.kernel_available()
+    isa = quant.kernel_isa() if quant.kernel_available() else None
     for t in tensors:
         kind = t.tensor_type.name
         if len(t.shape) < 2:
             label = "dense (1-D)"
-        elif ok and kind in quant.QUANT_KINDS and int(t.shape[0]) % quant.block_size(kind.lower()) == 0:
-            bits = "8-bit" if kind == "Q8_0" else "4-bit"
-            label = f"packed {bits} {kind}: phi3 VNNI block kernel (int8 activations; float with --exact)"
+        elif quant.keeps_packed(kind, tuple(int(d) for d in t.shape)):
+            bits = {"Q8_0": "8-bit", "Q5_0": "5-bit", "Q5_1": "5-bit", "Q5_K": "5-bit", "Q6_K": "6-bit"}.get(kind, "4-bit")
+            if isa and kind in quant.KERNEL_KINDS:
+                label = f"packed {bits} {kind}: phi3 {isa} block kernel (int8 activations; float with --exact)"
+            else:
+                why = quant.kernel_error() if not isa else f"no {kind} kernel yet"
+                label = f"packed {bits} {kind}: unpacked a slice at a time per matmul by PyTorch ({why})"
         else:
             label = f"dequantized at load ({kind} -> compute dtype)"
         out[label] = out.get(label, 0) + 1

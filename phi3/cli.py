@@ -20,6 +20,8 @@ DTYPE_HELP = ("compute precision: float32, bfloat16, float16 or auto (default). 
 EXACT_HELP = ("multiply packed 4/8-bit GGUF weights with float activations (equal to the dequantized "
               "model; ~1.5-3x slower decoding) instead of rounding activations to int8 per block of 32 "
               "as llama.cpp does")
+DEQUANTIZE_HELP = ("unpack every 4/8-bit GGUF weight to the compute dtype at load (float32: 4 bytes per "
+                   "weight, ~8x a 4-bit file) instead of keeping the blocks packed in memory")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +43,11 @@ def _add_compute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help=f"CPU threads (default: all {os.cpu_count()} cores)")
     p.add_argument("--exact", action="store_true", help=EXACT_HELP)
+    p.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or mps (default auto: a GPU when PyTorch sees one, else the CPU). "
+                        "On a GPU, dense checkpoints compute in bfloat16 and 4-bit GGUF weights stay packed, "
+                        "unpacked a slice at a time per matmul")
 
 
 def set_threads(n: int | None) -> None:
@@ -124,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("model", help="Hugging Face folder, .gguf file or hub id")
     qz.add_argument("out", help="output .gguf file")
     qz.add_argument("--type", default="q4_0", metavar="TYPE",
-                    help="q4_0 (default), q4_1, q4_k, q8_0, f16 or f32")
+                    help="q4_0 (default), q4_1, q4_k, iq4_nl, iq4_xs, q8_0, f16 or f32 (iq4_xs: 4.25 bits per "
+                         "weight, the smallest; iq4_nl: 4.5 bits with non-linear levels)")
     qz.add_argument("--pure", action="store_true",
                     help="store the embedding and output matrices in TYPE too (default: q8_0 under 4-bit types)")
     qz.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -200,7 +208,8 @@ def _load(args: argparse.Namespace):
     if args.model is None:
         print(f"phi3: using the default model {checkpoint.DEFAULT_MODEL_FILE} "
               f"({checkpoint.default_model_path()}); pass --model to choose another", file=sys.stderr)
-    return checkpoint.load(args.model, dtype=args.dtype, exact=args.exact)
+    return checkpoint.load(args.model, dtype=args.dtype, exact=args.exact, dequantize=args.dequantize,
+                           device=args.device)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -309,7 +318,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k in info)
     for key, value in info.items():
         if isinstance(value, dict):
-            value = ", ".join(f"{k} x{v}" for k, v in value.items())
+            value = "; ".join(f"{k}: {v}" if isinstance(v, str) else f"{k} x{v}" for k, v in value.items())
         if key.endswith("bytes") and isinstance(value, int):
             value = f"{value:,} ({value / 2**20:.1f} MiB)"
         if key == "parameters":
@@ -366,7 +375,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from phi3.eval import perplexity, read_text
     text = read_text(args.text_file)
     set_threads(args.threads)
-    lm = load(args.model, dtype=args.dtype, exact=args.exact)
+    lm = load(args.model, dtype=args.dtype, exact=args.exact, dequantize=args.dequantize, device=args.device)
     result = perplexity(lm, text, context=args.context, progress=not args.json)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -396,7 +405,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.model is None:
         print(f"phi3: using the default model {checkpoint.DEFAULT_MODEL_FILE}; pass --model to choose another",
               file=sys.stderr)
-    lm = checkpoint.load(args.model, dtype=args.dtype, exact=not args.fast)
+    lm = checkpoint.load(args.model, dtype=args.dtype, exact=not args.fast, dequantize=args.dequantize,
+                         device=args.device)
     model_id = Path(args.model).name if args.model else checkpoint.DEFAULT_MODEL_FILE
     output = Path(args.output)
     output = output if output.suffix == ".json" else output.with_suffix(".json")
@@ -422,8 +432,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from phi3.checkpoint import fetch_default_model
     print(fetch_default_model())
     if not quant.kernel_available():  # built now rather than on the first chat
-        print(f"phi3: no quantized CPU kernel ({quant.kernel_error()}); GGUF weights will be dequantized",
-              file=sys.stderr)
+        print(f"phi3: no compiled CPU kernel ({quant.kernel_error()}); 4-bit GGUF weights stay packed and are "
+              "unpacked a slice at a time per matmul (slower, same memory)", file=sys.stderr)
     return 0
 
 

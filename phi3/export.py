@@ -25,7 +25,7 @@ from phi3.errors import Phi3Error
 from phi3.tokenizer import BYTE, CONTROL, NORMAL, PHI3_CHAT_TEMPLATE, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer
 
 # GGUF general.file_type (llama.cpp's llama_ftype) of each output type.
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k": 15}
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k": 15, "iq4_nl": 25, "iq4_xs": 30}
 CHUNK_ROWS = 2048  # rows quantized at once: bounds temporary memory for big matrices
 
 
@@ -303,15 +303,17 @@ def tensor_type(name: str, shape: tuple[int, ...], qtype: str, pure: bool) -> st
     """Storage type of one tensor: 1-D ones (norms, rope factors) stay float32; the embedding and
     output matrices get 8 bits under a 4-bit type (llama.cpp gives them Q6_K) unless `pure`; a
     row length the type's block does not divide falls back to q4_1 for q4_k (llama.cpp picks
-    Q5_0, which phi3 does not write), else to q8_0, then f16."""
+    Q5_0, which phi3 does not write) and to iq4_nl for iq4_xs (as llama.cpp does), else to q8_0,
+    then f16."""
     if len(shape) < 2:
         return "f32"
     kind = qtype
-    if not pure and qtype.startswith("q4") and name in ("token_embd.weight", "output.weight"):
+    if not pure and qtype.startswith(("q4", "iq4")) and name in ("token_embd.weight", "output.weight"):
         kind = "q8_0"
     cols = shape[-1]
     if cols % quant.block_size(kind):
-        kind = ("q4_1" if kind == "q4_k" else "q8_0") if cols % quant.BLOCK == 0 else "f16"
+        fallback = {"q4_k": "q4_1", "iq4_xs": "iq4_nl"}.get(kind, "q8_0")
+        kind = fallback if cols % quant.BLOCK == 0 else "f16"
     return kind
 
 

@@ -7,9 +7,10 @@ LongRoPE for the 128K models) and an optional sliding window; the MLP is SwiGLU 
 gate_up projection. Parameter names follow Hugging Face's Phi3ForCausalLM so that a Phi-3
 checkpoint loads without renaming.
 
-Submodules are called through `.forward`: nn.Module.__call__ (hook handling) costs about a
-microsecond per call, a decode step makes ~300 such calls, and phi3 registers no hooks; skipping it
-measured 0.8 ms faster per SmolLM2 token.
+This file imports only torch and is what a trainer wraps: submodules are called normally (so
+hooks, FSDP and compile see them) and every path is plain PyTorch. Fast paths are applied from
+outside: the loader swaps packed 4/8-bit linears in (quant.py) and, on a CPU, fused kernels for
+RMSNorm and one-token attention (fastpath.py).
 
 Positions and padding: every row of a batch has its own positions (left padding shifts them), and
 a KVCache remembers which of its slots hold real tokens, so batched prompts of different lengths
@@ -19,23 +20,15 @@ decode together.
 from __future__ import annotations
 
 import mmap
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phi3 import quant
 from phi3.config import ModelConfig
 from phi3.errors import Phi3Error
-
-
-def cpu_kernels(x: torch.Tensor):
-    """phi3's compiled CPU kernels (see phi3/quant.py) when they apply to x, else None: decoding
-    one token pays PyTorch's per-call cost of tiny norms and attention ~30 times per token."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled():
-        return None
-    return quant.kernel()
 
 
 class RMSNorm(nn.Module):
@@ -47,9 +40,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused op in float32 math (16-bit inputs are rounded once, where transformers rounds
         # before and after the weight: a last-bit difference in bfloat16).
-        ext = cpu_kernels(x) if x.dtype == self.weight.dtype else None
-        if ext is not None:
-            return ext.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
@@ -96,6 +86,16 @@ class KVCache:
         self.has_padding = False
 
 
+@dataclass
+class DecodeRows:
+    """One new token for each of M sequences that have caches of their own (decode_step's rows):
+    each row's rotary tables and mask as `_prepare` made them for it alone."""
+    caches: list[KVCache]
+    cos: torch.Tensor  # [M, 1, 1, head_dim]
+    sin: torch.Tensor
+    masks: list[torch.Tensor | None]  # [1, 1, 1, S_i] per row, or None (no padding, no window)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -104,13 +104,17 @@ class Attention(nn.Module):
         self.head_dim = cfg.dim_per_head
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
-        self.fits_kernel = self.head_dim % 16 == 0 and self.head_dim <= 128  # decode_attention's limits
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, is_causal: bool,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
-        qkv = self.qkv_proj.forward(x)
-        return self.o_proj.forward(self.attend(qkv, cos, sin, mask, is_causal, cache, layer))
+        return self.o_proj(self.attend(self.qkv_proj(x), cos, sin, mask, is_causal, cache, layer))
+
+    def attend_rows(self, qkv: torch.Tensor, rows: DecodeRows, layer: int) -> torch.Tensor:
+        """Projected qkv [M, 1, width] of M independent sequences -> attention output [M, 1, H * hd],
+        each row against its own cache."""
+        return torch.cat([self.attend(qkv[i:i + 1], rows.cos[i:i + 1], rows.sin[i:i + 1], rows.masks[i], False,
+                                      rows.caches[i], layer) for i in range(qkv.shape[0])])
 
     def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                mask: torch.Tensor | None, is_causal: bool,
@@ -118,14 +122,6 @@ class Attention(nn.Module):
         """Projected qkv [B, T, (H + 2 KV) * hd] -> attention output [B, T, H * hd]."""
         B, T, _ = qkv.shape
         H, KV = self.n_heads, self.n_kv_heads
-        ext = cpu_kernels(qkv) if cache is not None and T == 1 and self.fits_kernel else None
-        if ext is not None:
-            # One new token: rotary, the cache write and attention in one call of our kernel
-            # (the ~15 small PyTorch ops it replaces cost more than the arithmetic).
-            allowed = mask[:, 0, 0, :] if mask is not None else torch.empty(0, dtype=torch.bool)
-            out = ext.decode_attention(qkv.reshape(B, -1), cos.view(B, -1), sin.view(B, -1), cache.k[layer],
-                                       cache.v[layer], cache.length, allowed, self.head_dim ** -0.5, H)
-            return out.view(B, 1, H * self.head_dim)
         qkv = qkv.view(B, T, H + 2 * KV, self.head_dim)
         # Rotate queries and keys together: one set of ops instead of two.
         qk = apply_rotary(qkv[:, :, :H + KV], cos, sin)
@@ -150,8 +146,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.forward(x).chunk(2, dim=-1)
-        return self.down_proj.forward(F.silu(gate) * up)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -162,9 +158,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, is_causal, cache, layer):
-        x = x + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, mask, is_causal, cache, layer)
-        return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode_rows(self, x: torch.Tensor, rows: DecodeRows, layer: int) -> torch.Tensor:
+        """forward for one new token of each of M independent sequences (x [M, 1, hidden])."""
+        attn = self.self_attn
+        x = x + attn.o_proj(attn.attend_rows(attn.qkv_proj(self.input_layernorm(x)), rows, layer))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):
@@ -278,16 +281,16 @@ class Transformer(nn.Module):
             mask, is_causal = allowed[:, None], False
         else:
             cos, sin, mask, is_causal = self._prepare(input_ids, cache, attention_mask, positions)
-        x = self.model.embed_tokens.forward(input_ids)
+        x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            x = layer.forward(x, cos, sin, mask, is_causal, cache, i)
+            x = layer(x, cos, sin, mask, is_causal, cache, i)
         if cache is not None:
             cache.length += input_ids.shape[1]
         if last_only:
             x = x[:, -1:]
         elif rows is not None:
             x = x[:, rows]
-        return self.lm_head.forward(self.model.norm.forward(x)).float()
+        return self.lm_head(self.model.norm(x)).float()
 
     def decode_step(self, input_ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         """One new token for each of several independent sequences, each with its own cache
@@ -303,30 +306,14 @@ class Transformer(nn.Module):
             raise Phi3Error(f"decode_step: {M} tokens but {len(caches)} caches")
         ids = input_ids.view(M, 1)
         prepared = [self._prepare(ids[i:i + 1], c, None, None) for i, c in enumerate(caches)]
-        x = self.model.embed_tokens.forward(ids)
-        ext = cpu_kernels(x.float() if x.dtype != self.dtype else x)
-        if ext is not None and self.model.layers[0].self_attn.fits_kernel:
-            # All rows' attention in one kernel call per layer: rows x heads in parallel, each row
-            # with the per-head code decode_attention runs for it alone.
-            cos = torch.cat([p[0].reshape(1, -1) for p in prepared])
-            sin = torch.cat([p[1].reshape(1, -1) for p in prepared])
-            masks = [p[2][:, 0, 0, :].contiguous() if p[2] is not None else torch.empty(0, dtype=torch.bool)
-                     for p in prepared]
-            ks, vs, starts = [c.k for c in caches], [c.v for c in caches], [c.length for c in caches]
-        for layer_index, layer in enumerate(self.model.layers):
-            attn = layer.self_attn
-            qkv = attn.qkv_proj.forward(layer.input_layernorm.forward(x))
-            if ext is not None and attn.fits_kernel:
-                out = ext.decode_attention_many(qkv.view(M, -1), cos, sin, ks, vs, layer_index, starts, masks,
-                                                attn.head_dim ** -0.5, attn.n_heads).view(M, 1, -1)
-            else:
-                out = torch.cat([attn.attend(qkv[i:i + 1], cos_i, sin_i, mask, is_causal, caches[i], layer_index)
-                                 for i, (cos_i, sin_i, mask, is_causal) in enumerate(prepared)])
-            x = x + attn.o_proj.forward(out)
-            x = x + layer.mlp.forward(layer.post_attention_layernorm.forward(x))
+        rows = DecodeRows(caches, torch.cat([p[0] for p in prepared]), torch.cat([p[1] for p in prepared]),
+                          [p[2] for p in prepared])
+        x = self.model.embed_tokens(ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer.decode_rows(x, rows, i)
         for c in caches:
             c.length += 1
-        return self.lm_head.forward(self.model.norm.forward(x)).float().view(M, -1)
+        return self.lm_head(self.model.norm(x)).float().view(M, -1)
 
     def _prepare(self, input_ids: torch.Tensor, cache: KVCache | None, attention_mask: torch.Tensor | None,
                  positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:

@@ -2,13 +2,15 @@
 
 Decoding one token reads every weight once, so bytes per weight set the speed on a CPU. A GGUF's
 Q4_0/Q4_1/Q4_K/Q8_0 tensors are repacked at load into `QuantLinear` modules that keep the file's
-bits (4-bit codes plus per-block scales) and multiply with an AVX-512 VNNI kernel of ours
-(phi3/kernels/quant_cpu.cpp, compiled on first use with torch.utils.cpp_extension). Where that
-kernel cannot be built (no compiler, no AVX-512 VNNI), `kernel_available()` is False and the
-loader dequantizes to dense weights instead.
+bits (4-bit codes plus per-block scales) on every machine. They multiply with a kernel of ours
+(phi3/kernels/, compiled on first use for AVX-512 VNNI, AVX2 or ARM NEON; see cpu_kernels.py).
+Without a compiled kernel (no compiler, another CPU, PHI3_KERNELS=portable, a GPU) the weights
+still stay packed: each matmul unpacks a slice of rows at a time with PyTorch ops, so memory stays
+near the file size. Only `--dequantize` unpacks a whole model.
 
 Two ways to multiply a packed weight, chosen per module by `int8_activations`:
 - True (default, what llama.cpp does): activations rounded to int8 per block of 32; fastest.
+  Needs a compiled kernel; the unpacking path always multiplies float activations.
 - False (`--exact`): float activations; equal to multiplying the dequantized weight, so results
   match transformers' GGUF loader to float rounding.
 
@@ -32,20 +34,58 @@ BLOCK = 32
 SUPER = 256  # K-quant super-block
 PROMPT_ROWS = 16  # from this many tokens per sequence on, unpack the weight and use a dense matmul
 UNPACK_ELEMENTS = 1 << 23  # weights unpacked at a time for that (32 MB in float32)
-QUANT_KINDS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")  # GGUF types kept packed
-FORMAT_IDS = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "q8_0": 3}  # must match quant_cpu.cpp
-WRITE_TYPES = ("q4_0", "q4_1", "q4_k", "q8_0", "f16", "f32")  # what `phi3 quantize` writes
+# GGUF types kept packed in memory, on every machine. The first four have compiled kernels
+# (KERNEL_KINDS); the others are unpacked a slice at a time per matmul for now.
+PACKED_KINDS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+KERNEL_KINDS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
+QUANT_KINDS = KERNEL_KINDS
+FORMAT_IDS = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "q8_0": 3, "q5_0": 4, "q5_1": 5, "q5_k": 6, "q6_k": 7,
+              "iq4_nl": 8, "iq4_xs": 9}  # must match quant_core.h
+# llama.cpp's kvalues_iq4nl: the 16 levels of IQ4_NL and IQ4_XS codes.
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+WRITE_TYPES = ("q4_0", "q4_1", "q4_k", "iq4_nl", "iq4_xs", "q8_0", "f16", "f32")  # what `phi3 quantize` writes
+def kernel_isa() -> str | None:
+    isa = getattr(cpu_kernels, "kernel_isa", None)
+    if isa is not None:
+        return isa()
+    return "avx512" if cpu_kernels.kernel() is not None else None
+
+
+def _cpu_has_bf16() -> bool:
+    global _BF16
+    if _BF16 is None:
+        try:
+            flags = set(open("/proc/cpuinfo").read().split())
+        except OSError:
+            flags = set()
+        _BF16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    return _BF16
+
+
+_BF16: bool | None = None
+
+
 class QuantLinear(nn.Module):
     """y = x @ W^T with W [out, in] held in blocks of 32 along `in` (see quant_cpu.cpp for the layout).
 
-    Buffers, all with `out` rows: `qs` (4-bit codes, two per byte, or int8), `a`, `b`, `c`: the
-    format's scales (q4_0/q8_0: a = d; q4_1: a = d, b = m; q4_k: a = sub-scales, b = sub-mins,
-    c = (d, dmin) per super-block of 256).
+    Buffers, all with `out` rows:
+    - `qs`: codes, int8 for q8_0, else the low 4 bits two per byte (per block of 32, byte j holds
+      element j in its low nibble and element j + 16 in its high nibble);
+    - `qh`: the high bits of 5- and 6-bit codes, one 32-bit little-endian plane per block and bit
+      (bit e of a plane is that bit of element e): q5_*: 4 bytes per block (bit 4); q6_k: 8 bytes
+      per block (bit 4 plane, then bit 5 plane); empty for the others;
+    - `a`, `b`, `c`: the format's scales:
+        q4_0, q8_0, iq4_nl: a = d (half) per block;  q5_0: a = d;  q4_1, q5_1: a = d, b = m;
+        q4_k, q5_k: a = 6-bit sub-scales, b = sub-mins (uint8 per block), c = (d, dmin) per 256;
+        q6_k: a = int8 scale per 16 elements, c = d per 256;
+        iq4_xs: a = int8 block scale (ls - 32), c = d per 256.
+    Weights: q4_0 d*(q-8); q5_0 d*(q-16); q4_1/q5_1 d*q+m; q4_k/q5_k d*sc*q - dmin*mn;
+    q6_k d*sc*(q-32); q8_0 d*q; iq4_nl d*L[q]; iq4_xs d*(ls-32)*L[q] with L = IQ4_LEVELS.
     """
 
     def __init__(self, kind: str, qs: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None,
                  c: torch.Tensor | None, in_features: int, out_features: int,
-                 int8_activations: bool = True) -> None:
+                 int8_activations: bool = True, qh: torch.Tensor | None = None) -> None:
         super().__init__()
         assert kind in FORMAT_IDS, kind
         self.kind = kind
@@ -57,59 +97,107 @@ class QuantLinear(nn.Module):
         self.register_buffer("a", a)
         self.register_buffer("b", b if b is not None else empty)
         self.register_buffer("c", c if c is not None else empty)
+        self.register_buffer("qh", qh if qh is not None else empty)
 
     @property
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qs, self.a, self.b, self.c))
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.qh, self.a, self.b, self.c))
+
+    @property
+    def has_kernel(self) -> bool:
+        return self.kind.upper() in KERNEL_KINDS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ext = cpu_kernels.kernel()
-        if ext is None:
-            return (x.float() @ self.dequantize().t()).to(x.dtype)
+        ext = cpu_kernels.kernel() if x.device.type == "cpu" else None
         # Tokens per sequence, not rows in all: a batch of decode steps ([rows, 1, in]) stays on
         # the kernel, whose rows are computed exactly as one alone would be.
         tokens = x.shape[-2] if x.dim() >= 2 else 1
-        if tokens >= PROMPT_ROWS:
-            # Many tokens (a prompt): unpack and let a dense matmul reuse each weight, a slice of
-            # output rows at a time so that the unpacked copy stays small. Unless exact, in
-            # bfloat16: ~4.5x float32's speed here (AVX512-BF16), and its rounding of activations
-            # is no coarser than the int8 rounding of the decode path.
-            compute = torch.bfloat16 if x.dtype == torch.bfloat16 or self.int8_activations else torch.float32
-            xc = x.reshape(-1, self.in_features).to(compute)
-            y = torch.empty(xc.shape[0], self.out_features, dtype=compute)
-            step = max(256, UNPACK_ELEMENTS // self.in_features)
-            for r in range(0, self.out_features, step):
+        if not self.has_kernel:
+            ext = None
+        if ext is not None and tokens < PROMPT_ROWS:
+            return ext.block_matmul(x, self.fmt, self.qs, self.a, self.b, self.c, self.int8_activations)
+        # Many tokens (a prompt), or no compiled kernel: unpack a slice of output rows at a time
+        # and let a dense matmul reuse each weight, so that the unpacked copy stays small (32 MB).
+        compute = self._unpacked_dtype(x)
+        xc = x.reshape(-1, self.in_features).to(compute)
+        y = torch.empty(xc.shape[0], self.out_features, dtype=compute, device=x.device)
+        step = max(256, UNPACK_ELEMENTS // self.in_features)
+        for r in range(0, self.out_features, step):
+            if ext is not None:
                 parts = [t[r:r + step] if t.numel() else t for t in (self.qs, self.a, self.b, self.c)]
                 w = ext.block_dequantize(self.fmt, *parts, compute)
-                y[:, r:r + step] = xc @ w.t()
-            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return ext.block_matmul(x, self.fmt, self.qs, self.a, self.b, self.c, self.int8_activations)
+            else:
+                w = self.dequantize(r, r + step).to(compute)
+            y[:, r:r + step] = xc @ w.t()
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
-    def block_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float scale and min of every block [out, in/32]: w = scale * q + min."""
-        n = self.out_features
-        if self.kind == "q4_k":
-            dm = self.c.view(torch.float16).float().view(n, -1, 1, 2)
-            sc = self.a.float().view(n, -1, SUPER // BLOCK)
-            mn = self.b.float().view(n, -1, SUPER // BLOCK)
+    def _unpacked_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dense matmul's dtype when weights are unpacked. bfloat16 where the CPU multiplies it
+        natively (AVX512-BF16: ~4.5x float32's speed on our test CPU; its rounding of activations
+        is no coarser than the int8 rounding of the decode path) unless exact; elsewhere float32,
+        since emulated bfloat16 matmuls are slower than float32 ones."""
+        if x.device.type != "cpu" or x.dtype == torch.bfloat16:
+            return x.dtype
+        if self.int8_activations and kernel_isa() == "avx512" and _cpu_has_bf16():
+            return torch.bfloat16
+        return torch.float32
+
+    def block_scales(self, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float scale and min of every block of rows start:end [rows, in/32] for the formats whose
+        block is 32 codes times one scale plus one min (w = scale * q + min); q6_k, whose scales
+        cover 16 elements, and the iq4 types, whose codes index IQ4_LEVELS, give the scale of
+        each code unit instead (dequantize handles them)."""
+        a, b, c = (t[start:end] if t.numel() else t for t in (self.a, self.b, self.c))
+        n = a.shape[0]
+        if self.kind in ("q4_k", "q5_k"):
+            dm = c.view(torch.float16).float().view(n, -1, 1, 2)
+            sc = a.float().view(n, -1, SUPER // BLOCK)
+            mn = b.float().view(n, -1, SUPER // BLOCK)
             return (dm[..., 0] * sc).view(n, -1), (-dm[..., 1] * mn).view(n, -1)
-        d = self.a.view(torch.float16).float()
+        if self.kind in ("q6_k", "iq4_xs"):
+            d = c.view(torch.float16).float()
+            per = a.shape[1] // d.shape[1]  # q6_k: 16 scales per 256, iq4_xs: 8
+            scale = (d[:, :, None] * a.view(torch.int8).float().view(n, -1, per)).view(n, -1)
+            return scale, torch.zeros_like(scale)
+        d = a.view(torch.float16).float()
         if self.kind == "q4_0":
             return d, -8 * d
-        if self.kind == "q4_1":
-            return d, self.b.view(torch.float16).float()
+        if self.kind == "q5_0":
+            return d, -16 * d
+        if self.kind in ("q4_1", "q5_1"):
+            return d, b.view(torch.float16).float()
         return d, torch.zeros_like(d)
 
-    def dequantize(self) -> torch.Tensor:
-        """The dense float32 weight [out, in], in plain PyTorch (the kernels' reference)."""
-        n, k = self.out_features, self.in_features
-        scale, minimum = self.block_scales()
+    def codes(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The integer codes of rows start:end as float32 [rows, in] (before scales; iq4 types:
+        their levels)."""
+        k = self.in_features
+        qs = self.qs[start:end]
+        n = qs.shape[0]
         if self.kind == "q8_0":
-            q = self.qs.view(torch.int8).view(n, k // BLOCK, BLOCK).float()
-        else:
-            lo = (self.qs & 0x0F).view(n, k // BLOCK, 16)
-            hi = (self.qs >> 4).view(n, k // BLOCK, 16)
-            q = torch.cat([lo, hi], dim=-1).float()
+            return qs.view(torch.int8).view(n, k).float()
+        blocks = qs.view(n, k // BLOCK, 16)
+        q = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1)
+        if self.qh.numel():
+            planes = self.qh[start:end].view(n, k // BLOCK, -1, 4)  # [rows, blocks, planes, 4 bytes]
+            bit = torch.arange(BLOCK, device=qs.device)
+            for p in range(planes.shape[2]):
+                plane = planes[:, :, p, bit // 8] >> (bit % 8) & 1
+                q = q | (plane << (4 + p))
+        if self.kind in ("iq4_nl", "iq4_xs"):
+            return torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=qs.device)[q.long()].view(n, k)
+        return q.float().view(n, k)
+
+    def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The dense float32 weight rows start:end [rows, in], in plain PyTorch (the kernels'
+        reference, and the unpacking path where no kernel is compiled)."""
+        k = self.in_features
+        q = self.codes(start, end)
+        n = q.shape[0]
+        scale, minimum = self.block_scales(start, end)
+        if self.kind == "q6_k":  # 16 codes per scale, codes offset by 32
+            return ((q.view(n, -1, 16) - 32) * scale[..., None]).view(n, k)
+        q = q.view(n, k // BLOCK, BLOCK)
         return (q * scale[..., None] + minimum[..., None]).view(n, k)
 
     def extra_repr(self) -> str:
@@ -138,7 +226,7 @@ def _pack_q4_order(q: np.ndarray) -> np.ndarray:
 
 
 def from_gguf_blocks(kind: str, data: np.ndarray, rows: int, cols: int) -> QuantLinear:
-    """Repack a GGUF tensor's raw bytes (Q4_0, Q4_1, Q4_K or Q8_0) into a QuantLinear."""
+    """Repack a GGUF tensor's raw bytes (one of PACKED_KINDS) into a QuantLinear."""
     nb = cols // BLOCK
     raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(rows, -1)
 
@@ -167,22 +255,116 @@ def from_gguf_blocks(kind: str, data: np.ndarray, rows: int, cols: int) -> Quant
         qs = _pack_q4_order(codes).reshape(rows, nb * 16)
         return QuantLinear("q4_k", torch.from_numpy(qs), torch.from_numpy(sc.reshape(rows, nb).copy()),
                            torch.from_numpy(mn.reshape(rows, nb).copy()), dm, cols, rows)
+    if kind in ("Q5_0", "Q5_1"):
+        blocks = raw.reshape(rows, nb, -1)
+        d = half(blocks[:, :, 0:2])
+        at = 2 if kind == "Q5_0" else 4
+        qh = torch.from_numpy(blocks[:, :, at:at + 4].reshape(rows, nb * 4).copy())
+        qs = torch.from_numpy(blocks[:, :, at + 4:at + 20].reshape(rows, nb * 16).copy())
+        m = half(blocks[:, :, 2:4]) if kind == "Q5_1" else None
+        return QuantLinear(kind.lower(), qs, d, m, None, cols, rows, qh=qh)
+    if kind == "Q5_K":
+        ns = cols // SUPER
+        blocks = raw.reshape(rows, ns, 176)
+        dm = half(blocks[:, :, 0:4])
+        sc, mn = _q4k_scale_min(blocks[:, :, 4:16])
+        high = blocks[:, :, 16:48]  # [rows, ns, 32]: bit s of byte l is bit 4 of element l of sub-block s
+        packed = blocks[:, :, 48:176].reshape(rows, ns, 4, 32)
+        codes = np.stack([packed & 0x0F, packed >> 4], axis=3).reshape(rows, ns * 8, BLOCK)
+        bits = (high[:, :, None, :] >> np.arange(8, dtype=np.uint8)[None, None, :, None]) & 1
+        qh = _pack_bit_plane(bits.reshape(rows, ns * 8, BLOCK))
+        return QuantLinear("q5_k", torch.from_numpy(_pack_q4_order(codes).reshape(rows, nb * 16)),
+                           torch.from_numpy(sc.reshape(rows, nb).copy()), torch.from_numpy(mn.reshape(rows, nb).copy()),
+                           dm, cols, rows, qh=torch.from_numpy(qh.reshape(rows, nb * 4)))
+    if kind == "Q6_K":
+        ns = cols // SUPER
+        blocks = raw.reshape(rows, ns, 210)
+        ql = blocks[:, :, 0:128].reshape(rows, ns, 2, 2, 32)  # [half of 128, low/high 32 bytes, l]
+        qh = blocks[:, :, 128:192].reshape(rows, ns, 2, 32)
+        scales = blocks[:, :, 192:208].reshape(rows, ns * 16)
+        d = half(blocks[:, :, 208:210])
+        # Element 128h + 32g + l: low nibble of ql[h][g % 2][l] (g < 2) or high (g >= 2); its two
+        # high bits are bits 2g, 2g+1 of qh[h][l].
+        low = np.stack([ql[:, :, :, 0] & 0x0F, ql[:, :, :, 1] & 0x0F, ql[:, :, :, 0] >> 4, ql[:, :, :, 1] >> 4],
+                       axis=3)  # [rows, ns, 2, 4, 32]
+        high = np.stack([(qh >> (2 * g)) & 3 for g in range(4)], axis=3)
+        low, high = low.reshape(rows, ns * 8, BLOCK), high.reshape(rows, ns * 8, BLOCK)
+        planes = np.stack([_pack_bit_plane(high & 1), _pack_bit_plane(high >> 1)], axis=2)  # [rows, nb, 2, 4]
+        return QuantLinear("q6_k", torch.from_numpy(_pack_q4_order(low).reshape(rows, nb * 16)),
+                           torch.from_numpy(scales.view(np.int8).copy()), None, d, cols, rows,
+                           qh=torch.from_numpy(planes.reshape(rows, nb * 8)))
+    if kind == "IQ4_NL":
+        blocks = raw.reshape(rows, nb, 18)
+        return QuantLinear("iq4_nl", torch.from_numpy(blocks[:, :, 2:18].reshape(rows, nb * 16).copy()),
+                           half(blocks[:, :, 0:2]), None, None, cols, rows)
+    if kind == "IQ4_XS":
+        ns = cols // SUPER
+        blocks = raw.reshape(rows, ns, 136)
+        d = half(blocks[:, :, 0:2])
+        scales_h = blocks[:, :, 2:4].copy().view(np.uint16).reshape(rows, ns, 1).astype(np.int32)
+        scales_l = blocks[:, :, 4:8].astype(np.int32)
+        ib = np.arange(8)
+        ls = ((scales_l[:, :, ib // 2] >> (4 * (ib % 2))) & 0xF) | (((scales_h >> (2 * ib)) & 3) << 4)
+        return QuantLinear("iq4_xs", torch.from_numpy(blocks[:, :, 8:136].reshape(rows, nb * 16).copy()),
+                           torch.from_numpy((ls - 32).astype(np.int8).reshape(rows, nb)), None, d, cols, rows)
     raise ValueError(f"not a block format phi3 keeps packed: {kind}")
+
+
+def _pack_bit_plane(bits: np.ndarray) -> np.ndarray:
+    """Bits [..., 32] (0/1) -> 4 bytes [..., 4], bit e of the little-endian 32-bit word = element e."""
+    return np.packbits(bits.astype(np.uint8), axis=-1, bitorder="little")
+
+
+BUFFERS = ("qs", "qh", "a", "b", "c")
 
 
 def concat_rows(parts: list[QuantLinear]) -> QuantLinear:
     """Stack several weights' rows (q, k, v into qkv; gate, up into gate_up)."""
     assert len({p.kind for p in parts}) == 1 and len({p.in_features for p in parts}) == 1
     first = parts[0]
-    cat = [torch.cat([getattr(p, name) for p in parts]) for name in ("qs", "a", "b", "c")]
-    return QuantLinear(first.kind, *cat, first.in_features, sum(p.out_features for p in parts),
-                       first.int8_activations)
+    cat = {name: torch.cat([getattr(p, name) for p in parts]) for name in BUFFERS}
+    return QuantLinear(first.kind, cat["qs"], cat["a"], cat["b"], cat["c"], first.in_features,
+                       sum(p.out_features for p in parts), first.int8_activations, qh=cat["qh"])
+
+
+class ConcatLinear(nn.Module):
+    """Several packed weights of different types side by side in the output dimension, e.g. a
+    Q4_K_M file's q and k (Q4_K) next to its v (Q6_K) as one qkv projection."""
+
+    def __init__(self, parts: list[QuantLinear]) -> None:
+        super().__init__()
+        assert len({p.in_features for p in parts}) == 1
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.weight_bytes for p in self.parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def join_rows(parts: list[QuantLinear]) -> QuantLinear | ConcatLinear:
+    """One module for weights stacked by rows: one QuantLinear when they share a type, else a
+    ConcatLinear of runs of equal types."""
+    if len({p.kind for p in parts}) == 1:
+        return concat_rows(parts) if len(parts) > 1 else parts[0]
+    runs: list[list[QuantLinear]] = []
+    for p in parts:
+        if runs and runs[-1][0].kind == p.kind:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return ConcatLinear([concat_rows(r) if len(r) > 1 else r[0] for r in runs])
 
 
 def permute_rows(q: QuantLinear, order: torch.Tensor) -> QuantLinear:
     """The rows `order` (a permutation, or any selection) of a packed weight."""
-    bufs = [getattr(q, name)[order].contiguous() for name in ("qs", "a", "b", "c")]
-    return QuantLinear(q.kind, *bufs, q.in_features, len(order), q.int8_activations)
+    bufs = {name: getattr(q, name)[order].contiguous() for name in BUFFERS}
+    return QuantLinear(q.kind, bufs["qs"], bufs["a"], bufs["b"], bufs["c"], q.in_features, len(order),
+                       q.int8_activations, qh=bufs["qh"])
 
 
 class QuantEmbedding(nn.Module):
@@ -298,6 +480,96 @@ def quantize_q4_k(a: np.ndarray) -> np.ndarray:
     return out.reshape(rows, cols // SUPER * 144)
 
 
+_IQ4_VALUES = np.array(IQ4_LEVELS, dtype=np.float32)
+
+
+def _iq4_best_index(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's best_index_int8 over IQ4_LEVELS, elementwise: the nearest level, the upper one
+    of a tie only when strictly nearer (as its `x - lo < hi - x ? lo : hi`)."""
+    v = _IQ4_VALUES
+    upper = np.clip(np.searchsorted(v, x, side="right"), 1, 15)
+    lo, hi = v[upper - 1], v[upper]
+    idx = np.where(x - lo < hi - x, upper - 1, upper)
+    return np.where(x <= v[0], 0, np.where(x >= v[15], 15, idx)).astype(np.uint8)
+
+
+def _iq4_block_scales(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The weighted scale search of llama.cpp's quantize_row_iq4_nl_impl (ntry = 7, no importance
+    matrix: weights x^2) for blocks x [B, 32] in float32: (scale [B], codes [B, 32]). Sums run
+    element by element as the C loops add them, so the scales round to llama-quantize's bits."""
+    weight = x * x
+    first_max = np.argmax(np.abs(x), axis=1)  # the first of equal magnitudes, as `ax > amax` keeps
+    mx = x[np.arange(len(x)), first_max]
+    empty = np.abs(mx) < np.float32(1e-15)
+    mx_safe = np.where(empty, np.float32(1), mx)
+
+    def sums(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = _IQ4_VALUES[codes]
+        wq = weight * q
+        return _sum_in_order(np.ascontiguousarray((wq * x).T)), _sum_in_order(np.ascontiguousarray((wq * q).T))
+
+    d = -mx_safe / np.float32(-127)
+    codes = _iq4_best_index((np.float32(1) / d)[:, None] * x)
+    sumqx, sumq2 = sums(codes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(sumq2 > 0, sumqx / sumq2, np.float32(0)).astype(np.float32)
+    best = d * sumqx
+    for itry in range(-7, 8):
+        inv = np.float32(itry - 127) / mx_safe
+        sumqx, sumq2 = sums(_iq4_best_index(inv[:, None] * x))
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.where(better, sumqx / sumq2, d).astype(np.float32)
+        best = np.where(better, d * sumqx, best).astype(np.float32)
+    return np.where(empty, np.float32(0), d), codes
+
+
+def _pack_iq4(codes: np.ndarray) -> np.ndarray:
+    """Codes [..., 32] -> 16 bytes per block (element j low nibble, j + 16 high)."""
+    return (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8)
+
+
+def quantize_iq4_nl(a: np.ndarray) -> np.ndarray:
+    """Float [rows, cols] (cols a multiple of 32) -> GGUF IQ4_NL bytes, as llama-quantize writes
+    them (ggml's quantize_iq4_nl without an importance matrix)."""
+    rows, cols = a.shape
+    x = np.ascontiguousarray(a, dtype=np.float32).reshape(-1, BLOCK)
+    scale, _ = _iq4_block_scales(x)
+    d = scale.astype(np.float16)
+    with np.errstate(divide="ignore"):
+        inv = np.where(scale != 0, np.float32(1) / np.where(scale != 0, scale, 1), np.float32(0)).astype(np.float32)
+    codes = _iq4_best_index(inv[:, None] * x)
+    out = np.concatenate([d.view(np.uint8).reshape(-1, 2), _pack_iq4(codes)], axis=1)
+    return out.reshape(rows, cols // BLOCK * 18)
+
+
+def quantize_iq4_xs(a: np.ndarray) -> np.ndarray:
+    """Float [rows, cols] (cols a multiple of 256) -> GGUF IQ4_XS bytes, as llama-quantize writes
+    them: IQ4_NL's search per 32, then 6-bit block scales under one half-precision scale per 256."""
+    rows, cols = a.shape
+    x = np.ascontiguousarray(a, dtype=np.float32).reshape(-1, BLOCK)
+    scales, _ = _iq4_block_scales(x)
+    scales = scales.reshape(-1, SUPER // BLOCK)
+    first_max = np.argmax(np.abs(scales), axis=1)
+    max_scale = scales[np.arange(len(scales)), first_max]
+    d = (-max_scale / np.float32(32)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv_d = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), np.float32(0)).astype(np.float32)
+    levels = np.clip(_nearest(inv_d[:, None] * scales), -32, 31)
+    dl = (d[:, None] * levels.astype(np.float32)).reshape(-1)
+    with np.errstate(divide="ignore"):
+        inv_dl = np.where(dl != 0, np.float32(1) / np.where(dl != 0, dl, 1), np.float32(0)).astype(np.float32)
+    codes = _iq4_best_index(inv_dl[:, None] * x)
+    ls = (levels + 32).astype(np.uint16)  # [S, 8]
+    scales_l = (ls[:, 0::2] & 0xF) | ((ls[:, 1::2] & 0xF) << 4)
+    scales_h = np.zeros(len(ls), np.uint16)
+    for ib in range(SUPER // BLOCK):
+        scales_h |= (ls[:, ib] >> 4) << (2 * ib)
+    out = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2), scales_h.view(np.uint8).reshape(-1, 2),
+                          scales_l.astype(np.uint8), _pack_iq4(codes).reshape(-1, 128)], axis=1)
+    return out.reshape(rows, cols // SUPER * 136)
+
+
 def quantize_blocks(a: np.ndarray, kind: str) -> np.ndarray:
     """Float [rows, cols] -> GGUF bytes of `kind` (one of WRITE_TYPES); f16/f32 stay arrays."""
     import gguf
@@ -307,9 +579,21 @@ def quantize_blocks(a: np.ndarray, kind: str) -> np.ndarray:
         return np.ascontiguousarray(a, dtype=np.float16)
     if kind == "q4_k":
         return quantize_q4_k(a)
+    if kind == "iq4_nl":
+        return quantize_iq4_nl(a)
+    if kind == "iq4_xs":
+        return quantize_iq4_xs(a)
     return gguf.quants.quantize(np.ascontiguousarray(a, dtype=np.float32), gguf.GGMLQuantizationType[kind.upper()])
 
 
+def keeps_packed(kind: str, gguf_shape: tuple[int, ...]) -> bool:
+    """Whether a GGUF tensor (type name, GGUF's [in, out] shape) loads as a QuantLinear."""
+    return kind in PACKED_KINDS and len(gguf_shape) == 2 and gguf_shape[0] % block_size(kind) == 0
+
+
 def block_size(kind: str) -> int:
-    """Elements per block of a type name (q4_k: 256; other q*: 32; floats: 1)."""
-    return SUPER if kind == "q4_k" else BLOCK if kind.startswith("q") else 1
+    """Elements per block of a type name (K-quants and iq4_xs: 256; other block types: 32; floats: 1)."""
+    kind = kind.lower()
+    if kind.endswith("_k") or kind == "iq4_xs":
+        return SUPER
+    return BLOCK if kind.startswith(("q", "iq")) else 1

@@ -94,9 +94,10 @@ def _random_k_blocks(kind: str, n_blocks: int, rng: np.random.Generator) -> byte
     return raw.tobytes()
 
 
-@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_gguf_quant_types_match_transformers_loader(tmp_path, qtype):
-    """Each type is dequantized as transformers' GGUF loader dequantizes it."""
+    """Each type gives the numbers of transformers' GGUF loader, and every block type stays packed."""
+    from phi3 import quant
     from transformers import AutoModelForCausalLM
     cfg = tiny_config("medium").with_(model_type="llama", hidden_size=256, intermediate_size=256,
                                       num_attention_heads=4, num_key_value_heads=2)
@@ -111,6 +112,10 @@ def test_gguf_quant_types_match_transformers_loader(tmp_path, qtype):
     path = write_tiny_gguf(tmp_path / f"{qtype}.gguf", cfg, hf.state_dict(), "llama", qtype=base_type,
                            raw_blocks=raw)
     ours = load(path, dtype="float32", exact=True)
+    if qtype in quant.PACKED_KINDS:
+        layers = ours.model.model.layers
+        packed = layers[0].mlp.down_proj if qtype.endswith("_K") else layers[1].self_attn.qkv_proj
+        assert isinstance(packed, quant.QuantLinear) and packed.kind == qtype.lower()
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32,
                                                quantization_config=dense_gguf()).eval()
     x = torch.randint(0, 256, (1, 24))
@@ -208,3 +213,50 @@ def test_convert_phi3_gguf_loads_as_phi3_in_transformers(tmp_path):
     x = torch.randint(0, 256, (1, 40))  # past the original context of 32: long factors
     with torch.no_grad():
         assert max_diff(converted(x).logits, hf(x).logits) <= 1e-4
+
+
+def test_dequantize_unpacks_on_request_and_says_what_it_costs(smollm_gguf, capsys):
+    from phi3 import quant
+    packed = load(smollm_gguf, exact=True)
+    assert isinstance(packed.model.model.layers[0].mlp.down_proj, quant.QuantLinear)
+    capsys.readouterr()
+    dense = load(smollm_gguf, dequantize=True)
+    err = capsys.readouterr().err
+    assert "dequantizing every weight to float32: about 0.5 GB in memory, against 0.1 GB kept packed" in err
+    layer = dense.model.model.layers[0].mlp.down_proj
+    assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 1345, 47]])
+    with torch.inference_mode():
+        assert max_diff(dense.model(ids), packed.model(ids)) < 1e-3
+
+
+PEAK_RSS_SCRIPT = """
+import resource, sys, torch
+from phi3.checkpoint import load
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+lm = load(sys.argv[1], dequantize=sys.argv[2] == "1")
+with torch.inference_mode():
+    cache = lm.model.new_cache(1, 64)
+    lm.model(torch.arange(1, 33)[None], cache=cache)
+    for t in range(3):
+        lm.model(torch.tensor([[40 + t]]), cache=cache)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+def test_without_a_compiled_kernel_weights_stay_packed(smollm_gguf):
+    """PHI3_KERNELS=portable: 4-bit weights are unpacked a slice at a time per matmul, so memory
+    grows by about the file, not by the float32 model (~5x the file for SmolLM2's Q4_1)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PHI3_KERNELS="portable", PHI3_NO_KERNELS="1")
+    grown = {}
+    for dequantize in ("0", "1"):
+        r = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(smollm_gguf), dequantize], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        grown[dequantize] = int(r.stdout.split()[-1])
+    file_bytes = smollm_gguf.stat().st_size
+    assert grown["0"] < file_bytes + 150e6, grown
+    assert grown["1"] > 4 * file_bytes, grown

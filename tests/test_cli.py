@@ -57,9 +57,7 @@ def test_info_describes_gguf(smollm_gguf):
     assert info["weights"] == {"Q8_0": 1, "F32": 61, "Q4_1": 210}
     assert info["file_bytes"] == smollm_gguf.stat().st_size
     assert "byte-level BPE" in info["tokenizer"]
-    from phi3 import quant
-    if quant.kernel_available():
-        assert sum(n for k, n in info["kernels"].items() if k.startswith("packed 4-bit")) == 210
+    assert sum(n for k, n in info["kernels"].items() if k.startswith("packed 4-bit")) == 210
 
 
 # --- bad input ----------------------------------------------------------------------------------
