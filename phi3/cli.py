@@ -44,6 +44,10 @@ def _add_compute_args(p: argparse.ArgumentParser) -> None:
                    help=f"CPU threads (default: all {os.cpu_count()} cores)")
     p.add_argument("--exact", action="store_true", help=EXACT_HELP)
     p.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
+    p.add_argument("--kv-cache", default="auto", choices=["auto", "f32", "f16", "bf16", "q8_0"],
+                   help="KV cache element type (default auto: f16 for packed GGUF weights on the CPU, as "
+                        "llama.cpp; else the compute dtype). q8_0 halves f16's memory (BENCHMARKS.md: its "
+                        "perplexity cost)")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:N or mps (default auto: a GPU when PyTorch sees one, else the CPU). "
                         "On a GPU, dense checkpoints compute in bfloat16 and 4-bit GGUF weights stay packed, "
@@ -209,7 +213,7 @@ def _load(args: argparse.Namespace):
         print(f"phi3: using the default model {checkpoint.DEFAULT_MODEL_FILE} "
               f"({checkpoint.default_model_path()}); pass --model to choose another", file=sys.stderr)
     return checkpoint.load(args.model, dtype=args.dtype, exact=args.exact, dequantize=args.dequantize,
-                           device=args.device)
+                           device=args.device, kv_cache=args.kv_cache)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -375,7 +379,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from phi3.eval import perplexity, read_text
     text = read_text(args.text_file)
     set_threads(args.threads)
-    lm = load(args.model, dtype=args.dtype, exact=args.exact, dequantize=args.dequantize, device=args.device)
+    lm = load(args.model, dtype=args.dtype, exact=args.exact, dequantize=args.dequantize, device=args.device,
+              kv_cache=args.kv_cache)
     result = perplexity(lm, text, context=args.context, progress=not args.json)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -406,7 +411,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"phi3: using the default model {checkpoint.DEFAULT_MODEL_FILE}; pass --model to choose another",
               file=sys.stderr)
     lm = checkpoint.load(args.model, dtype=args.dtype, exact=not args.fast, dequantize=args.dequantize,
-                         device=args.device)
+                         device=args.device, kv_cache=args.kv_cache)
     model_id = Path(args.model).name if args.model else checkpoint.DEFAULT_MODEL_FILE
     output = Path(args.output)
     output = output if output.suffix == ".json" else output.with_suffix(".json")

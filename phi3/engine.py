@@ -64,8 +64,7 @@ class Prefix:
         n = len(self.tokens)
         if len(prompt) <= n or prompt[:n] != self.tokens:
             return
-        cache.k[:, :, :, :n] = self.cache.k
-        cache.v[:, :, :, :n] = self.cache.v
+        cache.copy_prefix(self.cache, n)
         cache.valid[:, :n] = True
         cache.next_position.fill_(n)
         cache.rope_long.copy_(self.cache.rope_long)

@@ -74,12 +74,16 @@ def perplexity(lm: LoadedModel, text: str, context: int = 512, progress: bool = 
         from tqdm import tqdm
         chunks = tqdm(chunks, desc="perplexity", unit="chunk", file=sys.stderr)
     with torch.inference_mode():
+        cache = lm.model.new_cache(1, context)
         for c in chunks:
             ids = tokens[c * context:(c + 1) * context]
             if bos is not None:
                 ids = [bos] + ids[1:]
             x = torch.tensor([ids], device=lm.model.device)
-            logits = lm.model(x)[0, first:-1]
+            # Through a KV cache, as llama.cpp's perplexity runs: attention then reads the cached
+            # keys and values, so the cache's type (--kv-cache) is part of what is measured.
+            cache.reset()
+            logits = lm.model(x, cache=cache)[0, first:-1]
             targets = x[0, first + 1:]
             nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
             total_nll += float(nll)

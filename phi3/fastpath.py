@@ -46,7 +46,7 @@ class FusedAttention(Attention):
     def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                is_causal: bool, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = qkv.shape
-        ext = kernels_for(qkv) if cache is not None and T == 1 else None
+        ext = kernels_for(qkv) if cache is not None and T == 1 and not cache.quantized else None
         if ext is None:
             return super().attend(qkv, cos, sin, mask, is_causal, cache, layer)
         # One new token: rotary, the cache write and attention in one kernel call (the ~15 small
@@ -58,7 +58,7 @@ class FusedAttention(Attention):
 
     def attend_rows(self, qkv: torch.Tensor, rows: DecodeRows, layer: int) -> torch.Tensor:
         M = qkv.shape[0]
-        ext = kernels_for(qkv)
+        ext = kernels_for(qkv) if not any(c.quantized for c in rows.caches) else None
         if ext is None:
             return super().attend_rows(qkv, rows, layer)
         # All rows in one call: rows x heads in parallel, each row with the per-head code that

@@ -50,7 +50,7 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     then commit the whole cache."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    carrier = {2: np.int16, 4: np.float32, 8: np.float64}[torch.empty(0, dtype=dtype).element_size()]
+    carrier = {1: np.int8, 2: np.int16, 4: np.float32, 8: np.float64}[torch.empty(0, dtype=dtype).element_size()]
     nbytes = int(np.prod(shape)) * np.dtype(carrier).itemsize
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
@@ -58,18 +58,35 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return torch.from_numpy(np.frombuffer(buf, dtype=carrier).reshape(shape)).view(dtype)
 
 
+Q8_0 = "q8_0"  # a KV cache type: int8 per element plus one float16 scale per 32 (llama.cpp's q8_0)
+
+
 class KVCache:
     """Keys and values for every layer, allocated once for a whole sequence (batch x max_len).
 
     `length` slots are filled, the same number in every row; `valid` marks which of them hold real
     tokens (left padding does not), and `next_position` is each row's next rotary position.
+
+    `kind` is a float dtype, or Q8_0: then `k`/`v` hold int8 codes and `k_scale`/`v_scale` one
+    float16 scale per 32 elements of a head (8.5 bits per element instead of 16 or 32); `store`
+    rounds as llama.cpp's quantize_row_q8_0 does and `load` gives back floats.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.dim_per_head)
-        self.k = _lazy_zeros(shape, dtype, device)
-        self.v = _lazy_zeros(shape, dtype, device)
+                 kind: torch.dtype | str, device: torch.device | str = "cpu") -> None:
+        hd = cfg.dim_per_head
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, hd)
+        self.kind = kind
+        if kind == Q8_0:
+            if hd % 32:
+                raise Phi3Error(f"a q8_0 KV cache needs a head dim that is a multiple of 32 (this model's is {hd}); "
+                                "use --kv-cache f16")
+            self.k, self.v = _lazy_zeros(shape, torch.int8, device), _lazy_zeros(shape, torch.int8, device)
+            scales = shape[:-1] + (hd // 32,)
+            self.k_scale = _lazy_zeros(scales, torch.float16, device)
+            self.v_scale = _lazy_zeros(scales, torch.float16, device)
+        else:
+            self.k, self.v = _lazy_zeros(shape, kind, device), _lazy_zeros(shape, kind, device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
@@ -78,12 +95,46 @@ class KVCache:
         self.rope_long = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.has_padding = False
 
+    @property
+    def quantized(self) -> bool:
+        return self.kind == Q8_0
+
     def reset(self) -> None:
         self.length = 0
         self.valid.zero_()
         self.next_position.zero_()
         self.rope_long.zero_()
         self.has_padding = False
+
+    def store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys and values [B, KV, T, hd] into slots start:start+T of `layer`."""
+        end = start + k.shape[2]
+        if not self.quantized:
+            self.k[layer, :, :, start:end] = k
+            self.v[layer, :, :, start:end] = v
+            return
+        for x, codes, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+            blocks = x.float().unflatten(-1, (-1, 32))
+            d = blocks.abs().amax(-1) / 127
+            inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+            codes[layer, :, :, start:end] = torch.round(blocks * inverse[..., None]).to(torch.int8).flatten(-2)
+            scales[layer, :, :, start:end] = d.half()
+
+    def load(self, layer: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots 0:end of `layer` in `dtype`, [B, KV, end, hd]."""
+        k, v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if self.quantized:
+            k, v = ((codes.unflatten(-1, (-1, 32)).float() * scales[layer, :, :, :end].float()[..., None]).flatten(-2)
+                    for codes, scales in ((k, self.k_scale), (v, self.v_scale)))
+        return (k, v) if k.dtype == dtype else (k.to(dtype), v.to(dtype))
+
+    def copy_prefix(self, other: "KVCache", n: int) -> None:
+        """Slots 0:n of every layer from `other` (same model and kind)."""
+        self.k[:, :, :, :n] = other.k[:, :, :, :n]
+        self.v[:, :, :, :n] = other.v[:, :, :, :n]
+        if self.quantized:
+            self.k_scale[:, :, :, :n] = other.k_scale[:, :, :, :n]
+            self.v_scale[:, :, :, :n] = other.v_scale[:, :, :, :n]
 
 
 @dataclass
@@ -129,12 +180,8 @@ class Attention(nn.Module):
         k = qk[:, :, H:].transpose(1, 2)
         v = qkv[:, :, H + KV:].transpose(1, 2)
         if cache is not None:
-            start, end = cache.length, cache.length + T
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-            if k.dtype != q.dtype:
-                k, v = k.to(q.dtype), v.to(q.dtype)
+            cache.store(layer, cache.length, k, v)
+            k, v = cache.load(layer, cache.length + T, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != KV)
         return out.transpose(1, 2).reshape(B, T, H * self.head_dim)
 
@@ -213,10 +260,10 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq_short", short, persistent=False)
         self.register_buffer("inv_freq_long", long, persistent=False)
         self.rope_scale = cfg.rope_attention_factor
-        # The KV cache's element type; None: the activations'. A GGUF model with int8 activations
-        # caches float16, as llama.cpp does: half the memory (1.6 GB instead of 3.2 GB for
-        # phi-3-mini's 4K context) for a rounding no coarser than its matmuls'.
-        self.kv_dtype: torch.dtype | None = None
+        # The KV cache's element type (a float dtype or Q8_0); None: the activations'. A GGUF model
+        # with int8 activations caches float16, as llama.cpp does: half the memory (1.6 GB instead
+        # of 3.2 GB for phi-3-mini's 4K context) for a rounding no coarser than its matmuls'.
+        self.kv_dtype: torch.dtype | str | None = None
 
     @property
     def dtype(self) -> torch.dtype:

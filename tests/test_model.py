@@ -154,3 +154,38 @@ def test_bfloat16_decoding_tracks_full_forward(kind, tmp_path):
             step = advance(model, cache, ids[:, :t])[:, -1]
             full = model(ids[:, :t])[:, -1]
             assert (step - full).abs().max().item() <= 0.05 * full.abs().max().item()
+
+
+def test_q8_0_kv_cache_rounds_per_block_and_decodes_close_to_float():
+    from phi3.model import Q8_0, KVCache, Transformer
+    cfg = tiny_config("mini-4k").with_(hidden_size=128, num_attention_heads=4, num_key_value_heads=4)  # head dim 32
+    cache = KVCache(cfg, 1, 8, Q8_0)
+    k = torch.randn(1, 4, 3, 32)
+    v = torch.randn(1, 4, 3, 32) * 5
+    cache.store(1, 2, k, v)
+    assert cache.k.dtype == torch.int8 and cache.k_scale.shape == (2, 1, 4, 8, 1)
+    got_k, got_v = cache.load(1, 5, torch.float32)
+    assert torch.equal(got_k[:, :, :2], torch.zeros(1, 4, 2, 32))
+    for got, ref in ((got_k[:, :, 2:], k), (got_v[:, :, 2:], v)):
+        # half a step of amax/127, plus 127 steps of the float16 scale's rounding (2^-11 relative)
+        assert ((got - ref).abs() <= ref.abs().amax(-1, keepdim=True) * (1 / 254 + 127 / 127 / 2048)).all()
+    copy = KVCache(cfg, 1, 8, Q8_0)
+    copy.copy_prefix(cache, 5)  # a server's shared prefix: codes and scales both
+    assert all(torch.equal(a, b) for a, b in zip(copy.load(1, 5, torch.float32), cache.load(1, 5, torch.float32)))
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08) if p.dim() > 1 else p.fill_(1)
+    ids = torch.randint(0, 320, (1, 12))
+    out = {}
+    with torch.inference_mode():
+        for kind in (torch.float32, Q8_0):
+            model.kv_dtype = kind
+            c = model.new_cache(1, 16)
+            logits = [model(ids[:, :8], cache=c)[0, -1]]
+            logits += [model(ids[:, t:t + 1], cache=c)[0, -1] for t in range(8, 12)]
+            out[kind] = torch.stack(logits)
+    assert torch.allclose(out[Q8_0], out[torch.float32], atol=0.05), (out[Q8_0] - out[torch.float32]).abs().max()
+    with pytest.raises(Exception, match="multiple of 32"):
+        KVCache(tiny_config("mini-4k"), 1, 8, Q8_0)  # head dim 16
