@@ -36,11 +36,20 @@ START_MARK = "<!-- bench_llama_cpp:start -->"
 END_MARK = "<!-- bench_llama_cpp:end -->"
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "Explain what a hash table is in two sentences."]
-LLAMA_FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k": 14}  # llama_ftype; q4_k = Q4_K_S
+# llama_ftype; q4_k = Q4_K_S (pure: every matrix Q4_K), q4_k_m = Q4_K_M (llama.cpp's mix of Q4_K,
+# Q5_0/Q6_K/Q8_0: the files people download)
+LLAMA_FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k": 14, "q4_k_m": 15, "iq4_nl": 25, "iq4_xs": 30}
+# What an AVX2-only machine runs, forced on a bigger one: phi3's avx2 kernels, and PyTorch's own
+# ops (prompt matmuls, norms) kept to AVX2 as well.
+AVX2_ONLY = {"PHI3_KERNELS": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+PHI3_ENV: dict[str, str] = {}  # set from --phi3-kernels
+LLAMA_PYTHON = sys.executable  # set from --llama-python
 
 
 def phi3(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "phi3.cli", *args], capture_output=True, text=True, check=True)
+    return subprocess.run([sys.executable, "-m", "phi3.cli", *args], capture_output=True, text=True, check=True,
+                          env=dict(os.environ, **PHI3_ENV))
 
 
 # --- llama.cpp side (fresh processes) -------------------------------------------------------------
@@ -88,21 +97,25 @@ def llama_greedy_worker(path: str, prompts: list[list[int]], n: int, n_batch: in
 
 
 def in_fresh_process(fn: str, *args) -> object:
-    r = subprocess.run([sys.executable, __file__, "--worker", fn, json.dumps(args)], capture_output=True, text=True)
+    r = subprocess.run([LLAMA_PYTHON, __file__, "--worker", fn, json.dumps(args)], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{fn} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def llama_quantize(src: Path, out: Path, qtype: str) -> None:
+def llama_quantize(src: Path, out: Path, qtype: str, pure: bool = True) -> None:
+    if LLAMA_PYTHON != sys.executable:
+        in_fresh_process("llama_quantize", str(src), str(out), qtype, pure)
+        return
     import llama_cpp
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_FTYPES[qtype]
-    params.pure = True
+    params.pure = pure
     params.nthread = 2
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params)
     if rc != 0:
         raise RuntimeError(f"llama.cpp could not quantize {src} to {qtype}")
+    return None
 
 
 # --- measurements -----------------------------------------------------------------------------------
@@ -123,20 +136,33 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def speed(shape: str, prompt_tokens: int, new_tokens: int, threads: int, work: Path, runs: int) -> dict:
-    gguf = work / f"{shape}-q4_0.gguf"
+def speed(shape: str, prompt_tokens: int, new_tokens: int, threads: int, work: Path, runs: int,
+          file_type: str = "q4_0") -> dict:
+    """Both engines on one file, alternating runs: phi-3-*-shape random weights written by
+    `phi3 bench` (q4_0), or quantized by llama.cpp's own quantizer from a 16-bit file (q4_k_m)."""
+    gguf = work / f"{shape}-{file_type}.gguf"
     args = ["--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--threads", str(threads),
             "--json"]
-    first = json.loads(phi3("bench", "--shape", shape, "--type", "q4_0", "--save-gguf", str(gguf), *args).stdout)
-    ours, theirs = [first], []
+    ours, theirs = [], []
+    if file_type == "q4_0":
+        ours.append(json.loads(phi3("bench", "--shape", shape, "--type", "q4_0", "--save-gguf", str(gguf), *args).stdout))
+    else:
+        f16 = work / f"{shape}-f16.gguf"
+        phi3("bench", "--shape", shape, "--type", "f16", "--save-gguf", str(f16), "--new-tokens", "1",
+             "--prompt-tokens", "1", "--json")
+        llama_quantize(f16, gguf, file_type, pure=False)
+        f16.unlink()
+    phi3_type = {"q4_0": "q4_0", "q4_k_m": "q4_k"}[file_type]  # the file's general.file_type: measured as it is
     for i in range(runs):
         theirs.append(in_fresh_process("llama_worker", str(gguf), prompt_tokens, new_tokens, threads, 4096))
-        if i + 1 < runs:
-            ours.append(json.loads(phi3("bench", "--shape", str(gguf), "--type", "q4_0", *args).stdout))
+        if len(ours) < runs:
+            ours.append(json.loads(phi3("bench", "--shape", str(gguf), "--type", phi3_type, *args).stdout))
     best = lambda rs, k: max(r[k] for r in rs) if k.endswith("tok_s") else min(r[k] for r in rs)  # noqa: E731
     keys = ("load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "file_mb")
-    result = {"shape": shape, "phi3": {k: best(ours, k) for k in keys}, "llama.cpp": {k: best(theirs, k) for k in keys},
-              "runs": runs, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "gguf_bytes": gguf.stat().st_size}
+    result = {"shape": shape, "file": file_type, "phi3": {k: best(ours, k) for k in keys},
+              "llama.cpp": {k: best(theirs, k) for k in keys}, "runs": runs, "prompt_tokens": prompt_tokens,
+              "new_tokens": new_tokens, "gguf_bytes": gguf.stat().st_size,
+              "kv_cache_mb": ours[0].get("kv_cache_mb"), "packed": ours[0].get("packed")}
     gguf.unlink()
     return result
 
@@ -147,9 +173,18 @@ def agreement(work: Path, n: int = 32) -> list[dict]:
     tok = load(src).tokenizer
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
     rows = []
-    for qtype in ("f16", "q8_0", "q4_0", "q4_1", "q4_k"):
+    for qtype in ("f16", "q8_0", "q4_0", "q4_1", "q4_k", "q4_k_m"):
         path = work / f"smollm-{qtype}.gguf"
-        phi3("quantize", str(src), str(path), "--type", qtype, "--json")
+        if qtype == "q4_k_m":  # the mix people download, written by llama.cpp's own quantizer
+            f16 = work / "smollm-f16-source.gguf"
+            phi3("quantize", str(src), str(f16), "--type", "f16", "--json")
+            llama_quantize(f16, path, qtype, pure=False)
+            f16.unlink()
+            info = json.loads(phi3("info", str(path), "--json").stdout)
+            packed = sum(n for k, n in info["kernels"].items() if k.startswith("packed"))
+            matrices = sum(n for k, n in info["kernels"].items() if not k.startswith("dense (1-D)"))
+        else:
+            phi3("quantize", str(src), str(path), "--type", qtype, "--json")
         ours = []
         for p in PROMPTS:
             r = phi3("generate", "--model", str(path), "--prompt", p, "--max-tokens", str(n), "--json")
@@ -159,7 +194,8 @@ def agreement(work: Path, n: int = 32) -> list[dict]:
         # changes only which of its kernels run (GEMV instead of GEMM), so the order of its sums. The rate at which that
         # alone changes the tokens is the most any other engine can expect to match.
         theirs_one_by_one = in_fresh_process("llama_greedy_worker", str(path), prompts, n, 1)
-        rows.append({"type": qtype, "prompts": len(PROMPTS),
+        rows.append({"type": qtype + (f" (llama.cpp's quantizer; {packed}/{matrices} matrices packed)"
+                                      if qtype == "q4_k_m" else ""), "prompts": len(PROMPTS),
                      "identical": sum(a == b for a, b in zip(ours, theirs)),
                      "first_difference": [_first_difference(a, b) for a, b in zip(ours, theirs)],
                      "llama_self_identical": sum(a == b for a, b in zip(theirs, theirs_one_by_one)),
@@ -198,7 +234,7 @@ def perplexities(work: Path, context: int = 512) -> dict:
     f16 = work / "smollm-f16.gguf"
     phi3("quantize", str(default_model_path()), str(f16), "--type", "f16", "--json")
     out = {"f16": ppl(f16), "tokens": None, "types": []}
-    for qtype in ("q4_0", "q4_1", "q4_k", "q8_0"):
+    for qtype in ("q4_0", "q4_1", "q4_k", "iq4_nl", "iq4_xs", "q8_0"):
         ours, theirs = work / f"ours-{qtype}.gguf", work / f"llama-{qtype}.gguf"
         phi3("quantize", str(f16), str(ours), "--type", qtype, "--pure", "--json")
         llama_quantize(f16, theirs, qtype)
@@ -219,27 +255,37 @@ def section(command: str, bw: float, speeds: list[dict], agree: list[dict], ppls
              f"Command: `{command}` · {platform.processor() or platform.machine()}, {os.cpu_count()} cores · "
              f"llama.cpp via llama-cpp-python {_llama_version()} · "
              f"measured memory bandwidth {bw:.1f} GB/s (1 GiB sum, 2 threads)", ""]
-    lines += ["| shape (q4_0, random weights) | engine | load s | prefill tok/s | decode tok/s | peak RSS MB | file MB |",
+    lines += [f"phi3 kernels: {speeds[0]['phi3'].get('kernels', '?')}"
+              + (f" (environment {' '.join(f'{k}={v}' for k, v in PHI3_ENV.items())})" if PHI3_ENV else "")
+              + f"; llama.cpp from `{LLAMA_PYTHON}`.", ""]
+    lines += ["| shape, file (random weights) | engine | load s | prefill tok/s | decode tok/s | peak RSS MB | file MB |",
               "|---|---|---|---|---|---|---|"]
     for s in speeds:
         for engine in ("phi3", "llama.cpp"):
             r = s[engine]
-            lines.append(f"| {s['shape']} ({s['prompt_tokens']} prompt, {s['new_tokens']} new) | {engine} | "
-                         f"{r['load_s']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | {r['peak_rss_mb']} | {r['file_mb']} |")
+            lines.append(f"| {s['shape']}, {s.get('file', 'q4_0')} ({s['prompt_tokens']} prompt, {s['new_tokens']} new) | "
+                         f"{engine} | {r['load_s']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | {r['peak_rss_mb']} | "
+                         f"{r['file_mb']} |")
         p, q = s["phi3"], s["llama.cpp"]
         bound = bw * 1e9 / s["gguf_bytes"]
         lines.append(f"| | **phi3 ÷ llama.cpp** | | **{p['prefill_tok_s'] / q['prefill_tok_s']:.2f}x** | "
                      f"**{p['decode_tok_s'] / q['decode_tok_s']:.2f}x** | {p['peak_rss_mb'] / q['peak_rss_mb']:.2f}x | |")
         lines.append(f"| | bandwidth bound ({s['gguf_bytes'] / 1e9:.2f} GB per token) | | | {bound:.1f} | | |")
-    lines += ["", f"Best of {speeds[0]['runs']} runs per engine; context 4096 allocated by both.", ""]
-    lines += ["Greedy tokens, SmolLM2-135M-Instruct written by `phi3 quantize`, 32 new tokens, same file. "
-              "llama.cpp against itself: its prompt in one batch (as above) against the same prompt fed one "
-              "token at a time; only the order of its float sums differs.", "",
-              "| type | phi3 = llama.cpp (prompts) | first differing position | llama.cpp = itself, token by token "
-              "| first differing position |", "|---|---|---|---|---|"]
-    for a in agree:
-        lines.append(f"| {a['type']} | {a['identical']}/{a['prompts']} | {a['first_difference']} | "
-                     f"{a['llama_self_identical']}/{a['prompts']} | {a['llama_self_first_difference']} |")
+        if s.get("kv_cache_mb") is not None:
+            budget = p["file_mb"] + s["kv_cache_mb"] + 350
+            lines.append(f"| | phi3 memory target: file + KV cache ({s['kv_cache_mb']} MB) + 350 MB | | | | "
+                         f"{budget:.0f} ({'met' if p['peak_rss_mb'] <= budget else 'missed'}) | |")
+            lines.append(f"| | phi3 packed | {s['packed']} | | | | |")
+    lines += ["", f"Best of {speeds[0]['runs']} runs per engine, taking turns; context 4096 allocated by both.", ""]
+    if agree:
+        lines += ["Greedy tokens, SmolLM2-135M-Instruct written by `phi3 quantize`, 32 new tokens, same file. "
+                  "llama.cpp against itself: its prompt in one batch (as above) against the same prompt fed one "
+                  "token at a time; only the order of its float sums differs.", "",
+                  "| type | phi3 = llama.cpp (prompts) | first differing position | llama.cpp = itself, token by token "
+                  "| first differing position |", "|---|---|---|---|---|"]
+        for a in agree:
+            lines.append(f"| {a['type']} | {a['identical']}/{a['prompts']} | {a['first_difference']} | "
+                         f"{a['llama_self_identical']}/{a['prompts']} | {a['llama_self_first_difference']} |")
     if ppls:
         lines += ["", f"Perplexity of SmolLM2-135M-Instruct on `{TEXT.relative_to(ROOT)}` (chunks of 512, "
                   f"llama.cpp's method; computed by `phi3 perplexity` for every file). 16-bit: {ppls['f16']:.4f}.", "",
@@ -278,25 +324,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--skip-medium", action="store_true", help="phi-3-medium takes ~10 minutes more")
     ap.add_argument("--skip-perplexity", action="store_true")
+    ap.add_argument("--phi3-kernels", choices=["auto", "avx512", "avx2", "neon", "portable"], default="auto",
+                    help="phi3's kernel build; avx2 also keeps PyTorch's own ops to AVX2 (an AVX2-only machine)")
+    ap.add_argument("--llama-python", default=sys.executable,
+                    help="the Python whose llama-cpp-python runs llama.cpp (e.g. one built with -DGGML_AVX512=OFF)")
+    ap.add_argument("--files", default="q4_0",
+                    help="comma-separated: q4_0 (written by phi3) and/or q4_k_m (written by llama.cpp's quantizer)")
+    ap.add_argument("--only-speed", action="store_true", help="skip greedy agreement and perplexity")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         fn, fn_args = args.worker
         print(json.dumps(globals()[fn](*json.loads(fn_args))))
         return 0
+    global LLAMA_PYTHON, START_MARK, END_MARK
+    LLAMA_PYTHON = args.llama_python
+    if args.phi3_kernels != "auto":
+        PHI3_ENV.update(AVX2_ONLY if args.phi3_kernels == "avx2" else {"PHI3_KERNELS": args.phi3_kernels})
+        # one section per build, so that runs of different builds sit side by side
+        START_MARK, END_MARK = (f"<!-- bench_llama_cpp:{args.phi3_kernels}:start -->",
+                                f"<!-- bench_llama_cpp:{args.phi3_kernels}:end -->")
     command = "python " + " ".join([str(Path(__file__).relative_to(ROOT))] + (argv if argv is not None else sys.argv[1:]))
     with tempfile.TemporaryDirectory(prefix="phi3-vs-llama-", dir=os.environ.get("PHI3_BENCH_TMP")) as tmp:
         work = Path(tmp)
         bw = memory_bandwidth(args.threads)
         print(f"memory bandwidth {bw:.1f} GB/s", file=sys.stderr)
-        speeds = [speed("phi-3-mini", 512, 128, args.threads, work, args.runs)]
-        print(json.dumps(speeds[-1]), file=sys.stderr)
+        speeds = []
+        for file_type in args.files.split(","):
+            speeds.append(speed("phi-3-mini", 512, 128, args.threads, work, args.runs, file_type))
+            print(json.dumps(speeds[-1]), file=sys.stderr)
         if not args.skip_medium:
             speeds.append(speed("phi-3-medium", 128, 32, args.threads, work, 1))
             print(json.dumps(speeds[-1]), file=sys.stderr)
-        agree = agreement(work)
+        agree = [] if args.only_speed else agreement(work)
         print(json.dumps(agree), file=sys.stderr)
-        ppls = None if args.skip_perplexity else perplexities(work)
+        ppls = None if args.skip_perplexity or args.only_speed else perplexities(work)
         print(json.dumps(ppls), file=sys.stderr)
     text = section(command, bw, speeds, agree, ppls)
     print(text)

@@ -97,6 +97,10 @@ def measure(path: Path, prompt_tokens: int, new_tokens: int, threads: int, conte
             length += 1
             logits = advance(model, cache, tokens[:, :length])
         decode_s = time.perf_counter() - t
+    from phi3 import quant
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, quant.QuantLinear))]
+    kv_bytes = cache.k.element_size() + (cache.k_scale.element_size() / 32 if cache.quantized else 0)
+    cfg = model.config
     return {
         "load_s": round(load_s, 3),
         "prefill_tok_s": round(prompt_tokens / prefill_s, 2),
@@ -104,6 +108,11 @@ def measure(path: Path, prompt_tokens: int, new_tokens: int, threads: int, conte
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "file_mb": round(path.stat().st_size / 1e6, 1),
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": threads, "context": ctx,
+        # What the cache holds for the positions used (its pages are committed only as they fill).
+        "kv_cache_mb": round(2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.dim_per_head * length
+                             * kv_bytes / 1e6, 1),
+        "packed": f"{sum(isinstance(m, quant.QuantLinear) for m in linears)}/{len(linears)} matrices",
+        "kernels": quant.kernel_isa() if quant.kernel_available() else f"none ({quant.kernel_error()})",
     }
 
 

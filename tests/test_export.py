@@ -77,7 +77,7 @@ def test_phi3_export_follows_llama_cpp_layout(phi3_folder, tmp_path, ids):
         assert (logits(ours, x) - logits(ref, x)).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0", "f16"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "iq4_nl", "q8_0", "f16"])
 def test_written_gguf_reloads_with_identical_logits(phi3_folder, tmp_path, ids, qtype):
     """Read back with gguf-py's reader: the tensors it dequantizes, put into the model by hand,
     give exactly the logits phi3 computes from the file (exact mode)."""

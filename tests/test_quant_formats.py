@@ -72,3 +72,20 @@ def test_block_sizes_and_what_stays_packed():
         [32, 32, 32, 256, 256, 256, 1]
     assert quant.keeps_packed("IQ4_XS", (512, 8)) and not quant.keeps_packed("IQ4_XS", (544, 8))
     assert not quant.keeps_packed("Q2_K", (512, 8)) and not quant.keeps_packed("Q6_K", (512,))
+
+
+@pytest.mark.parametrize("kind,digest", [
+    ("iq4_nl", "d42ee20cccbe1f67aef94b5ae5f678bfa8956a0446b83a463d793459b4cdec28"),
+    ("iq4_xs", "e2bb0ed181978da7f3b1ec6d6d334a23ce3bf2d8aa1891e91f11c854e283062f")])
+def test_iq4_quantizers_write_llama_quantize_bytes(smollm_gguf, kind, digest):
+    """SmolLM2's blk.0.ffn_down (from its Q4_1 file, rounded to float16) quantized by phi3: the
+    SHA-256 of the bytes llama.cpp's llama_model_quantize wrote for that tensor (llama-cpp-python
+    0.3.36; `make bench` compares whole files)."""
+    import hashlib
+    t = next(t for t in gguf.GGUFReader(str(smollm_gguf)).tensors if t.name == "blk.0.ffn_down.weight")
+    a = gguf.quants.dequantize(t.data, t.tensor_type).reshape(int(t.shape[1]), int(t.shape[0]))
+    ours = quant.quantize_blocks(a.astype(np.float16).astype(np.float32), kind)
+    assert hashlib.sha256(ours.tobytes()).hexdigest() == digest
+    back = gguf.quants.dequantize(ours.reshape(-1), gguf.GGMLQuantizationType[kind.upper()]).reshape(a.shape)
+    q4 = gguf.quants.dequantize(quant.quantize_blocks(a, "q4_0").reshape(-1), gguf.GGMLQuantizationType.Q4_0)
+    assert np.abs(back - a).mean() < np.abs(q4.reshape(a.shape) - a).mean()  # non-linear levels beat Q4_0
