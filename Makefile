@@ -32,7 +32,15 @@ $(CHROMIUM):
 	   DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null) || \
 	  echo "make: could not install chromium; tests/test_web.py will be skipped"
 
-test: $(VENV)/.test $(CHROMIUM)
+# tests/test_kernels_arm.py cross-compiles the kernels for aarch64 and runs them under qemu.
+QEMU_AARCH64 := /usr/bin/qemu-aarch64
+$(QEMU_AARCH64):
+	-DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null 2>&1 || \
+	  (DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null) || \
+	  echo "make: could not install g++-aarch64-linux-gnu and qemu-user; tests/test_kernels_arm.py's ARM tests will be skipped"
+
+test: $(VENV)/.test $(CHROMIUM) $(QEMU_AARCH64)
 	$(BIN)/phi3 fetch
 	$(BIN)/python -m pytest -q
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from phi3 import cpu_kernels, quant
+from phi3 import cpu_kernels
 from phi3.model import Attention, DecodeRows, KVCache, RMSNorm
 
 
@@ -75,7 +75,7 @@ class FusedAttention(Attention):
 def install_cpu_fast_path(model: nn.Module) -> dict[str, str]:
     """Swap in the fused RMSNorm and one-token attention where a compiled kernel exists and the
     shapes fit it; returns what each part of the model now runs (for `phi3 info`)."""
-    isa = quant.kernel_isa() if cpu_kernels.kernel() is not None else None
+    isa = cpu_kernels.kernel_isa()
     used = {"rmsnorm": "PyTorch", "decode attention": "PyTorch (SDPA)"}
     if isa is None:
         return used

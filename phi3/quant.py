@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from phi3 import cpu_kernels
-from phi3.cpu_kernels import kernel, kernel_available, kernel_error  # noqa: F401 (re-exported)
+from phi3.cpu_kernels import kernel, kernel_available, kernel_error, kernel_isa  # noqa: F401 (re-exported)
 
 BLOCK = 32
 SUPER = 256  # K-quant super-block
@@ -40,17 +40,10 @@ PACKED_KINDS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", 
 KERNEL_KINDS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
 QUANT_KINDS = KERNEL_KINDS
 FORMAT_IDS = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "q8_0": 3, "q5_0": 4, "q5_1": 5, "q5_k": 6, "q6_k": 7,
-              "iq4_nl": 8, "iq4_xs": 9}  # must match quant_core.h
+              "iq4_nl": 8, "iq4_xs": 9}  # must match quant_core.h (its first four have kernels)
 # llama.cpp's kvalues_iq4nl: the 16 levels of IQ4_NL and IQ4_XS codes.
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 WRITE_TYPES = ("q4_0", "q4_1", "q4_k", "iq4_nl", "iq4_xs", "q8_0", "f16", "f32")  # what `phi3 quantize` writes
-def kernel_isa() -> str | None:
-    isa = getattr(cpu_kernels, "kernel_isa", None)
-    if isa is not None:
-        return isa()
-    return "avx512" if cpu_kernels.kernel() is not None else None
-
-
 def _cpu_has_bf16() -> bool:
     global _BF16
     if _BF16 is None:
@@ -66,7 +59,7 @@ _BF16: bool | None = None
 
 
 class QuantLinear(nn.Module):
-    """y = x @ W^T with W [out, in] held in blocks of 32 along `in` (see quant_cpu.cpp for the layout).
+    """y = x @ W^T with W [out, in] held in blocks of 32 along `in` (see kernels/quant_core.h for the layout).
 
     Buffers, all with `out` rows:
     - `qs`: codes, int8 for q8_0, else the low 4 bits two per byte (per block of 32, byte j holds

@@ -25,9 +25,18 @@ def blocks(kind: str, rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, 
     return data, gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind])
 
 
-def need_kernel():
-    if not quant.kernel_available():
-        pytest.skip(f"quantized CPU kernel unavailable: {quant.kernel_error()}")
+@pytest.fixture(params=cpu_kernels.supported_builds() or ["none"])
+def ext(request, monkeypatch):
+    """Each kernel build this CPU runs (avx512, avx2, neon), in turn, as the one that QuantLinear
+    and quant.kernel() use."""
+    if request.param == "none":
+        pytest.skip("this CPU runs none of phi3's kernel builds")
+    try:
+        module = cpu_kernels.load_build(request.param)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    monkeypatch.setattr(cpu_kernels, "_ext", module)
+    return module
 
 
 def int8_reference(q: quant.QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -60,8 +69,7 @@ def test_repacked_blocks_dequantize_exactly(kind):
 
 @pytest.mark.parametrize("kind", quant.QUANT_KINDS)
 @pytest.mark.parametrize("m", [1, 3, 17])
-def test_kernels_match_references(kind, m):
-    need_kernel()
+def test_kernels_match_references(ext, kind, m):
     rows, cols = SHAPES[kind]
     data, dense = blocks(kind, rows, cols, seed=m)
     q = quant.from_gguf_blocks(kind, data, rows, cols)
@@ -85,11 +93,10 @@ def test_kernels_match_references(kind, m):
 
 @pytest.mark.parametrize("kind", quant.QUANT_KINDS)
 @pytest.mark.parametrize("int8", [True, False])
-def test_a_row_gives_the_same_bits_in_any_batch(kind, int8):
+def test_a_row_gives_the_same_bits_in_any_batch(ext, kind, int8):
     """Batched decoding (a server's requests in one step) must give each row exactly what it
     gets alone: the many-row kernels sum in the one-row kernel's order, and decode-shaped
     batches ([rows, 1, in]) never switch to the dense prompt path, however many rows."""
-    need_kernel()
     rows, cols = SHAPES[kind]
     for c in ((cols, cols + 256) if kind != "Q4_K" else (cols,)):
         data, _ = blocks(kind, rows, c, seed=7)
@@ -101,11 +108,9 @@ def test_a_row_gives_the_same_bits_in_any_batch(kind, int8):
             assert torch.equal(batched[i], q(x[i:i + 1])[0])
 
 
-def test_prompt_path_dequantizes_exactly():
-    need_kernel()
+def test_prompt_path_dequantizes_exactly(ext):
     data, dense = blocks("Q4_K", 40, 512, seed=3)
     q = quant.from_gguf_blocks("Q4_K", data, 40, 512)
-    ext = quant.kernel()
     w = ext.block_dequantize(q.fmt, q.qs, q.a, q.b, q.c, torch.float32)
     assert torch.equal(w, torch.from_numpy(dense))
     w16 = ext.block_dequantize(q.fmt, q.qs, q.a, q.b, q.c, torch.bfloat16)
@@ -199,10 +204,7 @@ def test_q4_k_scale_search_equals_llama_cpp_bit_for_bit():
     np.testing.assert_array_equal(mins, want[:, 1])
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_kernels_match_pytorch(dtype):
-    ext = quant.kernel()
-    if ext is None:
-        pytest.skip(f"CPU kernels unavailable: {quant.kernel_error()}")
+def test_decode_kernels_match_pytorch(ext, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     x, w = torch.randn(2, 3, 96).to(dtype), torch.randn(96).to(dtype)
     ref = torch.nn.functional.rms_norm(x.float(), (96,), w.float(), 1e-5)
@@ -221,12 +223,9 @@ def test_decode_kernels_match_pytorch(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_with_a_float16_cache(dtype):
+def test_decode_attention_with_a_float16_cache(ext, dtype):
     """Float16 caches under float32/bfloat16 activations: the new token's key and value are
     stored with PyTorch's rounding (the prompt path's copy), and attention reads them widened."""
-    ext = quant.kernel()
-    if ext is None:
-        pytest.skip(f"CPU kernels unavailable: {quant.kernel_error()}")
     from phi3.model import apply_rotary
     torch.manual_seed(6)
     B, H, KV, hd, Smax, start = 1, 4, 2, 32, 20, 11
@@ -251,17 +250,56 @@ def test_decode_attention_with_a_float16_cache(dtype):
     assert torch.equal(many.view_as(out), out)
 
 
-def test_a_lock_left_by_a_killed_build_does_not_hang_later_runs(tmp_path):
+def test_a_lock_left_by_a_killed_build_does_not_hang_later_runs(ext, tmp_path):
     """torch's cpp_extension waits for ever on a lock file that a process killed mid-build left
-    behind; a built kernel must load regardless."""
-    need_kernel()
+    behind; a built kernel must load regardless, without compiling again."""
     import shutil
     import subprocess
     import sys
-    built = Path(quant.kernel().__file__).parent
+    built = Path(ext.__file__).parent
     cache = tmp_path / "cache"
     shutil.copytree(built, cache / "kernels" / built.name)
     (cache / "kernels" / built.name / "lock").touch()
-    r = subprocess.run([sys.executable, "-c", "from phi3 import quant; print(quant.kernel_available())"],
-                       env=dict(os.environ, PHI3_CACHE=str(cache)), capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip() == "True", r.stderr
+    isa = cpu_kernels.kernel_isa()
+    r = subprocess.run([sys.executable, "-c", "from phi3 import cpu_kernels; print(cpu_kernels.kernel_isa())"],
+                       env=dict(os.environ, PHI3_CACHE=str(cache), PHI3_KERNELS=isa), capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.strip() == isa, r.stderr
+    assert "compiling" not in r.stderr
+
+
+def test_phi3_kernels_picks_the_build(monkeypatch):
+    """PHI3_KERNELS forces a build, `portable` (or PHI3_NO_KERNELS=1) none; unset, the best this
+    CPU runs; a build the CPU cannot run or an unknown name leaves no kernel and says why."""
+    supported = cpu_kernels.supported_builds()
+
+    def select(value: str | None, no_kernels: str | None = None) -> tuple[object, str | None]:
+        for name, v in (("PHI3_KERNELS", value), ("PHI3_NO_KERNELS", no_kernels)):
+            if v is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, v)
+        monkeypatch.setattr(cpu_kernels, "_ext", None)
+        monkeypatch.setattr(cpu_kernels, "_ext_error", None)
+        return cpu_kernels.kernel(), cpu_kernels.kernel_error()
+
+    assert select("portable") == (None, "PHI3_KERNELS=portable")
+    assert cpu_kernels.kernel_isa() is None
+    assert select(None, no_kernels="1")[0] is None
+    ext, error = select("bogus")
+    assert ext is None and all(name in error for name in ("avx512", "avx2", "neon", "portable")), error
+    unavailable = next(b for b in ("neon", "avx512", "avx2") if b not in supported)
+    ext, error = select(unavailable)
+    assert ext is None and unavailable in error, error
+    if supported:  # (a machine without a compiler says so instead)
+        ext, error = select(None)
+        assert cpu_kernels.kernel_isa() == supported[0] or "did not build" in error, error
+    if "avx2" in supported:
+        ext, error = select("avx2")
+        assert cpu_kernels.kernel_isa() == "avx2" or "did not build" in error, error
+        # A CPU without AVX-512 VNNI: avx512 is refused, naming the flag, and avx2 is the default.
+        monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx2", "fma", "f16c", "avx512f"})
+        monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+        ext, error = select("avx512")
+        assert ext is None and "avx512_vnni" in error and "avx512f," not in error, error
+        assert cpu_kernels.supported_builds() == ["avx2"]

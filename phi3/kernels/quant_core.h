@@ -1,0 +1,1386 @@
+// The CPU kernels' arithmetic, without PyTorch: products with weights in llama.cpp's 4- and 8-bit
+// block formats, their dequantization, RMSNorm and one-token attention, on raw pointers and one
+// range of rows per call, single-threaded. quant_cpu.cpp binds them to torch (tensor checks, rows
+// split across threads); test_core.cpp drives them directly, on ARM too (under qemu).
+//
+// Why our own kernel: decoding reads every weight once per token, so bytes per weight set the
+// speed. PyTorch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) moves ~18 GB/s at one row on
+// this machine's shapes and needs bfloat16 activations; with float32 it is ~30x slower.
+//
+// Layout, repacked from GGUF at load, for an [N, K] weight in blocks of 32 along K (nb = K/32):
+//   qs  q4 formats: [N, K/2] uint8; block b of a row is bytes 16b..16b+15, the low nibble of byte
+//       j is element j and the high nibble element j+16 (Q4_0's order). q8_0: [N, K] int8.
+//   q4_0  a = d [N, nb] half                                  w = d*q - 8d
+//   q4_1  a = d [N, nb] half, b = m [N, nb] half              w = d*q + m
+//   q4_k  a = sc [N, nb] uint8, b = mn [N, nb] uint8,
+//         c = [N, nb/8, 2] half (d, dmin per 256)             w = d*sc*q - dmin*mn
+//   q8_0  a = d [N, nb] half                                  w = d*q
+// Every format reduces to a float scale and min per block (row_scales), so one inner loop serves
+// all of them and the file's bytes are what is read.
+//
+// Two ways to multiply:
+//   int8 activations (the default, llama.cpp's method): x is rounded to int8 per block of 32 with
+//     a half-precision scale, and the codes' products are summed in integers (AVX-512 VNNI
+//     vpdpbusd, AVX2 vpmaddubsw or AVX-VNNI, NEON sdot). Memory-bound at one row.
+//   float activations (exact): codes are widened to float and multiplied with float x, giving
+//     the dequantized reference's numbers up to summation order. ~3x slower.
+// Products are accumulated in float32: y[m, n] = sum_b scale_b * (sum_j q_j x_j) + min_b * sum_j x_j.
+//
+// One instruction set per build, chosen by the compiler flags: AVX-512 VNNI, AVX2 (+FMA, F16C;
+// AVX-VNNI where enabled), NEON on aarch64 (sdot where the dot-product extension is enabled), else
+// plain C++. The plain C++ functions are compiled in every build as phi3::ref, the reference the
+// SIMD paths are tested against; phi3::isa names the build's own.
+//
+// What every build keeps: activations round to the same int8 codes and scales, and a row's result
+// does not depend on how many rows share the call (a server batching requests gives each the
+// numbers it would get alone), because the many-row paths do, per row, the float operations of
+// the one-row path in its order.
+
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VNNI__) && defined(__FMA__) && defined(__F16C__)
+#define PHI3_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define PHI3_AVX2 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define PHI3_NEON 1
+#endif
+
+namespace phi3 {
+
+constexpr int64_t kBlock = 32;
+enum Format : int64_t { Q4_0 = 0, Q4_1 = 1, Q4_K = 2, Q8_0 = 3 };
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Decoding prefetches the weight stream this far ahead: the hardware prefetcher alone leaves
+// long rows behind (phi-3-medium's down projection, K = 17920, streamed at 28-30 GB/s on 2 threads
+// without it and 34-39 with it; rows of K <= 8192 are unchanged; 2 KB ahead was too short).
+// Into L2, not L1: weights are read once, and fetched into L1 8 KB early they evict the
+// activations and scales that each row rereads (whole-model phi-3-mini decode 14.4 -> 15.8 tok/s,
+// the medium down projection 21 -> 33 GB/s, other shapes unchanged; measured A/B, 2026-12-01).
+constexpr int64_t kPrefetchAhead = 8192;
+
+// --- 16-bit floats --------------------------------------------------------------------------------
+
+struct half { uint16_t bits; };  // IEEE binary16, PyTorch's float16
+struct bf16 { uint16_t bits; };  // bfloat16: the top half of a float32
+
+inline float float_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline uint32_t shift_right_to_nearest_even(uint32_t v, int shift) {
+  const uint32_t kept = v >> shift, rest = v & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+  return kept + (rest > halfway || (rest == halfway && (kept & 1)));
+}
+
+// Exact conversions in integer arithmetic: for CPUs without conversion instructions, and the
+// reference those instructions are tested against.
+inline float scalar_half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  if (exponent == 0x1F) return float_from_bits(sign | 0x7F800000 | (mantissa << 13));  // inf, NaN
+  if (exponent != 0) return float_from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
+  return float_from_bits(sign | bits_of(static_cast<float>(mantissa) * 0x1p-24f));  // zero, subnormal
+}
+
+inline uint16_t scalar_float_to_half(float f) {  // round to nearest even, as PyTorch does
+  const uint32_t x = bits_of(f);
+  const uint16_t sign = (x >> 16) & 0x8000;
+  const uint32_t ax = x & 0x7FFFFFFF;
+  if (ax > 0x7F800000) return sign | 0x7E00;                 // NaN
+  if (ax >= 0x477FF000) return sign | 0x7C00;                // 65520 and up round to inf
+  if (ax >= 0x38800000)                                      // normal: rebias 127 -> 15
+    return sign | static_cast<uint16_t>(shift_right_to_nearest_even(ax, 13) - (112 << 10));
+  const int exponent = ax >> 23;
+  if (exponent < 102) return sign;                           // below 2^-25: rounds to zero
+  const uint32_t mantissa = (ax & 0x7FFFFF) | 0x800000;      // subnormal: units of 2^-24
+  return sign | static_cast<uint16_t>(shift_right_to_nearest_even(mantissa, 126 - exponent));
+}
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#elif defined(__aarch64__)
+  __fp16 v;
+  std::memcpy(&v, &h, sizeof v);
+  return v;
+#else
+  return scalar_half_to_float(h);
+#endif
+}
+
+inline uint16_t float_to_half(float f) {
+#if defined(__F16C__)
+  return _cvtss_sh(f, 0);  // 0: round to nearest even
+#elif defined(__aarch64__)
+  const __fp16 v = f;
+  uint16_t h;
+  std::memcpy(&h, &v, sizeof h);
+  return h;
+#else
+  return scalar_float_to_half(f);
+#endif
+}
+
+// Round to nearest even, NaN to the canonical quiet NaN: PyTorch's float -> bfloat16.
+inline uint16_t float_to_bf16(float f) {
+  if (std::isnan(f)) return 0x7FC0;
+  const uint32_t u = bits_of(f);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16 v) { return float_from_bits(static_cast<uint32_t>(v.bits) << 16); }
+inline float to_float(half v) { return half_to_float(v.bits); }
+
+template <typename T> T from_float(float v);
+template <> inline float from_float<float>(float v) { return v; }
+template <> inline bf16 from_float<bf16>(float v) { return {float_to_bf16(v)}; }
+template <> inline half from_float<half>(float v) { return {float_to_half(v)}; }
+
+// --- Operands -------------------------------------------------------------------------------------
+
+struct Weight {
+  int64_t fmt, N, K, nb;
+  const uint8_t* qs;
+  const uint16_t* d;    // half, q4_0/q4_1/q8_0
+  const uint16_t* m;    // half, q4_1
+  const uint8_t* sc;    // q4_k sub-block scales
+  const uint8_t* mn;    // q4_k sub-block mins
+  const uint16_t* dm;   // q4_k (d, dmin) per super-block
+  bool q4() const { return fmt != Q8_0; }
+  int64_t row_bytes() const { return q4() ? K / 2 : K; }
+};
+
+// Activations rounded to int8 per block of 32, as llama.cpp's quantize_row_q8_0 does: scale
+// d = amax/127 (stored as half), codes round(x * (1/d)), half to even. Each instruction set keeps
+// the codes in its own order (activation_code reads one back).
+struct QuantizedRows {
+  int64_t M, nb, nbp, row_q;   // rows, blocks per row, scale entries per row, code bytes per row
+  std::vector<uint8_t> q;      // per row: row_q bytes
+  std::vector<float> dx;       // per row: nbp block scales (zero-padded)
+  std::vector<float> xs;       // per row: nbp block sums, dx * sum(q)
+};
+
+// Float activations [M, K] for the exact path, with their block sums.
+struct FloatRows {
+  const float* x;
+  int64_t M, K, nbp;
+  std::vector<float> sums;     // per row: nbp block sums (zero-padded)
+};
+
+// --- Shared by every build: small decoding ops, scalar ----------------------------------------------
+
+// RMSNorm of rows [r_begin, r_end) of x [rows, D], float32 math whatever the storage type.
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, T* y, int64_t D, float eps, int64_t r_begin, int64_t r_end) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const T* xr = x + r * D;
+    double ss = 0.0;  // double: the reference's vectorised float sum is closer to exact than a serial one
+    for (int64_t i = 0; i < D; ++i) { double v = to_float(xr[i]); ss += v * v; }
+    const float inv = 1.f / std::sqrt(static_cast<float>(ss / D) + eps);
+    T* yr = y + r * D;
+    for (int64_t i = 0; i < D; ++i) yr[i] = from_float<T>(to_float(xr[i]) * inv * to_float(w[i]));
+  }
+}
+
+// Rotary embedding of one head (rotate-half convention, cos/sin already scaled).
+template <typename T>
+void rotate_into(const T* x, const T* cos, const T* sin, int64_t hd, T* out) {
+  const int64_t half = hd / 2;
+  for (int64_t d = 0; d < half; ++d) {
+    // Round each product as the reference's separate multiplies do.
+    T a = from_float<T>(to_float(x[d]) * to_float(cos[d]));
+    T b = from_float<T>(-to_float(x[d + half]) * to_float(sin[d]));
+    out[d] = from_float<T>(to_float(a) + to_float(b));
+    T c = from_float<T>(to_float(x[d + half]) * to_float(cos[d + half]));
+    T e = from_float<T>(to_float(x[d]) * to_float(sin[d + half]));
+    out[d + half] = from_float<T>(to_float(c) + to_float(e));
+  }
+}
+
+// A new token's key (rotated) or value into its cache slot, rounded to the cache's type C as
+// PyTorch's copy into a float16 cache rounds it (so decoding and prefill cache the same bits).
+template <typename T, typename C>
+void write_slot(const T* x, const T* cos, const T* sin, int64_t hd, bool rotate, C* slot) {
+  if constexpr (std::is_same_v<T, C>) {
+    if (rotate) rotate_into(x, cos, sin, hd, slot);
+    else std::copy(x, x + hd, slot);
+  } else {
+    T tmp[128];  // hd <= 128, checked by the callers
+    const T* src = x;
+    if (rotate) { rotate_into(x, cos, sin, hd, tmp); src = tmp; }
+    for (int64_t d = 0; d < hd; ++d) slot[d] = from_float<C>(to_float(src[d]));
+  }
+}
+
+// --- Plain C++: the reference, and the kernels of builds without SIMD -----------------------------
+
+namespace ref {
+
+inline void row_scales(const Weight& w, int64_t n, float* sw, float* mw) {
+  for (int64_t b = 0; b < w.nb; ++b) {
+    const int64_t i = n * w.nb + b;
+    if (w.fmt == Q4_K) {
+      const uint16_t* dm = w.dm + i / 8 * 2;
+      sw[b] = half_to_float(dm[0]) * w.sc[i];
+      mw[b] = -half_to_float(dm[1]) * w.mn[i];
+    } else {
+      sw[b] = half_to_float(w.d[i]);
+      mw[b] = w.fmt == Q4_0 ? -8.f * sw[b] : w.fmt == Q4_1 ? half_to_float(w.m[i]) : 0.f;
+    }
+  }
+}
+
+inline int weight_code(const Weight& w, const uint8_t* row, int64_t b, int64_t j) {
+  if (!w.q4()) return static_cast<int8_t>(row[b * kBlock + j]);
+  const uint8_t byte = row[b * 16 + j % 16];
+  return j < 16 ? byte & 0x0F : byte >> 4;
+}
+
+inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, Format) {
+  const int64_t nb = K / kBlock;
+  QuantizedRows r{M, nb, nb, K, std::vector<uint8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      float amax = 0.f;
+      for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      const float d = amax / 127.f;
+      const float id = d != 0.f ? 1.f / d : 0.f;
+      int32_t sum = 0;
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const int code = static_cast<int>(std::nearbyint(xb[j] * id));  // default rounding: half to even
+        r.q[m * K + b * kBlock + j] = static_cast<uint8_t>(static_cast<int8_t>(code));
+        sum += code;
+      }
+      const float dr = half_to_float(float_to_half(d));
+      r.dx[m * nb + b] = dr;
+      r.xs[m * nb + b] = dr * static_cast<float>(sum);
+    }
+  return r;
+}
+
+inline int activation_code(const QuantizedRows& r, Format, int64_t m, int64_t k) {
+  return static_cast<int8_t>(r.q[m * r.row_q + k]);
+}
+
+inline void matmul_int8_rows(const Weight& w, const QuantizedRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  std::vector<float> sw(w.nb), mw(w.nb);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    row_scales(w, n, sw.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    for (int64_t m = 0; m < xr.M; ++m) {
+      const uint8_t* xq = xr.q.data() + m * xr.row_q;
+      float acc = 0.f, mins = 0.f;
+      for (int64_t b = 0; b < w.nb; ++b) {
+        int32_t dot = 0;
+        for (int64_t j = 0; j < kBlock; ++j) dot += weight_code(w, row, b, j) * static_cast<int8_t>(xq[b * kBlock + j]);
+        acc += static_cast<float>(dot) * (sw[b] * xr.dx[m * xr.nbp + b]);
+        mins += mw[b] * xr.xs[m * xr.nbp + b];
+      }
+      y[m * w.N + n] = acc + mins;
+    }
+  }
+}
+
+inline FloatRows prepare_float_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t nb = K / kBlock;
+  FloatRows r{x, M, K, nb, std::vector<float>(M * nb)};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      float s = 0.f;
+      for (int64_t j = 0; j < kBlock; ++j) s += x[m * K + b * kBlock + j];
+      r.sums[m * nb + b] = s;
+    }
+  return r;
+}
+
+inline void matmul_float_rows(const Weight& w, const FloatRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  std::vector<float> sw(w.nb), mw(w.nb);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    row_scales(w, n, sw.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    for (int64_t m = 0; m < xr.M; ++m) {
+      const float* x = xr.x + m * xr.K;
+      float acc = 0.f, mins = 0.f;
+      for (int64_t b = 0; b < w.nb; ++b) {
+        float dot = 0.f;
+        for (int64_t j = 0; j < kBlock; ++j) dot += weight_code(w, row, b, j) * x[b * kBlock + j];
+        acc += sw[b] * dot;
+        mins += mw[b] * xr.sums[m * xr.nbp + b];
+      }
+      y[m * w.N + n] = acc + mins;
+    }
+  }
+}
+
+// Rows [n_begin, n_end) of the dense [N, K] weight, float32 or bfloat16.
+template <typename T>
+void dequantize_rows(const Weight& w, T* out, int64_t n_begin, int64_t n_end) {
+  std::vector<float> sw(w.nb), mw(w.nb);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    row_scales(w, n, sw.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    for (int64_t b = 0; b < w.nb; ++b)
+      for (int64_t j = 0; j < kBlock; ++j)
+        out[n * w.K + b * kBlock + j] = from_float<T>(weight_code(w, row, b, j) * sw[b] + mw[b]);
+  }
+}
+
+// One head of one query against its cache stretch: kb, vb point at slot 0 of the head's keys and
+// values (C: the activations' type T, or half for a 16-bit cache under float32 activations);
+// `allowed` is the row's [S] mask or null. p is scratch of S floats.
+template <typename T, typename C>
+void attend_head(const T* q, const C* kb, const C* vb, const bool* allowed, T* out, int64_t S, int64_t hd,
+                 float scale, float* p) {
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    if (allowed && !allowed[s]) { p[s] = -INFINITY; continue; }
+    float dot = 0.f;
+    for (int64_t d = 0; d < hd; ++d) dot += to_float(q[d]) * scale * to_float(kb[s * hd + d]);
+    p[s] = dot;
+    mx = std::max(mx, dot);
+  }
+  float total = 0.f;
+  for (int64_t s = 0; s < S; ++s) { p[s] = std::exp(p[s] - mx); total += p[s]; }
+  for (int64_t d = 0; d < hd; ++d) {
+    float acc = 0.f;
+    for (int64_t s = 0; s < S; ++s)
+      if (p[s] != 0.f) acc += p[s] * to_float(vb[s * hd + d]);
+    out[d] = from_float<T>(acc * (1.f / total));
+  }
+}
+
+}  // namespace ref
+
+// --- AVX-512 VNNI -------------------------------------------------------------------------------
+
+#if defined(PHI3_AVX512)
+namespace avx512 {
+
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// Block b of a row widened to float: elements 0..15 in lo, 16..31 in hi (codes, before scale).
+inline void widen_block(bool q4, const uint8_t* row, int64_t b, __m512& lo, __m512& hi) {
+  if (q4) {
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
+    lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0x0F)));
+    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+  } else {
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+  }
+}
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
+
+// Float scale and min of each block of row n into sw, mw (round_up(nb, 16) entries, zero-padded).
+inline void row_scales(const Weight& w, int64_t n, float* sw, float* mw) {
+  const int64_t nb = w.nb;
+  for (int64_t j = 0; j < nb; j += 16) {
+    const __mmask16 k = tail_mask(nb - j);
+    __m512 s, mn;
+    if (w.fmt == Q4_K) {
+      // Blocks j..j+15 span super-blocks j/8 and j/8+1 (or only the first at a tail of 8).
+      const uint16_t* dm = w.dm + (n * nb + j) / 8 * 2;
+      __m512 dd = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(nb - j >= 16 ? 0xF : 0x3, dm));
+      const __m512 dv = _mm512_permutexvar_ps(_mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0), dd);
+      const __m512 dminv = _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1), dd);
+      s = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, w.sc + n * nb + j))));
+      mn = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), dminv),
+                         _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, w.mn + n * nb + j))));
+    } else {
+      s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, w.d + n * nb + j));
+      if (w.fmt == Q4_0) mn = _mm512_mul_ps(s, _mm512_set1_ps(-8.f));
+      else if (w.fmt == Q4_1) mn = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, w.m + n * nb + j));
+      else mn = _mm512_setzero_ps();
+    }
+    _mm512_storeu_ps(sw + j, _mm512_maskz_mov_ps(k, s));
+    _mm512_storeu_ps(mw + j, _mm512_maskz_mov_ps(k, mn));
+  }
+}
+
+// Codes per row: round_up(nb, 4) * 32 bytes in the weight format's order. q4: groups of 4
+// blocks = 128 bytes, elements 0..15 of the 4 blocks, then elements 16..31. q8_0: natural
+// order, offset by 128 to unsigned for vpdpbusd's unsigned operand (corrected with the weight sums).
+inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, Format fmt) {
+  const bool q4_order = fmt != Q8_0;
+  QuantizedRows r;
+  r.M = M; r.nb = K / kBlock; r.nbp = round_up(r.nb, 16);
+  r.row_q = round_up(r.nb, 4) * kBlock;
+  r.q.assign(M * r.row_q, q4_order ? 0 : 0x80);
+  r.dx.assign(M * r.nbp, 0.f);
+  r.xs.assign(M * r.nbp, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < r.nb; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
+      const float amax = std::max(_mm512_reduce_max_ps(_mm512_abs_ps(lo)), _mm512_reduce_max_ps(_mm512_abs_ps(hi)));
+      const float d = amax / 127.f;
+      const float id = d != 0.f ? 1.f / d : 0.f;
+      const __m512i qlo = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(lo, _mm512_set1_ps(id)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m512i qhi = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(hi, _mm512_set1_ps(id)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const float dr = _cvtsh_ss(_cvtss_sh(d, 0));
+      r.dx[m * r.nbp + b] = dr;
+      r.xs[m * r.nbp + b] = dr * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+      uint8_t* out = r.q.data() + m * r.row_q;
+      if (q4_order) {
+        const int64_t g = b / 4, i = b % 4;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * 128 + i * 16), _mm512_cvtepi32_epi8(qlo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * 128 + 64 + i * 16), _mm512_cvtepi32_epi8(qhi));
+      } else {
+        const __m512i off = _mm512_set1_epi32(128);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * 32), _mm512_cvtepi32_epi8(_mm512_add_epi32(qlo, off)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * 32 + 16), _mm512_cvtepi32_epi8(_mm512_add_epi32(qhi, off)));
+      }
+    }
+  }
+  return r;
+}
+
+inline int activation_code(const QuantizedRows& r, Format fmt, int64_t m, int64_t k) {
+  const int64_t b = k / kBlock, j = k % kBlock;
+  const uint8_t* row = r.q.data() + m * r.row_q;
+  if (fmt == Q8_0) return row[k] - 128;
+  return static_cast<int8_t>(row[b / 4 * 128 + (j / 16) * 64 + b % 4 * 16 + j % 16]);
+}
+
+// float32 -> bfloat16, round to nearest even (finite values), without requiring AVX512-BF16.
+inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+inline __m512 expand4(const float* p) {  // 4 floats -> each repeated 4 times
+  return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                               _mm512_castps128_ps512(_mm_loadu_ps(p)));
+}
+inline __m512 expand2x8(const float* p) {  // 2 floats -> each repeated 8 times
+  return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                               _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+}
+
+inline void matmul_int8_rows(const Weight& w, const QuantizedRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  const int64_t nb = w.nb, N = w.N, M = xr.M, nbp = xr.nbp, row_q = xr.row_q;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i ones = _mm512_set1_epi8(1);
+  std::vector<float> sw(nbp + 4), mw(nbp + 4);
+  std::vector<__m512> acc(M), acc_odd(M);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    row_scales(w, n, sw.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    if (w.q4() && M == 1) {
+      // Decoding: accumulators in registers, two groups per step for independent chains.
+      const uint8_t* xq = xr.q.data();
+      const float* dx = xr.dx.data();
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      int64_t g = 0;
+      for (; (g + 2) * 4 <= nb; g += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + g * 64 + kPrefetchAhead), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(row + g * 64 + 64 + kPrefetchAhead), _MM_HINT_T1);
+        const __m512i q0 = _mm512_loadu_si512(row + g * 64), q1 = _mm512_loadu_si512(row + g * 64 + 64);
+        __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(q0, low), _mm512_loadu_si512(xq + g * 128));
+        __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(q1, low), _mm512_loadu_si512(xq + g * 128 + 128));
+        i0 = _mm512_dpbusd_epi32(i0, _mm512_and_si512(_mm512_srli_epi16(q0, 4), low), _mm512_loadu_si512(xq + g * 128 + 64));
+        i1 = _mm512_dpbusd_epi32(i1, _mm512_and_si512(_mm512_srli_epi16(q1, 4), low), _mm512_loadu_si512(xq + g * 128 + 192));
+        // 8 block scales at once: (sw * dx) for blocks 4g..4g+7, each repeated 4 times per group
+        const __m256 sd = _mm256_mul_ps(_mm256_loadu_ps(sw.data() + g * 4), _mm256_loadu_ps(dx + g * 4));
+        const __m512 sd8 = _mm512_castps256_ps512(sd);
+        const __m512 s0 = _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), sd8);
+        const __m512 s1 = _mm512_permutexvar_ps(_mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4), sd8);
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), s0, acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), s1, acc1);
+      }
+      for (; g * 4 < nb; ++g) {
+        const int64_t left = nb - g * 4;
+        const __m512i q = left >= 4 ? _mm512_loadu_si512(row + g * 64)
+                                    : _mm512_maskz_loadu_epi8((1ull << (left * 16)) - 1, row + g * 64);
+        __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(q, low), _mm512_loadu_si512(xq + g * 128));
+        isum = _mm512_dpbusd_epi32(isum, _mm512_and_si512(_mm512_srli_epi16(q, 4), low), _mm512_loadu_si512(xq + g * 128 + 64));
+        const __m512 sdx = _mm512_mul_ps(expand4(sw.data() + g * 4), expand4(dx + g * 4));
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sdx, acc0);
+      }
+      acc[0] = _mm512_add_ps(acc0, acc1);
+    } else if (w.q4()) {
+      // The one-row path's summation order (odd groups of the paired stretch in a second
+      // accumulator), so that a row's result never depends on how many rows share the call.
+      const int64_t paired = nb / 8 * 2;
+      for (int64_t m = 0; m < M; ++m) acc_odd[m] = _mm512_setzero_ps();
+      for (int64_t g = 0; g * 4 < nb; ++g) {
+        const int64_t left = nb - g * 4;
+        const __m512i q = left >= 4 ? _mm512_loadu_si512(row + g * 64)
+                                    : _mm512_maskz_loadu_epi8((1ull << (left * 16)) - 1, row + g * 64);
+        const __m512i lo = _mm512_and_si512(q, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
+        const __m512 s = expand4(sw.data() + g * 4);
+        std::vector<__m512>& into = (g < paired && (g & 1)) ? acc_odd : acc;
+        for (int64_t m = 0; m < M; ++m) {
+          const uint8_t* xq = xr.q.data() + m * row_q + g * 128;
+          __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
+          isum = _mm512_dpbusd_epi32(isum, hi, _mm512_loadu_si512(xq + 64));
+          const __m512 sdx = _mm512_mul_ps(s, expand4(xr.dx.data() + m * nbp + g * 4));
+          into[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sdx, into[m]);
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_add_ps(acc[m], acc_odd[m]);
+    } else {
+      for (int64_t g = 0; g * 2 < nb; ++g) {
+        const int64_t left = nb - g * 2;
+        const __m512i q = left >= 2 ? _mm512_loadu_si512(row + g * 64)
+                                    : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, row + g * 64);
+        // sum((x + 128) * w) - 128 * sum(w) = sum(x * w)
+        const __m512i wsum = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q), 7);
+        const __m512 s = expand2x8(sw.data() + g * 2);
+        for (int64_t m = 0; m < M; ++m) {
+          const uint8_t* xq = xr.q.data() + m * row_q + g * 64;
+          const __m512i isum = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq), q), wsum);
+          const __m512 sdx = _mm512_mul_ps(s, expand2x8(xr.dx.data() + m * nbp + g * 2));
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sdx, acc[m]);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 mins = _mm512_setzero_ps();
+      if (w.fmt != Q8_0)
+        for (int64_t j = 0; j < nbp; j += 16)
+          mins = _mm512_fmadd_ps(_mm512_loadu_ps(mw.data() + j), _mm512_loadu_ps(xr.xs.data() + m * nbp + j), mins);
+      y[m * N + n] = hsum(_mm512_add_ps(acc[m], mins));
+    }
+  }
+}
+
+inline FloatRows prepare_float_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t nb = K / kBlock, nbp = round_up(nb, 16);
+  FloatRows r{x, M, K, nbp, std::vector<float>(M * nbp, 0.f)};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      r.sums[m * nbp + b] = hsum(_mm512_add_ps(_mm512_loadu_ps(xb), _mm512_loadu_ps(xb + 16)));
+    }
+  return r;
+}
+
+// Exact path: nibbles widened to float against float x.
+inline void matmul_float_rows(const Weight& w, const FloatRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  const int64_t K = w.K, nb = w.nb, N = w.N, M = xr.M, nbp = xr.nbp;
+  const float* x = xr.x;
+  std::vector<float> sw(nbp), mw(nbp);
+  std::vector<__m512> acc(M), acc_odd(M);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    row_scales(w, n, sw.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    if (M == 1) {
+      // Decoding: accumulators in registers, alternating between two for independent chains.
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        __m512 lo, hi;
+        widen_block(w.q4(), row, b, lo, hi);
+        __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(x + b * kBlock));
+        dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + b * kBlock + 16), dot);
+        if (b & 1) acc1 = _mm512_fmadd_ps(dot, _mm512_set1_ps(sw[b]), acc1);
+        else acc0 = _mm512_fmadd_ps(dot, _mm512_set1_ps(sw[b]), acc0);
+      }
+      acc[0] = _mm512_add_ps(acc0, acc1);
+    } else {
+      // The one-row path's summation order (see matmul_int8_rows).
+      for (int64_t m = 0; m < M; ++m) acc_odd[m] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        __m512 lo, hi;
+        widen_block(w.q4(), row, b, lo, hi);
+        const __m512 s = _mm512_set1_ps(sw[b]);
+        std::vector<__m512>& into = (b & 1) ? acc_odd : acc;
+        for (int64_t m = 0; m < M; ++m) {
+          const float* xb = x + m * K + b * kBlock;
+          __m512 dot = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+          dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), dot);
+          into[m] = _mm512_fmadd_ps(dot, s, into[m]);
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_add_ps(acc[m], acc_odd[m]);
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 mins = _mm512_setzero_ps();
+      for (int64_t j = 0; j < nbp; j += 16)
+        mins = _mm512_fmadd_ps(_mm512_loadu_ps(mw.data() + j), _mm512_loadu_ps(xr.sums.data() + m * nbp + j), mins);
+      y[m * N + n] = hsum(_mm512_add_ps(acc[m], mins));
+    }
+  }
+}
+
+inline void store_block(float* o, __m512 lo, __m512 hi) {
+  _mm512_storeu_ps(o, lo);
+  _mm512_storeu_ps(o + 16, hi);
+}
+inline void store_block(bf16* o, __m512 lo, __m512 hi) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), to_bf16(lo));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), to_bf16(hi));
+}
+
+template <typename T>
+void dequantize_rows(const Weight& w, T* out, int64_t n_begin, int64_t n_end) {
+  const int64_t K = w.K, nb = w.nb, nbp = round_up(nb, 16);
+  std::vector<float> sw(nbp), mw(nbp);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    row_scales(w, n, sw.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const __m512 s = _mm512_set1_ps(sw[blk]), mn = _mm512_set1_ps(mw[blk]);  // q8_0: min 0
+      __m512 lo, hi;
+      widen_block(w.q4(), row, blk, lo, hi);
+      store_block(out + n * K + blk * kBlock, _mm512_fmadd_ps(lo, s, mn), _mm512_fmadd_ps(hi, s, mn));
+    }
+  }
+}
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {  // bfloat16 is the top half of a float32
+  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline __m512 load16(const half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <typename T, typename C>
+void attend_head(const T* q, const C* kb, const C* vb, const bool* allowed, T* out, int64_t S, int64_t hd,
+                 float scale, float* p) {
+  const int64_t chunks = hd / 16;
+  __m512 qv[8], acc[8];
+  for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_mul_ps(load16(q + c * 16), _mm512_set1_ps(scale));
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    if (allowed && !allowed[s]) { p[s] = -INFINITY; continue; }
+    const C* ks = kb + s * hd;
+    __m512 dot = _mm512_mul_ps(qv[0], load16(ks));
+    for (int64_t c = 1; c < chunks; ++c) dot = _mm512_fmadd_ps(qv[c], load16(ks + c * 16), dot);
+    p[s] = _mm512_reduce_add_ps(dot);
+    mx = std::max(mx, p[s]);
+  }
+  float total = 0.f;
+  for (int64_t s = 0; s < S; ++s) { p[s] = std::exp(p[s] - mx); total += p[s]; }
+  for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    if (p[s] == 0.f) continue;
+    const __m512 ps = _mm512_set1_ps(p[s]);
+    const C* vs = vb + s * hd;
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(ps, load16(vs + c * 16), acc[c]);
+  }
+  alignas(64) float tmp[16];
+  for (int64_t c = 0; c < chunks; ++c) {
+    _mm512_store_ps(tmp, _mm512_mul_ps(acc[c], _mm512_set1_ps(1.f / total)));
+    for (int64_t d = 0; d < 16; ++d) out[c * 16 + d] = from_float<T>(tmp[d]);
+  }
+}
+
+}  // namespace avx512
+#endif  // PHI3_AVX512
+
+// --- AVX2 + FMA + F16C (AVX-VNNI where enabled) -----------------------------------------------------
+// Decoding q4_0 on our 2-core Zen 5 test machine (bench_gemv.py, A/B in one process, 2026-12-02):
+// 34-38 GB/s on 2 threads where the AVX-512 build streams 29-32, and 20-24 GB/s on one thread
+// against 16; without AVX-VNNI (vpmaddubsw + vpmaddwd) 5-10% below that.
+
+#if defined(PHI3_AVX2)
+namespace avx2 {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+inline __m128i load128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
+inline __m256 load_halves(const uint16_t* p, int64_t count) {  // count > 8: the first 8
+  if (count >= 8) return _mm256_cvtph_ps(load128(p));
+  uint16_t padded[8] = {};
+  std::memcpy(padded, p, count * sizeof(uint16_t));
+  return _mm256_cvtph_ps(load128(padded));
+}
+inline __m256 load_bytes_as_floats(const uint8_t* p) {  // 8 unsigned bytes
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(static_cast<const void*>(p)))));
+}
+
+// Float scale and min of each block of row n into sw, mw (round_up(nb, 8) entries, zero-padded).
+inline void row_scales(const Weight& w, int64_t n, float* sw, float* mw) {
+  const int64_t nb = w.nb;
+  for (int64_t j = 0; j < nb; j += 8) {
+    __m256 s, mn;
+    if (w.fmt == Q4_K) {  // nb is a multiple of 8: blocks j..j+7 are one super-block
+      const uint16_t* dm = w.dm + (n * nb + j) / 8 * 2;
+      s = _mm256_mul_ps(_mm256_set1_ps(half_to_float(dm[0])), load_bytes_as_floats(w.sc + n * nb + j));
+      mn = _mm256_mul_ps(_mm256_set1_ps(-half_to_float(dm[1])), load_bytes_as_floats(w.mn + n * nb + j));
+    } else {
+      s = load_halves(w.d + n * nb + j, nb - j);
+      if (w.fmt == Q4_0) mn = _mm256_mul_ps(s, _mm256_set1_ps(-8.f));
+      else if (w.fmt == Q4_1) mn = load_halves(w.m + n * nb + j, nb - j);
+      else mn = _mm256_setzero_ps();
+    }
+    _mm256_storeu_ps(sw + j, s);
+    _mm256_storeu_ps(mw + j, mn);
+  }
+}
+
+// One block of activations to 32 int8 codes in natural order, with its rounded scale and code sum.
+inline __m256i quantize_block(const float* xb, float& d_rounded, int32_t& code_sum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4], amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(xb + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+  }
+  const float d = hmax(amax) / 127.f;
+  const float id = d != 0.f ? 1.f / d : 0.f;
+  __m256i c[4];
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  code_sum = hsum(_mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3])));
+  d_rounded = _cvtsh_ss(_cvtss_sh(d, 0));
+  // The packs interleave 128-bit lanes: 4-byte groups come out as 0 2 4 6 1 3 5 7.
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Codes per row, round_up(nb, 2) * 32 bytes. q4: pairs of blocks, 64 bytes: elements 0..15 of
+// blocks 2p and 2p+1, then their elements 16..31, to match one 32-byte load of both blocks' packed
+// nibbles (low nibbles, then high). q8_0: natural order.
+inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, Format fmt) {
+  QuantizedRows r;
+  r.M = M; r.nb = K / kBlock; r.nbp = round_up(r.nb, 8);
+  r.row_q = round_up(r.nb, 2) * kBlock;
+  r.q.assign(M * r.row_q, 0);
+  r.dx.assign(M * r.nbp, 0.f);
+  r.xs.assign(M * r.nbp, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < r.nb; ++b) {
+      float dr;
+      int32_t code_sum;
+      const __m256i codes = quantize_block(x + m * K + b * kBlock, dr, code_sum);
+      r.dx[m * r.nbp + b] = dr;
+      r.xs[m * r.nbp + b] = dr * static_cast<float>(code_sum);
+      uint8_t* out = r.q.data() + m * r.row_q;
+      if (fmt == Q8_0) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b * kBlock), codes);
+      } else {
+        uint8_t* pair = out + b / 2 * 64 + b % 2 * 16;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(pair), _mm256_castsi256_si128(codes));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(pair + 32), _mm256_extracti128_si256(codes, 1));
+      }
+    }
+  return r;
+}
+
+inline int activation_code(const QuantizedRows& r, Format fmt, int64_t m, int64_t k) {
+  const int64_t b = k / kBlock, j = k % kBlock;
+  const uint8_t* row = r.q.data() + m * r.row_q;
+  if (fmt == Q8_0) return static_cast<int8_t>(row[k]);
+  return static_cast<int8_t>(row[b / 2 * 64 + (j / 16) * 32 + b % 2 * 16 + j % 16]);
+}
+
+// Both blocks of pair p (one when the row ends there), packed nibbles.
+inline __m256i load_q4_pair(const uint8_t* row, int64_t p, int64_t nb) {
+  if (2 * p + 1 < nb) return load256(row + p * 32);
+  return _mm256_set_m128i(_mm_setzero_si128(), load128(row + p * 32));
+}
+
+// A pair of q4 blocks times their activations (pair order): int32 lanes 0..3 sum block 2p's
+// products, lanes 4..7 block 2p+1's.
+inline __m256i q4_pair_dot(__m256i packed, const uint8_t* x) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+  const __m256i x_lo = load256(x), x_hi = load256(x + 32);
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, x_lo), hi, x_hi);
+#else
+  // Each int16 lane sums 4 products of a nibble and an int8, at most 4 * 15 * 127: no saturation.
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_maddubs_epi16(hi, x_hi));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
+}
+
+// A q8_0 block times its activations: 8 int32 lanes of 4 products each.
+inline __m256i q8_block_dot(__m256i w, const uint8_t* x) {
+  // Unsigned times signed: |w| times x with w's sign; |w| <= 128, so an int16 pair sum is at most
+  // 2 * 128 * 127 < 32767.
+  const __m256i u = _mm256_sign_epi8(w, w), s = _mm256_sign_epi8(load256(x), w);
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// Scales of q4 pair p from sw * dx of blocks (p / 2) * 4 .. +3: block 2p's 4 times, then 2p+1's.
+inline __m256 pair_scales(__m128 s4, int64_t p) {
+  const __m256i first = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), second = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s4), (p & 1) ? second : first);
+}
+inline __m128 block_products(const float* sw, const float* dx, int64_t p) {
+  return _mm_mul_ps(_mm_loadu_ps(sw + p / 2 * 4), _mm_loadu_ps(dx + p / 2 * 4));
+}
+
+// y = (acc + acc_odd) + the block mins times the activations' block sums.
+inline float finish_row(__m256 acc, __m256 acc_odd, const float* mw, const float* sums, int64_t nbp, bool with_mins) {
+  __m256 mins = _mm256_setzero_ps();
+  if (with_mins)
+    for (int64_t j = 0; j < nbp; j += 8) mins = _mm256_fmadd_ps(_mm256_loadu_ps(mw + j), _mm256_loadu_ps(sums + j), mins);
+  return hsum(_mm256_add_ps(_mm256_add_ps(acc, acc_odd), mins));
+}
+
+inline void matmul_int8_rows(const Weight& w, const QuantizedRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  const int64_t nb = w.nb, N = w.N, M = xr.M, nbp = xr.nbp, row_q = xr.row_q;
+  std::vector<float> sw(nbp), mw(nbp);
+  std::vector<__m256> acc(M), acc_odd(M);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    row_scales(w, n, sw.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    if (w.q4()) {
+      // Pairs of blocks (32 bytes of weights); two pairs per step, into two accumulators, while
+      // both are whole; the rest into the first. The prefetch is AVX-512's: without it medium's
+      // down projection (K = 17920) streamed at 9 GB/s on one thread instead of 17.5.
+      const int64_t pairs = (nb + 1) / 2, paired = nb / 4 * 2;
+      if (M == 1) {
+        const uint8_t* xq = xr.q.data();
+        const float* dx = xr.dx.data();
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        int64_t p = 0;
+        for (; p < paired; p += 2) {
+          _mm_prefetch(reinterpret_cast<const char*>(row + p * 32 + kPrefetchAhead), _MM_HINT_T1);
+          const __m128 s4 = block_products(sw.data(), dx, p);
+          const __m256i i0 = q4_pair_dot(load256(row + p * 32), xq + p * 64);
+          const __m256i i1 = q4_pair_dot(load256(row + p * 32 + 32), xq + p * 64 + 64);
+          acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), pair_scales(s4, p), acc0);
+          acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), pair_scales(s4, p + 1), acc1);
+        }
+        for (; p < pairs; ++p) {
+          const __m256i i0 = q4_pair_dot(load_q4_pair(row, p, nb), xq + p * 64);
+          acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), pair_scales(block_products(sw.data(), dx, p), p), acc0);
+        }
+        acc[0] = acc0;
+        acc_odd[0] = acc1;
+      } else {
+        for (int64_t m = 0; m < M; ++m) acc[m] = acc_odd[m] = _mm256_setzero_ps();
+        for (int64_t p = 0; p < pairs; ++p) {
+          const __m256i packed = load_q4_pair(row, p, nb);
+          std::vector<__m256>& into = (p < paired && (p & 1)) ? acc_odd : acc;
+          for (int64_t m = 0; m < M; ++m) {
+            const __m256i i0 = q4_pair_dot(packed, xr.q.data() + m * row_q + p * 64);
+            const __m256 s = pair_scales(block_products(sw.data(), xr.dx.data() + m * nbp, p), p);
+            into[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), s, into[m]);
+          }
+        }
+      }
+    } else {
+      // One block (32 bytes) at a time, alternating accumulators while blocks come in twos.
+      const int64_t paired = nb / 2 * 2;
+      if (M == 1) {
+        const uint8_t* xq = xr.q.data();
+        const float* dx = xr.dx.data();
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        int64_t b = 0;
+        for (; b < paired; b += 2) {
+          _mm_prefetch(reinterpret_cast<const char*>(row + b * kBlock + kPrefetchAhead), _MM_HINT_T1);
+          const __m256i i0 = q8_block_dot(load256(row + b * kBlock), xq + b * kBlock);
+          const __m256i i1 = q8_block_dot(load256(row + b * kBlock + kBlock), xq + b * kBlock + kBlock);
+          acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(sw[b] * dx[b]), acc0);
+          acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(sw[b + 1] * dx[b + 1]), acc1);
+        }
+        if (b < nb) {
+          const __m256i i0 = q8_block_dot(load256(row + b * kBlock), xq + b * kBlock);
+          acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(sw[b] * dx[b]), acc0);
+        }
+        acc[0] = acc0;
+        acc_odd[0] = acc1;
+      } else {
+        for (int64_t m = 0; m < M; ++m) acc[m] = acc_odd[m] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b) {
+          const __m256i q = load256(row + b * kBlock);
+          std::vector<__m256>& into = (b < paired && (b & 1)) ? acc_odd : acc;
+          for (int64_t m = 0; m < M; ++m) {
+            const __m256i i0 = q8_block_dot(q, xr.q.data() + m * row_q + b * kBlock);
+            into[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(sw[b] * xr.dx[m * nbp + b]), into[m]);
+          }
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      y[m * N + n] = finish_row(acc[m], acc_odd[m], mw.data(), xr.xs.data() + m * nbp, nbp, w.fmt != Q8_0);
+  }
+}
+
+inline FloatRows prepare_float_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t nb = K / kBlock, nbp = round_up(nb, 8);
+  FloatRows r{x, M, K, nbp, std::vector<float>(M * nbp, 0.f)};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
+                                     _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
+      r.sums[m * nbp + b] = hsum(s);
+    }
+  return r;
+}
+
+// Block b of a row widened to float: elements 8i..8i+7 in f[i] (codes, before scale).
+inline void widen_block(bool q4, const uint8_t* row, int64_t b, __m256 f[4]) {
+  if (q4) {
+    const __m128i packed = load128(row + b * 16), low = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(packed, low), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+    f[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    f[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    f[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    f[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  } else {
+    for (int i = 0; i < 4; ++i)
+      f[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(
+          static_cast<const void*>(row + b * kBlock + 8 * i)))));
+  }
+}
+
+inline __m256 block_dot(const __m256 f[4], const float* xb) {
+  __m256 dot = _mm256_mul_ps(f[0], _mm256_loadu_ps(xb));
+  for (int i = 1; i < 4; ++i) dot = _mm256_fmadd_ps(f[i], _mm256_loadu_ps(xb + 8 * i), dot);
+  return dot;
+}
+
+// Exact path: codes widened to float against float x.
+inline void matmul_float_rows(const Weight& w, const FloatRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  const int64_t K = w.K, nb = w.nb, N = w.N, M = xr.M, nbp = xr.nbp;
+  std::vector<float> sw(nbp), mw(nbp);
+  std::vector<__m256> acc(M), acc_odd(M);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    row_scales(w, n, sw.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    __m256 f[4];
+    if (M == 1) {
+      // Decoding: accumulators in registers, alternating between two for independent chains.
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        widen_block(w.q4(), row, b, f);
+        const __m256 dot = block_dot(f, xr.x + b * kBlock);
+        if (b & 1) acc1 = _mm256_fmadd_ps(dot, _mm256_set1_ps(sw[b]), acc1);
+        else acc0 = _mm256_fmadd_ps(dot, _mm256_set1_ps(sw[b]), acc0);
+      }
+      acc[0] = acc0;
+      acc_odd[0] = acc1;
+    } else {
+      for (int64_t m = 0; m < M; ++m) acc[m] = acc_odd[m] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        widen_block(w.q4(), row, b, f);
+        std::vector<__m256>& into = (b & 1) ? acc_odd : acc;
+        for (int64_t m = 0; m < M; ++m)
+          into[m] = _mm256_fmadd_ps(block_dot(f, xr.x + m * K + b * kBlock), _mm256_set1_ps(sw[b]), into[m]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      y[m * N + n] = finish_row(acc[m], acc_odd[m], mw.data(), xr.sums.data() + m * nbp, nbp, true);
+  }
+}
+
+// 16 floats -> 16 bfloat16, round to nearest even (finite values).
+inline __m256i to_bf16(__m256 a, __m256 b) {
+  const auto round = [](__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  };
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(round(a), round(b)), 0xD8);  // undo the per-lane pack
+}
+
+inline void store_block(float* o, const __m256 f[4]) {
+  for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 8 * i, f[i]);
+}
+inline void store_block(bf16* o, const __m256 f[4]) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), to_bf16(f[0], f[1]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), to_bf16(f[2], f[3]));
+}
+
+template <typename T>
+void dequantize_rows(const Weight& w, T* out, int64_t n_begin, int64_t n_end) {
+  const int64_t nbp = round_up(w.nb, 8);
+  std::vector<float> sw(nbp), mw(nbp);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    row_scales(w, n, sw.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    for (int64_t b = 0; b < w.nb; ++b) {
+      const __m256 s = _mm256_set1_ps(sw[b]), mn = _mm256_set1_ps(mw[b]);  // q8_0: min 0
+      __m256 f[4];
+      widen_block(w.q4(), row, b, f);
+      for (int i = 0; i < 4; ++i) f[i] = _mm256_fmadd_ps(f[i], s, mn);
+      store_block(out + n * w.K + b * kBlock, f);
+    }
+  }
+}
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {  // bfloat16 is the top half of a float32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load128(p)), 16));
+}
+inline __m256 load8(const half* p) { return _mm256_cvtph_ps(load128(p)); }
+
+template <typename T, typename C>
+void attend_head(const T* q, const C* kb, const C* vb, const bool* allowed, T* out, int64_t S, int64_t hd,
+                 float scale, float* p) {
+  const int64_t chunks = hd / 8;
+  __m256 qv[16], acc[16];
+  for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm256_mul_ps(load8(q + c * 8), _mm256_set1_ps(scale));
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    if (allowed && !allowed[s]) { p[s] = -INFINITY; continue; }
+    const C* ks = kb + s * hd;
+    __m256 dot = _mm256_mul_ps(qv[0], load8(ks));
+    for (int64_t c = 1; c < chunks; ++c) dot = _mm256_fmadd_ps(qv[c], load8(ks + c * 8), dot);
+    p[s] = hsum(dot);
+    mx = std::max(mx, p[s]);
+  }
+  float total = 0.f;
+  for (int64_t s = 0; s < S; ++s) { p[s] = std::exp(p[s] - mx); total += p[s]; }
+  for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    if (p[s] == 0.f) continue;
+    const __m256 ps = _mm256_set1_ps(p[s]);
+    const C* vs = vb + s * hd;
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(ps, load8(vs + c * 8), acc[c]);
+  }
+  alignas(32) float tmp[8];
+  for (int64_t c = 0; c < chunks; ++c) {
+    _mm256_store_ps(tmp, _mm256_mul_ps(acc[c], _mm256_set1_ps(1.f / total)));
+    for (int64_t d = 0; d < 8; ++d) out[c * 8 + d] = from_float<T>(tmp[d]);
+  }
+}
+
+}  // namespace avx2
+#endif  // PHI3_AVX2
+
+// --- NEON (aarch64; sdot where the dot-product extension is enabled) --------------------------------
+
+#if defined(PHI3_NEON)
+namespace neon {
+
+inline float32x4_t load_halves(const uint16_t* p, int64_t count) {  // count > 4: the first 4
+  uint16_t padded[4] = {};
+  std::memcpy(padded, p, std::min<int64_t>(count, 4) * sizeof(uint16_t));
+  return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(padded)));
+}
+inline float32x4_t load_bytes_as_floats(const uint8_t* p) {  // 4 unsigned bytes
+  uint8_t padded[8] = {};
+  std::memcpy(padded, p, 4);
+  return vcvtq_f32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vld1_u8(padded)))));
+}
+
+// Float scale and min of each block of row n into sw, mw (round_up(nb, 4) entries, zero-padded).
+inline void row_scales(const Weight& w, int64_t n, float* sw, float* mw) {
+  const int64_t nb = w.nb;
+  for (int64_t j = 0; j < nb; j += 4) {
+    float32x4_t s, mn;
+    if (w.fmt == Q4_K) {  // nb is a multiple of 8: blocks j..j+3 are in one super-block
+      const uint16_t* dm = w.dm + (n * nb + j) / 8 * 2;
+      s = vmulq_n_f32(load_bytes_as_floats(w.sc + n * nb + j), half_to_float(dm[0]));
+      mn = vmulq_n_f32(load_bytes_as_floats(w.mn + n * nb + j), -half_to_float(dm[1]));
+    } else {
+      s = load_halves(w.d + n * nb + j, nb - j);
+      if (w.fmt == Q4_0) mn = vmulq_n_f32(s, -8.f);
+      else if (w.fmt == Q4_1) mn = load_halves(w.m + n * nb + j, nb - j);
+      else mn = vdupq_n_f32(0.f);
+    }
+    vst1q_f32(sw + j, s);
+    vst1q_f32(mw + j, mn);
+  }
+}
+
+// Codes per row: nb * 32 bytes, natural order, signed.
+inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, Format) {
+  QuantizedRows r;
+  r.M = M; r.nb = K / kBlock; r.nbp = round_up(r.nb, 4); r.row_q = K;
+  r.q.assign(M * K, 0);
+  r.dx.assign(M * r.nbp, 0.f);
+  r.xs.assign(M * r.nbp, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < r.nb; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      float32x4_t v[8], amax = vdupq_n_f32(0.f);
+      for (int i = 0; i < 8; ++i) {
+        v[i] = vld1q_f32(xb + 4 * i);
+        amax = vmaxq_f32(amax, vabsq_f32(v[i]));
+      }
+      const float d = vmaxvq_f32(amax) / 127.f;
+      const float id = d != 0.f ? 1.f / d : 0.f;
+      int32x4_t c[8], sum = vdupq_n_s32(0);
+      for (int i = 0; i < 8; ++i) {
+        c[i] = vcvtnq_s32_f32(vmulq_n_f32(v[i], id));  // round to nearest, ties to even
+        sum = vaddq_s32(sum, c[i]);
+      }
+      int8_t* out = reinterpret_cast<int8_t*>(r.q.data()) + m * K + b * kBlock;
+      for (int h = 0; h < 2; ++h) {
+        const int16x8_t a = vcombine_s16(vmovn_s32(c[4 * h]), vmovn_s32(c[4 * h + 1]));
+        const int16x8_t e = vcombine_s16(vmovn_s32(c[4 * h + 2]), vmovn_s32(c[4 * h + 3]));
+        vst1q_s8(out + 16 * h, vcombine_s8(vmovn_s16(a), vmovn_s16(e)));
+      }
+      const float dr = half_to_float(float_to_half(d));
+      r.dx[m * r.nbp + b] = dr;
+      r.xs[m * r.nbp + b] = dr * static_cast<float>(vaddvq_s32(sum));
+    }
+  return r;
+}
+
+inline int activation_code(const QuantizedRows& r, Format, int64_t m, int64_t k) {
+  return static_cast<int8_t>(r.q[m * r.row_q + k]);
+}
+
+// acc + products of 16 int8 pairs, in 4 int32 lanes.
+inline int32x4_t dot16(int32x4_t acc, int8x16_t a, int8x16_t b) {
+#if defined(__ARM_FEATURE_DOTPROD)
+  return vdotq_s32(acc, a, b);
+#else
+  return vpadalq_s16(vpadalq_s16(acc, vmull_s8(vget_low_s8(a), vget_low_s8(b))), vmull_high_s8(a, b));
+#endif
+}
+
+struct Codes { int8x16_t lo, hi; };  // a block's weight codes: elements 0..15, 16..31
+
+inline Codes load_codes(bool q4, const uint8_t* row, int64_t b) {
+  if (q4) {
+    const uint8x16_t packed = vld1q_u8(row + b * 16);
+    return {vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(0x0F))), vreinterpretq_s8_u8(vshrq_n_u8(packed, 4))};
+  }
+  const int8_t* q = reinterpret_cast<const int8_t*>(row + b * kBlock);
+  return {vld1q_s8(q), vld1q_s8(q + 16)};
+}
+
+inline float32x4_t block_dot(Codes w, const uint8_t* x) {
+  const int8_t* xs = reinterpret_cast<const int8_t*>(x);
+  return vcvtq_f32_s32(dot16(dot16(vdupq_n_s32(0), w.lo, vld1q_s8(xs)), w.hi, vld1q_s8(xs + 16)));
+}
+
+inline float finish_row(float32x4_t acc, float32x4_t acc_odd, const float* mw, const float* sums, int64_t nbp,
+                        bool with_mins) {
+  float32x4_t mins = vdupq_n_f32(0.f);
+  if (with_mins)
+    for (int64_t j = 0; j < nbp; j += 4) mins = vfmaq_f32(mins, vld1q_f32(mw + j), vld1q_f32(sums + j));
+  return vaddvq_f32(vaddq_f32(vaddq_f32(acc, acc_odd), mins));
+}
+
+inline void matmul_int8_rows(const Weight& w, const QuantizedRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  const int64_t nb = w.nb, N = w.N, M = xr.M, nbp = xr.nbp, row_q = xr.row_q;
+  const int64_t block_bytes = w.q4() ? 16 : kBlock, paired = nb / 2 * 2;
+  std::vector<float> sw(nbp), mw(nbp);
+  std::vector<float32x4_t> acc(M), acc_odd(M);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    row_scales(w, n, sw.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    if (M == 1) {
+      // Decoding: two blocks per step into two accumulators; an odd last block into the first.
+      const uint8_t* xq = xr.q.data();
+      const float* dx = xr.dx.data();
+      float32x4_t acc0 = vdupq_n_f32(0.f), acc1 = vdupq_n_f32(0.f);
+      int64_t b = 0;
+      for (; b < paired; b += 2) {
+        __builtin_prefetch(row + b * block_bytes + kPrefetchAhead, 0, 2);
+        acc0 = vfmaq_n_f32(acc0, block_dot(load_codes(w.q4(), row, b), xq + b * kBlock), sw[b] * dx[b]);
+        acc1 = vfmaq_n_f32(acc1, block_dot(load_codes(w.q4(), row, b + 1), xq + (b + 1) * kBlock), sw[b + 1] * dx[b + 1]);
+      }
+      if (b < nb) acc0 = vfmaq_n_f32(acc0, block_dot(load_codes(w.q4(), row, b), xq + b * kBlock), sw[b] * dx[b]);
+      acc[0] = acc0;
+      acc_odd[0] = acc1;
+    } else {
+      for (int64_t m = 0; m < M; ++m) acc[m] = acc_odd[m] = vdupq_n_f32(0.f);
+      for (int64_t b = 0; b < nb; ++b) {
+        const Codes codes = load_codes(w.q4(), row, b);
+        std::vector<float32x4_t>& into = (b < paired && (b & 1)) ? acc_odd : acc;
+        for (int64_t m = 0; m < M; ++m)
+          into[m] = vfmaq_n_f32(into[m], block_dot(codes, xr.q.data() + m * row_q + b * kBlock), sw[b] * xr.dx[m * nbp + b]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      y[m * N + n] = finish_row(acc[m], acc_odd[m], mw.data(), xr.xs.data() + m * nbp, nbp, w.fmt != Q8_0);
+  }
+}
+
+inline FloatRows prepare_float_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t nb = K / kBlock, nbp = round_up(nb, 4);
+  FloatRows r{x, M, K, nbp, std::vector<float>(M * nbp, 0.f)};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      float32x4_t s = vld1q_f32(xb);
+      for (int i = 1; i < 8; ++i) s = vaddq_f32(s, vld1q_f32(xb + 4 * i));
+      r.sums[m * nbp + b] = vaddvq_f32(s);
+    }
+  return r;
+}
+
+// Block b of a row widened to float: elements 4i..4i+3 in f[i] (codes, before scale).
+inline void widen_block(bool q4, const uint8_t* row, int64_t b, float32x4_t f[8]) {
+  const Codes codes = load_codes(q4, row, b);
+  const int8x16_t halves[2] = {codes.lo, codes.hi};
+  for (int h = 0; h < 2; ++h) {
+    const int16x8_t lo = vmovl_s8(vget_low_s8(halves[h])), hi = vmovl_high_s8(halves[h]);
+    f[4 * h] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
+    f[4 * h + 1] = vcvtq_f32_s32(vmovl_high_s16(lo));
+    f[4 * h + 2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
+    f[4 * h + 3] = vcvtq_f32_s32(vmovl_high_s16(hi));
+  }
+}
+
+inline float32x4_t block_dot(const float32x4_t f[8], const float* xb) {
+  float32x4_t dot = vmulq_f32(f[0], vld1q_f32(xb));
+  for (int i = 1; i < 8; ++i) dot = vfmaq_f32(dot, f[i], vld1q_f32(xb + 4 * i));
+  return dot;
+}
+
+inline void matmul_float_rows(const Weight& w, const FloatRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  const int64_t K = w.K, nb = w.nb, N = w.N, M = xr.M, nbp = xr.nbp;
+  std::vector<float> sw(nbp), mw(nbp);
+  std::vector<float32x4_t> acc(M), acc_odd(M);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    row_scales(w, n, sw.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    float32x4_t f[8];
+    if (M == 1) {
+      float32x4_t acc0 = vdupq_n_f32(0.f), acc1 = vdupq_n_f32(0.f);
+      for (int64_t b = 0; b < nb; ++b) {
+        widen_block(w.q4(), row, b, f);
+        const float32x4_t dot = block_dot(f, xr.x + b * kBlock);
+        if (b & 1) acc1 = vfmaq_n_f32(acc1, dot, sw[b]);
+        else acc0 = vfmaq_n_f32(acc0, dot, sw[b]);
+      }
+      acc[0] = acc0;
+      acc_odd[0] = acc1;
+    } else {
+      for (int64_t m = 0; m < M; ++m) acc[m] = acc_odd[m] = vdupq_n_f32(0.f);
+      for (int64_t b = 0; b < nb; ++b) {
+        widen_block(w.q4(), row, b, f);
+        std::vector<float32x4_t>& into = (b & 1) ? acc_odd : acc;
+        for (int64_t m = 0; m < M; ++m) into[m] = vfmaq_n_f32(into[m], block_dot(f, xr.x + m * K + b * kBlock), sw[b]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      y[m * N + n] = finish_row(acc[m], acc_odd[m], mw.data(), xr.sums.data() + m * nbp, nbp, true);
+  }
+}
+
+inline void store4(float* o, float32x4_t v) { vst1q_f32(o, v); }
+inline void store4(bf16* o, float32x4_t v) {  // round to nearest even (finite values)
+  const uint32x4_t bits = vreinterpretq_u32_f32(v);
+  const uint32x4_t odd = vandq_u32(vshrq_n_u32(bits, 16), vdupq_n_u32(1));
+  vst1_u16(reinterpret_cast<uint16_t*>(o), vshrn_n_u32(vaddq_u32(bits, vaddq_u32(odd, vdupq_n_u32(0x7FFF))), 16));
+}
+
+template <typename T>
+void dequantize_rows(const Weight& w, T* out, int64_t n_begin, int64_t n_end) {
+  const int64_t nbp = round_up(w.nb, 4);
+  std::vector<float> sw(nbp), mw(nbp);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    row_scales(w, n, sw.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    for (int64_t b = 0; b < w.nb; ++b) {
+      float32x4_t f[8];
+      widen_block(w.q4(), row, b, f);
+      for (int i = 0; i < 8; ++i) store4(out + n * w.K + b * kBlock + 4 * i, vfmaq_n_f32(vdupq_n_f32(mw[b]), f[i], sw[b]));
+    }
+  }
+}
+
+inline float32x4_t load4(const float* p) { return vld1q_f32(p); }
+inline float32x4_t load4(const bf16* p) {  // bfloat16 is the top half of a float32
+  return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p)), 16));
+}
+inline float32x4_t load4(const half* p) {
+  return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p))));
+}
+
+template <typename T, typename C>
+void attend_head(const T* q, const C* kb, const C* vb, const bool* allowed, T* out, int64_t S, int64_t hd,
+                 float scale, float* p) {
+  const int64_t chunks = hd / 4;
+  float32x4_t qv[32], acc[32];
+  for (int64_t c = 0; c < chunks; ++c) qv[c] = vmulq_n_f32(load4(q + c * 4), scale);
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    if (allowed && !allowed[s]) { p[s] = -INFINITY; continue; }
+    const C* ks = kb + s * hd;
+    float32x4_t dot = vmulq_f32(qv[0], load4(ks));
+    for (int64_t c = 1; c < chunks; ++c) dot = vfmaq_f32(dot, qv[c], load4(ks + c * 4));
+    p[s] = vaddvq_f32(dot);
+    mx = std::max(mx, p[s]);
+  }
+  float total = 0.f;
+  for (int64_t s = 0; s < S; ++s) { p[s] = std::exp(p[s] - mx); total += p[s]; }
+  for (int64_t c = 0; c < chunks; ++c) acc[c] = vdupq_n_f32(0.f);
+  for (int64_t s = 0; s < S; ++s) {
+    if (p[s] == 0.f) continue;
+    const C* vs = vb + s * hd;
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = vfmaq_n_f32(acc[c], load4(vs + c * 4), p[s]);
+  }
+  float tmp[4];
+  for (int64_t c = 0; c < chunks; ++c) {
+    vst1q_f32(tmp, vmulq_n_f32(acc[c], 1.f / total));
+    for (int64_t d = 0; d < 4; ++d) out[c * 4 + d] = from_float<T>(tmp[d]);
+  }
+}
+
+}  // namespace neon
+#endif  // PHI3_NEON
+
+#if defined(PHI3_AVX512)
+namespace isa = avx512;
+constexpr const char* kIsa = "avx512";
+#elif defined(PHI3_AVX2) && defined(__AVXVNNI__)
+namespace isa = avx2;
+constexpr const char* kIsa = "avx2 avxvnni";
+#elif defined(PHI3_AVX2)
+namespace isa = avx2;
+constexpr const char* kIsa = "avx2";
+#elif defined(PHI3_NEON) && defined(__ARM_FEATURE_DOTPROD)
+namespace isa = neon;
+constexpr const char* kIsa = "neon dotprod";
+#elif defined(PHI3_NEON)
+namespace isa = neon;
+constexpr const char* kIsa = "neon";
+#else
+namespace isa = ref;
+constexpr const char* kIsa = "portable";
+#endif
+
+}  // namespace phi3

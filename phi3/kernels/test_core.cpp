@@ -1,0 +1,340 @@
+// Checks quant_core.h's kernels for the instruction set this file is compiled for (phi3::isa)
+// against the plain C++ reference compiled alongside (phi3::ref), on deterministic pseudo-random
+// inputs, with tests/test_quant.py's tolerances; and that a row's result is bit-identical
+// whatever the number of rows in the call. tests/test_kernels_arm.py builds and runs it: natively
+// on x86, and for aarch64 under qemu. Prints the build, one line per check, then
+// "N passed, M failed"; exits 0 only if none failed.
+//
+//   g++ -std=c++17 -O2 -mavx2 -mfma -mf16c phi3/kernels/test_core.cpp -o test_core && ./test_core
+
+#include "quant_core.h"
+
+#include <cstdio>
+#include <string>
+
+namespace {
+
+using phi3::bf16;
+using phi3::Format;
+using phi3::half;
+
+int passed = 0, failed = 0;
+
+void check(bool ok, const std::string& what) {
+  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
+  (ok ? passed : failed) += 1;
+}
+
+struct Random {  // splitmix64
+  uint64_t state;
+  uint64_t next() {
+    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  float uniform(float lo, float hi) { return lo + (hi - lo) * static_cast<float>(next() >> 40) * 0x1p-24f; }
+};
+
+// max |got - want| <= rel * max |want| + abs
+template <typename T>
+bool close(const std::vector<T>& got, const std::vector<T>& want, float rel, float abs = 0.f) {
+  float err = 0.f, scale = 0.f;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const float g = phi3::to_float(got[i]), w = phi3::to_float(want[i]);
+    if (std::isnan(g) || std::isnan(w)) return false;
+    err = std::max(err, std::fabs(g - w));
+    scale = std::max(scale, std::fabs(w));
+  }
+  return err <= rel * scale + abs;
+}
+
+template <typename T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+bool same_half(uint16_t a, uint16_t b) {  // equal bits, or both NaN
+  const auto is_nan = [](uint16_t h) { return (h & 0x7C00) == 0x7C00 && (h & 0x3FF); };
+  return a == b || (is_nan(a) && is_nan(b));
+}
+
+void check_conversions(Random& rng) {
+  int wrong = 0;
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const float hw = phi3::half_to_float(h), sw = phi3::scalar_half_to_float(h);
+    wrong += !(phi3::bits_of(hw) == phi3::bits_of(sw) || (std::isnan(hw) && std::isnan(sw)));
+  }
+  check(wrong == 0, "half -> float: all 65536 values, conversion instruction = integer converter");
+  // Every half, the midpoints between neighbours (ties: to even), a float either side of them,
+  // and random bit patterns.
+  std::vector<float> probes;
+  for (uint32_t h = 0; h < 0x7C00; ++h) {
+    const float a = phi3::scalar_half_to_float(h), b = phi3::scalar_half_to_float(h + 1);
+    const float mid = static_cast<float>((static_cast<double>(a) + b) / 2);
+    for (float f : {a, mid, std::nextafter(mid, 0.f), std::nextafter(mid, 1e9f)}) {
+      probes.push_back(f);
+      probes.push_back(-f);
+    }
+  }
+  for (int i = 0; i < 200000; ++i) probes.push_back(phi3::float_from_bits(static_cast<uint32_t>(rng.next())));
+  wrong = 0;
+  for (float f : probes) wrong += !same_half(phi3::float_to_half(f), phi3::scalar_float_to_half(f));
+  check(wrong == 0, "float -> half: " + std::to_string(probes.size()) + " values, conversion instruction = integer converter");
+  check(phi3::scalar_float_to_half(1.f) == 0x3C00 && phi3::scalar_float_to_half(65504.f) == 0x7BFF &&
+        phi3::scalar_float_to_half(65520.f) == 0x7C00 && phi3::scalar_float_to_half(0x1p-24f) == 0x0001 &&
+        phi3::scalar_float_to_half(0x1p-25f) == 0x0000 && phi3::scalar_float_to_half(0x1.8p-24f) == 0x0002 &&
+        phi3::scalar_float_to_half(-0x1p-14f) == 0x8400 && phi3::scalar_half_to_float(0x0001) == 0x1p-24f,
+        "integer half converter: known values (max, overflow, subnormals, ties)");
+  check(phi3::float_to_bf16(1.f + 0x1p-8f) == 0x3F80 && phi3::float_to_bf16(1.f + 0x3p-8f) == 0x3F82 &&
+        phi3::float_to_bf16(NAN) == 0x7FC0, "bfloat16: ties to even, NaN");
+}
+
+// A random weight in one format, with the storage its Weight points into.
+struct TestWeight {
+  std::vector<uint8_t> qs, sc, mn;
+  std::vector<uint16_t> d, m, dm;
+  phi3::Weight w{};
+};
+
+TestWeight random_weight(Format fmt, int64_t N, int64_t K, Random& rng) {
+  TestWeight t;
+  const int64_t nb = K / phi3::kBlock;
+  phi3::Weight& w = t.w;
+  w.fmt = fmt; w.N = N; w.K = K; w.nb = nb;
+  t.qs.resize(N * w.row_bytes());
+  for (auto& q : t.qs) q = static_cast<uint8_t>(rng.next());
+  const auto random_halves = [&](int64_t count, float lo, float hi) {
+    std::vector<uint16_t> v(count);
+    for (auto& h : v) h = phi3::scalar_float_to_half(rng.uniform(lo, hi));
+    return v;
+  };
+  if (fmt == phi3::Q4_K) {
+    t.sc.resize(N * nb);
+    t.mn.resize(N * nb);
+    for (auto& s : t.sc) s = rng.next() % 64;
+    for (auto& s : t.mn) s = rng.next() % 64;
+    t.dm = random_halves(N * nb / 4, 0.0002f, 0.002f);
+    w.sc = t.sc.data(); w.mn = t.mn.data(); w.dm = t.dm.data();
+  } else {
+    t.d = random_halves(N * nb, 0.001f, 0.01f);
+    w.d = t.d.data();
+    if (fmt == phi3::Q4_1) {
+      t.m = random_halves(N * nb, -0.08f, 0.0f);
+      w.m = t.m.data();
+    }
+  }
+  w.qs = t.qs.data();
+  return t;
+}
+
+std::vector<float> random_floats(int64_t count, Random& rng, float lo = -2.f, float hi = 2.f) {
+  std::vector<float> v(count);
+  for (auto& x : v) x = rng.uniform(lo, hi);
+  return v;
+}
+
+template <typename Core>
+std::vector<float> matmul_int8(const phi3::Weight& w, const float* x, int64_t M, int64_t rows_per_call = 0) {
+  const auto xr = Core::quantize_rows(x, M, w.K, static_cast<Format>(w.fmt));
+  std::vector<float> y(M * w.N);
+  const int64_t step = rows_per_call ? rows_per_call : w.N;
+  for (int64_t n = 0; n < w.N; n += step) Core::matmul_int8_rows(w, xr, y.data(), n, std::min(w.N, n + step));
+  return y;
+}
+
+template <typename Core>
+std::vector<float> matmul_float(const phi3::Weight& w, const float* x, int64_t M) {
+  const auto xr = Core::prepare_float_rows(x, M, w.K);
+  std::vector<float> y(M * w.N);
+  Core::matmul_float_rows(w, xr, y.data(), 0, w.N);
+  return y;
+}
+
+// The core's functions as one type, to pass either to the helpers above.
+struct Isa {
+  static auto quantize_rows(const float* x, int64_t M, int64_t K, Format f) { return phi3::isa::quantize_rows(x, M, K, f); }
+  static void matmul_int8_rows(const phi3::Weight& w, const phi3::QuantizedRows& r, float* y, int64_t a, int64_t b) {
+    phi3::isa::matmul_int8_rows(w, r, y, a, b);
+  }
+  static auto prepare_float_rows(const float* x, int64_t M, int64_t K) { return phi3::isa::prepare_float_rows(x, M, K); }
+  static void matmul_float_rows(const phi3::Weight& w, const phi3::FloatRows& r, float* y, int64_t a, int64_t b) {
+    phi3::isa::matmul_float_rows(w, r, y, a, b);
+  }
+};
+struct Ref {
+  static auto quantize_rows(const float* x, int64_t M, int64_t K, Format f) { return phi3::ref::quantize_rows(x, M, K, f); }
+  static void matmul_int8_rows(const phi3::Weight& w, const phi3::QuantizedRows& r, float* y, int64_t a, int64_t b) {
+    phi3::ref::matmul_int8_rows(w, r, y, a, b);
+  }
+  static auto prepare_float_rows(const float* x, int64_t M, int64_t K) { return phi3::ref::prepare_float_rows(x, M, K); }
+  static void matmul_float_rows(const phi3::Weight& w, const phi3::FloatRows& r, float* y, int64_t a, int64_t b) {
+    phi3::ref::matmul_float_rows(w, r, y, a, b);
+  }
+};
+
+// Row m of each product in y [M, N] computed alone (M = 1) has the same bits as in the batch.
+template <typename Solo>
+bool batch_equals_solo(const std::vector<float>& batch, int64_t M, int64_t N, const float* x, int64_t K, Solo solo) {
+  for (int64_t m = 0; m < M; ++m) {
+    const std::vector<float> alone = solo(x + m * K);
+    if (std::memcmp(alone.data(), batch.data() + m * N, N * sizeof(float)) != 0) return false;
+  }
+  return true;
+}
+
+// The dense weight in double, for the reference's own check.
+std::vector<double> dense(const phi3::Weight& w) {
+  std::vector<float> sw(w.nb), mw(w.nb);
+  std::vector<double> out(w.N * w.K);
+  for (int64_t n = 0; n < w.N; ++n) {
+    phi3::ref::row_scales(w, n, sw.data(), mw.data());
+    for (int64_t k = 0; k < w.K; ++k) {
+      const int64_t b = k / phi3::kBlock;
+      out[n * w.K + k] = static_cast<double>(sw[b]) * phi3::ref::weight_code(w, w.qs + n * w.row_bytes(), b, k % phi3::kBlock) + mw[b];
+    }
+  }
+  return out;
+}
+
+void check_format(Format fmt, const char* name, int64_t N, int64_t K, Random& rng) {
+  const TestWeight t = random_weight(fmt, N, K, rng);
+  const phi3::Weight& w = t.w;
+  const std::string shape = std::string(name) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
+                            " (" + std::to_string(w.nb) + " blocks)";
+  for (int64_t M : {1, 3}) {
+    std::vector<float> x = random_floats(M * K, rng);
+    std::fill(x.begin(), x.begin() + phi3::kBlock, 0.f);  // an all-zero block: scale 0
+    const std::string tag = shape + " M=" + std::to_string(M);
+
+    const auto qi = phi3::isa::quantize_rows(x.data(), M, K, fmt);
+    const auto qr = phi3::ref::quantize_rows(x.data(), M, K, fmt);
+    bool codes = true, scales = true;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) codes &= phi3::isa::activation_code(qi, fmt, m, k) == phi3::ref::activation_code(qr, fmt, m, k);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < w.nb; ++b)
+        scales &= phi3::bits_of(qi.dx[m * qi.nbp + b]) == phi3::bits_of(qr.dx[m * qr.nbp + b]) &&
+                  phi3::bits_of(qi.xs[m * qi.nbp + b]) == phi3::bits_of(qr.xs[m * qr.nbp + b]);
+    check(codes && scales, "activations to int8: same codes, scales and sums as the reference, " + tag);
+
+    const auto int8 = matmul_int8<Isa>(w, x.data(), M);
+    check(close(int8, matmul_int8<Ref>(w, x.data(), M), 1e-5f), "int8 matmul within 1e-5 of the reference, " + tag);
+    check(same_bits(int8, matmul_int8<Isa>(w, x.data(), M, 7)), "int8 matmul: same bits in row ranges of 7, " + tag);
+    check(batch_equals_solo(int8, M, N, x.data(), K, [&](const float* row) { return matmul_int8<Isa>(w, row, 1); }),
+          "int8 matmul: each row's bits equal the row alone, " + tag);
+
+    const auto exact = matmul_float<Isa>(w, x.data(), M);
+    const auto exact_ref = matmul_float<Ref>(w, x.data(), M);
+    check(close(exact, exact_ref, 1e-4f), "float matmul within 1e-4 of the reference, " + tag);
+    check(batch_equals_solo(exact, M, N, x.data(), K, [&](const float* row) { return matmul_float<Isa>(w, row, 1); }),
+          "float matmul: each row's bits equal the row alone, " + tag);
+    std::vector<float> want(M * N);
+    const std::vector<double> wd = dense(w);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double s = 0;
+        for (int64_t k = 0; k < K; ++k) s += wd[n * K + k] * x[m * K + k];
+        want[m * N + n] = static_cast<float>(s);
+      }
+    check(close(exact_ref, want, 1e-4f), "reference float matmul within 1e-4 of the dense product, " + tag);
+    check(close(int8, want, 1e-2f), "int8 matmul within 1e-2 of the dense product, " + tag);
+  }
+  std::vector<float> df(N * K), df_ref(N * K);
+  phi3::isa::dequantize_rows(w, df.data(), 0, N);
+  phi3::ref::dequantize_rows(w, df_ref.data(), 0, N);
+  check(same_bits(df, df_ref), "dequantize to float32: the reference's bits, " + shape);
+  std::vector<bf16> db(N * K), db_ref(N * K);
+  phi3::isa::dequantize_rows(w, db.data(), 0, N);
+  phi3::ref::dequantize_rows(w, db_ref.data(), 0, N);
+  check(same_bits(db, db_ref), "dequantize to bfloat16: the reference's bits, " + shape);
+}
+
+template <typename T>
+std::vector<T> cast(const std::vector<float>& v) {
+  std::vector<T> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = phi3::from_float<T>(v[i]);
+  return out;
+}
+
+template <typename T>
+void check_rms_norm(const char* name, float tol, Random& rng) {
+  const int64_t rows = 6, D = 96;
+  const std::vector<T> x = cast<T>(random_floats(rows * D, rng)), w = cast<T>(random_floats(D, rng));
+  std::vector<T> y(rows * D);
+  phi3::rms_norm_rows(x.data(), w.data(), y.data(), D, 1e-5f, 0, rows);
+  std::vector<float> want(rows * D);
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int64_t i = 0; i < D; ++i) ss += double(phi3::to_float(x[r * D + i])) * phi3::to_float(x[r * D + i]);
+    const double inv = 1 / std::sqrt(ss / D + 1e-5);
+    for (int64_t i = 0; i < D; ++i) want[r * D + i] = float(phi3::to_float(x[r * D + i]) * inv * phi3::to_float(w[i]));
+  }
+  std::vector<float> got(rows * D);
+  for (size_t i = 0; i < got.size(); ++i) got[i] = phi3::to_float(y[i]);
+  check(close(got, want, tol), std::string("rms_norm ") + name + " within " + (tol < 1e-3f ? "1e-5" : "2e-2") + " of double math");
+}
+
+// attend_head for T activations against a C cache: heads of dimension hd, S of Smax slots.
+template <typename T, typename C>
+void check_attention(const char* name, float tol, int64_t hd, bool masked, Random& rng) {
+  const int64_t H = 3, S = 37, Smax = 50;
+  const std::vector<T> q = cast<T>(random_floats(H * hd, rng));
+  const std::vector<C> k = cast<C>(random_floats(Smax * hd, rng)), v = cast<C>(random_floats(Smax * hd, rng));
+  bool allowed[S];
+  for (int64_t s = 0; s < S; ++s) allowed[s] = s == S - 1 || rng.next() % 10 >= 3;
+  std::vector<T> got(H * hd), want(H * hd);
+  std::vector<float> p(S);
+  for (int64_t h = 0; h < H; ++h) {
+    phi3::isa::attend_head(q.data() + h * hd, k.data(), v.data(), masked ? allowed : nullptr, got.data() + h * hd, S,
+                           hd, 0.1f, p.data());
+    phi3::ref::attend_head(q.data() + h * hd, k.data(), v.data(), masked ? allowed : nullptr, want.data() + h * hd, S,
+                           hd, 0.1f, p.data());
+  }
+  check(close(got, want, tol, 1e-6f), std::string("attend_head ") + name + " hd=" + std::to_string(hd) +
+                                           (masked ? " masked" : "") + " within tolerance of the reference");
+}
+
+// A rotated key into a float16 cache: the rounding of the rotated value in the activations' type.
+template <typename T>
+void check_write_slot(const char* name, Random& rng) {
+  const int64_t hd = 64;
+  const std::vector<T> x = cast<T>(random_floats(hd, rng)), cos = cast<T>(random_floats(hd, rng, -1, 1)),
+                       sin = cast<T>(random_floats(hd, rng, -1, 1));
+  std::vector<T> rotated(hd), same(hd);
+  phi3::rotate_into(x.data(), cos.data(), sin.data(), hd, rotated.data());
+  std::vector<half> slot(hd);
+  phi3::write_slot(x.data(), cos.data(), sin.data(), hd, true, slot.data());
+  phi3::write_slot(x.data(), cos.data(), sin.data(), hd, true, same.data());
+  bool ok = same_bits(same, rotated);
+  for (int64_t d = 0; d < hd; ++d) ok &= slot[d].bits == phi3::scalar_float_to_half(phi3::to_float(rotated[d]));
+  check(ok, std::string("write_slot ") + name + ": rotated key into a same-type and a float16 cache");
+}
+
+}  // namespace
+
+int main() {
+  std::printf("build: %s\n", phi3::kIsa);
+  Random rng{42};
+  check_conversions(rng);
+  // Odd block counts exercise every path's tails: 3, 11 and 33 blocks; Q4_K needs multiples of 8.
+  for (int64_t K : {96, 352, 1056}) {
+    check_format(phi3::Q4_0, "q4_0", 37, K, rng);
+    check_format(phi3::Q4_1, "q4_1", 37, K, rng);
+    check_format(phi3::Q8_0, "q8_0", 37, K, rng);
+  }
+  for (int64_t K : {256, 768}) check_format(phi3::Q4_K, "q4_k", 21, K, rng);
+  check_rms_norm<float>("float32", 1e-5f, rng);
+  check_rms_norm<bf16>("bfloat16", 2e-2f, rng);
+  for (int64_t hd : {96, 128})
+    for (bool masked : {true, false}) {
+      check_attention<float, float>("float32", 1e-5f, hd, masked, rng);
+      check_attention<float, half>("float32 with a float16 cache", 1e-5f, hd, masked, rng);
+      check_attention<bf16, bf16>("bfloat16", 2e-2f, hd, masked, rng);
+      check_attention<bf16, half>("bfloat16 with a float16 cache", 2e-2f, hd, masked, rng);
+    }
+  check_write_slot<float>("float32", rng);
+  check_write_slot<bf16>("bfloat16", rng);
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}
