@@ -48,10 +48,22 @@ $(VENV)/.bench: $(VENV)/.test
 	$(BIN)/python -m pip install -q -e ".[test,bench]"
 	touch $@
 
+# llama.cpp built for AVX2 only (no AVX-512), to compare phi3's avx2 kernels with what llama.cpp
+# runs on an AVX2 laptop; a venv of its own, since llama-cpp-python compiles for one instruction set.
+LLAMA_AVX2 := .venv-llama-avx2
+$(LLAMA_AVX2)/.done:
+	$(PYTHON) -m venv $(LLAMA_AVX2)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DLLAMA_CURL=OFF" \
+	  $(LLAMA_AVX2)/bin/pip install -q llama-cpp-python==0.3.36 numpy
+	touch $@
+
 bench: $(VENV)/.bench
 	$(BIN)/phi3 fetch
 	$(BIN)/python benchmarks/bench_decode.py --write BENCHMARKS.md
 	$(BIN)/python benchmarks/bench_llama_cpp.py --write BENCHMARKS.md
+	if grep -qw avx2 /proc/cpuinfo; then $(MAKE) $(LLAMA_AVX2)/.done && \
+	  $(BIN)/python benchmarks/bench_llama_cpp.py --phi3-kernels avx2 --llama-python $(LLAMA_AVX2)/bin/python \
+	    --files q4_0,q4_k_m --only-speed --skip-medium --write BENCHMARKS.md; fi
 	$(BIN)/python benchmarks/bench_serve.py --write BENCHMARKS.md
 	$(BIN)/python benchmarks/lm_eval_parity.py --tasks arc --mc-limit 200 --out parity-results/speed --write-speed BENCHMARKS.md
 
@@ -62,4 +74,4 @@ parity: $(VENV)/.test
 	$(BIN)/python benchmarks/lm_eval_parity.py --write EVALUATION.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LLAMA_AVX2) build *.egg-info
