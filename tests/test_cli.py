@@ -139,11 +139,11 @@ def test_unknown_architecture(tiny_folder, tmp_path):
 def test_unknown_quantization_type(tmp_path):
     cfg = tiny_config("medium").with_(model_type="llama", hidden_size=256, intermediate_size=256)
     state = hf_reference(cfg).state_dict()
-    # IQ4_NL: a real llama.cpp type phi3 does not load (136 bytes... per 32 values: 18 bytes a block)
-    raw = {"blk.0.ffn_down.weight": (bytes(256 * 8 * 18), "IQ4_NL")}
+    # IQ2_XXS: a real llama.cpp type phi3 does not load (66 bytes per 256 values)
+    raw = {"blk.0.ffn_down.weight": (bytes(256 * 66), "IQ2_XXS")}
     path = write_tiny_gguf(tmp_path / "iq.gguf", cfg, state, "llama", raw_blocks=raw)
     assert_one_line_error(run_cli("generate", "--model", str(path), "-p", "hi"),
-                          "unsupported GGUF quantization type IQ4_NL")
+                          "unsupported GGUF quantization type IQ2_XXS")
 
 
 def test_shape_mismatch(tiny_folder, tmp_path):
