@@ -1,9 +1,10 @@
-"""Weights kept in llama.cpp's block formats (Q4_0, Q4_1, Q4_K, Q8_0), and quantizers that make them.
+"""Weights kept in llama.cpp's block formats (Q4_0, Q4_1, Q4_K, Q8_0, Q5_0, Q5_1, Q5_K, Q6_K,
+IQ4_NL, IQ4_XS), and quantizers that make some of them.
 
 Decoding one token reads every weight once, so bytes per weight set the speed on a CPU. A GGUF's
-Q4_0/Q4_1/Q4_K/Q8_0 tensors are repacked at load into `QuantLinear` modules that keep the file's
-bits (4-bit codes plus per-block scales) on every machine. They multiply with a kernel of ours
-(phi3/kernels/, compiled on first use for AVX-512 VNNI, AVX2 or ARM NEON; see cpu_kernels.py).
+tensors of those types are repacked at load into `QuantLinear` modules that keep the file's bits
+(4-bit codes, high-bit planes, per-block scales) on every machine. They multiply with a kernel of
+ours (phi3/kernels/, compiled on first use for AVX-512 VNNI, AVX2 or ARM NEON; see cpu_kernels.py).
 Without a compiled kernel (no compiler, another CPU, PHI3_KERNELS=portable, a GPU) the weights
 still stay packed: each matmul unpacks a slice of rows at a time with PyTorch ops, so memory stays
 near the file size. Only `--dequantize` unpacks a whole model.
@@ -34,13 +35,13 @@ BLOCK = 32
 SUPER = 256  # K-quant super-block
 PROMPT_ROWS = 16  # from this many tokens per sequence on, unpack the weight and use a dense matmul
 UNPACK_ELEMENTS = 1 << 23  # weights unpacked at a time for that (32 MB in float32)
-# GGUF types kept packed in memory, on every machine. The first four have compiled kernels
-# (KERNEL_KINDS); the others are unpacked a slice at a time per matmul for now.
+# GGUF types kept packed in memory on every machine, each with compiled kernels; QUANT_KINDS:
+# those that our quantizers also write.
 PACKED_KINDS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
-KERNEL_KINDS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
-QUANT_KINDS = KERNEL_KINDS
+KERNEL_KINDS = PACKED_KINDS
+QUANT_KINDS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "IQ4_NL", "IQ4_XS")
 FORMAT_IDS = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "q8_0": 3, "q5_0": 4, "q5_1": 5, "q5_k": 6, "q6_k": 7,
-              "iq4_nl": 8, "iq4_xs": 9}  # must match quant_core.h (its first four have kernels)
+              "iq4_nl": 8, "iq4_xs": 9}  # must match quant_core.h
 # llama.cpp's kvalues_iq4nl: the 16 levels of IQ4_NL and IQ4_XS codes.
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 WRITE_TYPES = ("q4_0", "q4_1", "q4_k", "iq4_nl", "iq4_xs", "q8_0", "f16", "f32")  # what `phi3 quantize` writes
@@ -96,28 +97,27 @@ class QuantLinear(nn.Module):
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qs, self.qh, self.a, self.b, self.c))
 
-    @property
-    def has_kernel(self) -> bool:
-        return self.kind.upper() in KERNEL_KINDS
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ext = cpu_kernels.kernel() if x.device.type == "cpu" else None
         # Tokens per sequence, not rows in all: a batch of decode steps ([rows, 1, in]) stays on
         # the kernel, whose rows are computed exactly as one alone would be.
         tokens = x.shape[-2] if x.dim() >= 2 else 1
-        if not self.has_kernel:
-            ext = None
         if ext is not None and tokens < PROMPT_ROWS:
-            return ext.block_matmul(x, self.fmt, self.qs, self.a, self.b, self.c, self.int8_activations)
+            return ext.block_matmul(x, self.fmt, self.qs, self.qh, self.a, self.b, self.c, self.int8_activations)
+        compute = self._unpacked_dtype(x)
+        # Prompts too stay on our int8 kernel where an unpacked matmul would run in float32 (no
+        # native bfloat16, e.g. AVX2): 8192x3072 Q4_0 times 128 rows took 64 ms there against
+        # 145 ms unpacked in float32 (48 ms in bfloat16 where the CPU has AVX512-BF16).
+        if ext is not None and self.int8_activations and compute == torch.float32:
+            return ext.block_matmul(x, self.fmt, self.qs, self.qh, self.a, self.b, self.c, True)
         # Many tokens (a prompt), or no compiled kernel: unpack a slice of output rows at a time
         # and let a dense matmul reuse each weight, so that the unpacked copy stays small (32 MB).
-        compute = self._unpacked_dtype(x)
         xc = x.reshape(-1, self.in_features).to(compute)
         y = torch.empty(xc.shape[0], self.out_features, dtype=compute, device=x.device)
         step = max(256, UNPACK_ELEMENTS // self.in_features)
         for r in range(0, self.out_features, step):
             if ext is not None:
-                parts = [t[r:r + step] if t.numel() else t for t in (self.qs, self.a, self.b, self.c)]
+                parts = [t[r:r + step] if t.numel() else t for t in (self.qs, self.qh, self.a, self.b, self.c)]
                 w = ext.block_dequantize(self.fmt, *parts, compute)
             else:
                 w = self.dequantize(r, r + step).to(compute)
@@ -188,10 +188,11 @@ class QuantLinear(nn.Module):
         q = self.codes(start, end)
         n = q.shape[0]
         scale, minimum = self.block_scales(start, end)
+        # In place: the unpacking path runs this per slice at every matmul, and each temporary
+        # the size of the slice adds to peak memory.
         if self.kind == "q6_k":  # 16 codes per scale, codes offset by 32
-            return ((q.view(n, -1, 16) - 32) * scale[..., None]).view(n, k)
-        q = q.view(n, k // BLOCK, BLOCK)
-        return (q * scale[..., None] + minimum[..., None]).view(n, k)
+            return q.view(n, -1, 16).sub_(32).mul_(scale[..., None]).view(n, k)
+        return q.view(n, k // BLOCK, BLOCK).mul_(scale[..., None]).add_(minimum[..., None]).view(n, k)
 
     def extra_repr(self) -> str:
         act = "int8" if self.int8_activations else "float"

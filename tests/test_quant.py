@@ -12,13 +12,19 @@ import pytest
 import torch
 
 from phi3 import cpu_kernels, quant
+from tests.test_quant_formats import random_blocks
 
-# (rows, cols) per kind: odd numbers of blocks exercise the kernels' tails; Q4_K needs 256s.
-SHAPES = {"Q4_0": (200, 352), "Q4_1": (200, 320), "Q8_0": (200, 352), "Q4_K": (72, 768)}
+# (rows, cols) per kind: odd numbers of blocks exercise the kernels' tails; K-quants and IQ4_XS
+# need 256s.
+SHAPES = {"Q4_0": (200, 352), "Q4_1": (200, 320), "Q8_0": (200, 352), "Q4_K": (72, 768), "Q5_0": (200, 352),
+          "Q5_1": (200, 320), "Q5_K": (72, 768), "Q6_K": (72, 768), "IQ4_NL": (200, 352), "IQ4_XS": (72, 768)}
 
 
 def blocks(kind: str, rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """GGUF bytes of a random weight, and gguf-py's dequantization of them."""
+    """GGUF bytes of a random weight (random bytes for the types we do not quantize to), and
+    gguf-py's dequantization of them."""
+    if kind not in quant.QUANT_KINDS:
+        return random_blocks(kind, rows, cols, seed)
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((rows, cols)).astype(np.float32)
     data = quant.quantize_blocks(w, kind.lower())
@@ -49,13 +55,14 @@ def int8_reference(q: quant.QuantLinear, x: torch.Tensor) -> torch.Tensor:
     d = xb.abs().amax(-1) / 127
     x8 = torch.round(xb * torch.where(d > 0, 1 / d, 0)[..., None]).double()
     d = d.half().double()
-    scale, minimum = q.block_scales()
-    if q.kind == "q8_0":
-        codes = q.qs.view(torch.int8).view(n, k // 32, 32).double()
-    else:
-        codes = torch.cat([(q.qs & 15).view(n, k // 32, 16), (q.qs >> 4).view(n, k // 32, 16)], -1).double()
+    # In halves of blocks (q6_k has a scale per 16 codes), each with its block's activation scale.
+    x8, d = x8.view(-1, k // 16, 16), d.repeat_interleave(2, -1)
+    codes = q.codes().double().view(n, k // 16, 16) - (32 if q.kind == "q6_k" else 0)
+    scale, minimum = (t.double() for t in q.block_scales())
+    if scale.shape[1] != k // 16:
+        scale, minimum = scale.repeat_interleave(2, -1), minimum.repeat_interleave(2, -1)
     dots = torch.einsum("mbj,nbj->mnb", x8, codes)
-    y = (dots * scale.double()[None] * d[:, None]).sum(-1) + (minimum.double()[None] * (d * x8.sum(-1))[:, None]).sum(-1)
+    y = (dots * scale[None] * d[:, None]).sum(-1) + (minimum[None] * (d * x8.sum(-1))[:, None]).sum(-1)
     return y.float().view(*x.shape[:-1], n)
 
 
@@ -67,7 +74,7 @@ def test_repacked_blocks_dequantize_exactly(kind):
     assert torch.equal(q.dequantize(), torch.from_numpy(dense))
 
 
-@pytest.mark.parametrize("kind", quant.QUANT_KINDS)
+@pytest.mark.parametrize("kind", quant.KERNEL_KINDS)
 @pytest.mark.parametrize("m", [1, 3, 17])
 def test_kernels_match_references(ext, kind, m):
     rows, cols = SHAPES[kind]
@@ -91,7 +98,7 @@ def test_kernels_match_references(ext, kind, m):
     assert (got16.float() - exact).abs().max().item() <= 3e-2 * exact.abs().max().item()
 
 
-@pytest.mark.parametrize("kind", quant.QUANT_KINDS)
+@pytest.mark.parametrize("kind", quant.KERNEL_KINDS)
 @pytest.mark.parametrize("int8", [True, False])
 def test_a_row_gives_the_same_bits_in_any_batch(ext, kind, int8):
     """Batched decoding (a server's requests in one step) must give each row exactly what it
@@ -108,12 +115,13 @@ def test_a_row_gives_the_same_bits_in_any_batch(ext, kind, int8):
             assert torch.equal(batched[i], q(x[i:i + 1])[0])
 
 
-def test_prompt_path_dequantizes_exactly(ext):
-    data, dense = blocks("Q4_K", 40, 512, seed=3)
-    q = quant.from_gguf_blocks("Q4_K", data, 40, 512)
-    w = ext.block_dequantize(q.fmt, q.qs, q.a, q.b, q.c, torch.float32)
-    assert torch.equal(w, torch.from_numpy(dense))
-    w16 = ext.block_dequantize(q.fmt, q.qs, q.a, q.b, q.c, torch.bfloat16)
+@pytest.mark.parametrize("kind", quant.KERNEL_KINDS)
+def test_prompt_path_dequantizes_exactly(ext, kind):
+    data, dense = blocks(kind, 40, 512, seed=3)
+    q = quant.from_gguf_blocks(kind, data, 40, 512)
+    w = ext.block_dequantize(q.fmt, q.qs, q.qh, q.a, q.b, q.c, torch.float32)
+    assert torch.equal(w, torch.from_numpy(dense)) and torch.equal(w, q.dequantize())
+    w16 = ext.block_dequantize(q.fmt, q.qs, q.qh, q.a, q.b, q.c, torch.bfloat16)
     assert torch.equal(w16, torch.from_numpy(dense).bfloat16())
 
 

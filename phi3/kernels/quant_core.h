@@ -1,4 +1,4 @@
-// The CPU kernels' arithmetic, without PyTorch: products with weights in llama.cpp's 4- and 8-bit
+// The CPU kernels' arithmetic, without PyTorch: products with weights in llama.cpp's 4- to 8-bit
 // block formats, their dequantization, RMSNorm and one-token attention, on raw pointers and one
 // range of rows per call, single-threaded. quant_cpu.cpp binds them to torch (tensor checks, rows
 // split across threads); test_core.cpp drives them directly, on ARM too (under qemu).
@@ -17,6 +17,18 @@
 //   q8_0  a = d [N, nb] half                                  w = d*q
 // Every format reduces to a float scale and min per block (row_scales), so one inner loop serves
 // all of them and the file's bytes are what is read.
+//
+// The "wide" formats (5- and 6-bit codes, IQ4's non-linear levels) keep the q4 nibbles in qs, plus
+//   qh  high-bit planes, per block one 32-bit little-endian word per bit (bit e = element e):
+//       q5_*: 4 bytes (bit 4), q6_k: 8 bytes (bit 4 plane, then bit 5 plane)
+//   q5_0  a = d half                                          w = d*(q-16)
+//   q5_1  a = d half, b = m half                              w = d*q + m
+//   q5_k  as q4_k                                             w = d*sc*q - dmin*mn
+//   q6_k  a = int8 scale per 16 [N, 2nb], c = d [N, nb/8] half  w = d*sc*(q-32)
+//   iq4_nl a = d half                                         w = d*L[q]
+//   iq4_xs a = int8 (ls-32) [N, nb], c = d [N, nb/8] half      w = d*(ls-32)*L[q]
+// (L = kIq4Levels). Each build unpacks a block to 32 signed int8 codes and reuses the signed
+// int8 dot product; see "The 5-, 6-bit and IQ4 formats" below.
 //
 // Two ways to multiply:
 //   int8 activations (the default, llama.cpp's method): x is rounded to int8 per block of 32 with
@@ -64,7 +76,10 @@
 namespace phi3 {
 
 constexpr int64_t kBlock = 32;
-enum Format : int64_t { Q4_0 = 0, Q4_1 = 1, Q4_K = 2, Q8_0 = 3 };
+enum Format : int64_t { Q4_0 = 0, Q4_1 = 1, Q4_K = 2, Q8_0 = 3, Q5_0 = 4, Q5_1 = 5, Q5_K = 6, Q6_K = 7, IQ4_NL = 8, IQ4_XS = 9 };
+
+// llama.cpp's kvalues_iq4nl: the 16 levels of IQ4_NL and IQ4_XS codes.
+alignas(16) constexpr int8_t kIq4Levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -172,8 +187,12 @@ struct Weight {
   const uint8_t* sc;    // q4_k sub-block scales
   const uint8_t* mn;    // q4_k sub-block mins
   const uint16_t* dm;   // q4_k (d, dmin) per super-block
+  const uint8_t* qh;    // 5- and 6-bit formats: the high-bit planes
   bool q4() const { return fmt != Q8_0; }
   int64_t row_bytes() const { return q4() ? K / 2 : K; }
+  bool wide() const { return fmt >= Q5_0; }        // the formats of the unpack-then-dot path below
+  int64_t qh_bytes() const { return qh_bytes_of(fmt); }
+  static constexpr int64_t qh_bytes_of(int64_t f) { return f == Q6_K ? 8 : f == Q5_0 || f == Q5_1 || f == Q5_K ? 4 : 0; }
 };
 
 // Activations rounded to int8 per block of 32, as llama.cpp's quantize_row_q8_0 does: scale
@@ -238,9 +257,230 @@ void write_slot(const T* x, const T* cos, const T* sin, int64_t hd, bool rotate,
   }
 }
 
+// --- The 5-, 6-bit and IQ4 formats: unpack a block to 32 int8 codes, then a signed dot product --
+// Each block of 32 has a scale (q6_k: one per 16 codes) and a min (q5_1, q5_k; else 0). Codes are signed: q5_0 q - 16, q6_k q - 32, iq4 their levels.
+// One driver per operation serves every build; an instruction set gives a traits struct V with
+//   C codes<F>(row, qh, b)                  block b's 32 codes
+//   Acc dot<F>(acc, C, xq, sd)              + the int8 products (activations in natural order,
+//                                           signed) times sd[0], or for q6_k sd[0] (codes 0..15)
+//                                           and sd[1] (16..31)
+//   FAcc fdot(acc, C, x, s_lo, s_hi)        + the float products
+//   store(T* out, C, s_lo, s_hi, min)       the dequantized block
+// The format is a template argument so that each codes<F> compiles to its own straight line.
+// Decoding alternates two accumulators (even and odd blocks): one chain of dependent FMAs held
+// q6_k at 2.7 ns a block on one Zen 5 thread. The many-row paths do the same per row, so a row's
+// result does not depend on how many rows share the call.
+
+constexpr bool has_min(int64_t fmt) { return fmt == Q5_1 || fmt == Q5_K; }
+constexpr int wide_offset(int64_t fmt) { return fmt == Q5_0 ? 16 : fmt == Q6_K ? 32 : 0; }
+constexpr bool is_iq4(int64_t fmt) { return fmt == IQ4_NL || fmt == IQ4_XS; }
+
+// Scales per block: q6_k two (codes 0..15, 16..31), the others one.
+constexpr int64_t halves(int64_t fmt) { return fmt == Q6_K ? 2 : 1; }
+
+inline void halves_to_floats(const uint16_t* h, float* out, int64_t count) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+#endif
+  for (; i < count; ++i) out[i] = half_to_float(h[i]);
+}
+
+// Row n's block scales s[halves(F) * b + h] and mins mw[b]. Loops per super-block: computed
+// block by block (a half conversion and an index division each) they took half of q6_k's and
+// iq4_xs's decoding time.
+template <int64_t F>
+void wide_scales(const Weight& w, int64_t n, float* s, float* mw) {
+  const int64_t nb = w.nb, first = n * nb;
+  if constexpr (F == Q5_K || F == Q6_K || F == IQ4_XS) {
+    constexpr int64_t per = 8 * halves(F);  // scales per super-block of 8 blocks
+    for (int64_t g = 0; g < nb / 8; ++g) {
+      const int64_t sb = first / 8 + g;
+      const float d = half_to_float(w.dm[F == Q5_K ? 2 * sb : sb]);
+      const uint8_t* sc = w.sc + (first + 8 * g) * halves(F);
+      for (int64_t j = 0; j < per; ++j) s[g * per + j] = d * (F == Q5_K ? static_cast<float>(sc[j]) : static_cast<int8_t>(sc[j]));
+      if constexpr (F == Q5_K) {
+        const float dmin = -half_to_float(w.dm[2 * sb + 1]);
+        for (int64_t j = 0; j < 8; ++j) mw[8 * g + j] = dmin * w.mn[first + 8 * g + j];
+      }
+    }
+  } else {
+    halves_to_floats(w.d + first, s, nb);
+    if constexpr (F == Q5_1) halves_to_floats(w.m + first, mw, nb);
+  }
+}
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Code j of block b (the plain reference of every V::codes).
+inline int wide_code(int64_t fmt, const uint8_t* row, const uint8_t* qh, int64_t b, int64_t j) {
+  const uint8_t byte = row[b * 16 + j % 16];
+  int q = j < 16 ? byte & 0x0F : byte >> 4;
+  if (is_iq4(fmt)) return kIq4Levels[q];
+  const uint8_t* planes = qh + b * Weight::qh_bytes_of(fmt);
+  q |= (load_u32(planes) >> j & 1) << 4;
+  if (fmt == Q6_K) q |= (load_u32(planes + 4) >> j & 1) << 5;
+  return q - wide_offset(fmt);
+}
+
+inline const uint8_t* wide_qh_row(const Weight& w, int64_t n) { return w.qh + n * w.nb * w.qh_bytes(); }
+
+// Decoding streams qs and qh; prefetched as the other formats are (see kPrefetchAhead).
+inline void wide_prefetch(const Weight& w, const uint8_t* row, const uint8_t* qh, int64_t b) {
+  if (b % 4) return;
+  __builtin_prefetch(row + b * 16 + kPrefetchAhead, 0, 2);
+  if (w.qh_bytes() && b % 16 == 0) __builtin_prefetch(qh + b * w.qh_bytes() + kPrefetchAhead / 4, 0, 2);
+}
+
+// sum(mw[b] * sums[b]) in 8 independent partial sums (vectorizable; a serial chain cost q5_k
+// as much per row as its blocks' products).
+inline float wide_mins(const float* mw, const float* sums, int64_t nb) {
+  float part[8] = {};
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8)
+    for (int j = 0; j < 8; ++j) part[j] += mw[b + j] * sums[b + j];
+  for (; b < nb; ++b) part[b % 8] += mw[b] * sums[b];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+template <class V, int64_t F>
+void wide_matmul_int8(const Weight& w, const QuantizedRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  const int64_t nb = w.nb, M = xr.M;
+  constexpr int64_t H = halves(F);
+  std::vector<float> s(H * nb), mw(nb), sd(H * nb);
+  std::vector<typename V::Acc> acc(M), acc_odd(M);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    wide_scales<F>(w, n, s.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    const uint8_t* qh = wide_qh_row(w, n);
+    if (M == 1) {  // decoding: accumulators in registers
+      const uint8_t* xq = xr.q.data();
+      for (int64_t b = 0; b < nb; ++b)
+        for (int64_t h = 0; h < H; ++h) sd[H * b + h] = s[H * b + h] * xr.dx[b];
+      typename V::Acc a0{}, a1{};
+      int64_t b = 0;
+      for (; b + 2 <= nb; b += 2) {
+        wide_prefetch(w, row, qh, b);
+        a0 = V::template dot<F>(a0, V::template codes<F>(row, qh, b), xq + b * kBlock, sd.data() + H * b);
+        a1 = V::template dot<F>(a1, V::template codes<F>(row, qh, b + 1), xq + (b + 1) * kBlock, sd.data() + H * b + H);
+      }
+      if (b < nb) a0 = V::template dot<F>(a0, V::template codes<F>(row, qh, b), xq + b * kBlock, sd.data() + H * b);
+      acc[0] = a0;
+      acc_odd[0] = a1;
+    } else {
+      for (int64_t m = 0; m < M; ++m) acc[m] = acc_odd[m] = typename V::Acc{};
+      for (int64_t b = 0; b < nb; ++b) {
+        const auto c = V::template codes<F>(row, qh, b);
+        auto& into = (b & 1) ? acc_odd : acc;
+        for (int64_t m = 0; m < M; ++m) {
+          const float dx = xr.dx[m * xr.nbp + b];
+          float sdm[H];
+          for (int64_t h = 0; h < H; ++h) sdm[h] = s[H * b + h] * dx;
+          into[m] = V::template dot<F>(into[m], c, xr.q.data() + m * xr.row_q + b * kBlock, sdm);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      y[m * w.N + n] = V::sum(acc[m], acc_odd[m]) + (has_min(F) ? wide_mins(mw.data(), xr.xs.data() + m * xr.nbp, nb) : 0.f);
+  }
+}
+
+template <class V, int64_t F>
+void wide_matmul_float(const Weight& w, const FloatRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  const int64_t nb = w.nb, M = xr.M;
+  constexpr int64_t H = halves(F);
+  std::vector<float> s(H * nb), mw(nb);
+  std::vector<typename V::FAcc> acc(M), acc_odd(M);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    wide_scales<F>(w, n, s.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    const uint8_t* qh = wide_qh_row(w, n);
+    for (int64_t m = 0; m < M; ++m) acc[m] = acc_odd[m] = typename V::FAcc{};
+    for (int64_t b = 0; b < nb; ++b) {
+      wide_prefetch(w, row, qh, b);
+      const auto c = V::template codes<F>(row, qh, b);
+      auto& into = (b & 1) ? acc_odd : acc;
+      for (int64_t m = 0; m < M; ++m) into[m] = V::fdot(into[m], c, xr.x + m * xr.K + b * kBlock, s[H * b], s[H * b + H - 1]);
+    }
+    for (int64_t m = 0; m < M; ++m)
+      y[m * w.N + n] = V::sum(acc[m], acc_odd[m]) + (has_min(F) ? wide_mins(mw.data(), xr.sums.data() + m * xr.nbp, nb) : 0.f);
+  }
+}
+
+template <class V, int64_t F, typename T>
+void wide_dequantize(const Weight& w, T* out, int64_t n_begin, int64_t n_end) {
+  constexpr int64_t H = halves(F);
+  std::vector<float> s(H * w.nb), mw(w.nb);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    wide_scales<F>(w, n, s.data(), mw.data());
+    const uint8_t* row = w.qs + n * w.row_bytes();
+    const uint8_t* qh = wide_qh_row(w, n);
+    for (int64_t b = 0; b < w.nb; ++b)
+      V::store(out + n * w.K + b * kBlock, V::template codes<F>(row, qh, b), s[H * b], s[H * b + H - 1], mw[b]);
+  }
+}
+
+template <template <class, int64_t> class Op, class V, class... Args>
+void with_wide_format(int64_t fmt, Args&&... args) {
+  switch (fmt) {
+    case Q5_0: return Op<V, Q5_0>::run(args...);
+    case Q5_1: return Op<V, Q5_1>::run(args...);
+    case Q5_K: return Op<V, Q5_K>::run(args...);
+    case Q6_K: return Op<V, Q6_K>::run(args...);
+    case IQ4_NL: return Op<V, IQ4_NL>::run(args...);
+    default: return Op<V, IQ4_XS>::run(args...);
+  }
+}
+template <class V, int64_t F> struct WideInt8 {
+  static void run(const Weight& w, const QuantizedRows& xr, float* y, int64_t a, int64_t b) { wide_matmul_int8<V, F>(w, xr, y, a, b); }
+};
+template <class V, int64_t F> struct WideFloat {
+  static void run(const Weight& w, const FloatRows& xr, float* y, int64_t a, int64_t b) { wide_matmul_float<V, F>(w, xr, y, a, b); }
+};
+template <class V, int64_t F> struct WideDequantize {
+  template <typename T> static void run(const Weight& w, T* out, int64_t a, int64_t b) { wide_dequantize<V, F>(w, out, a, b); }
+};
+template <class, int64_t F> struct WideScales {  // for tests: wide_scales with the format at run time
+  static void run(const Weight& w, int64_t n, float* s, float* mw) { wide_scales<F>(w, n, s, mw); }
+};
+
 // --- Plain C++: the reference, and the kernels of builds without SIMD -----------------------------
 
 namespace ref {
+
+struct WideBlock {
+  // int, not int8_t: GCC 12 vectorizes the int8 x int8 sums below with AVX-VNNI's unsigned-times-
+  // signed vpdpbusd and gets them wrong (-O2 -mavxvnni or AVX-512 VNNI; seen with 12.2).
+  struct C { int q[32]; };
+  using Acc = float;
+  using FAcc = float;
+  template <int64_t F> static C codes(const uint8_t* row, const uint8_t* qh, int64_t b) {
+    C c;
+    for (int64_t j = 0; j < kBlock; ++j) c.q[j] = wide_code(F, row, qh, b, j);
+    return c;
+  }
+  template <int64_t F> static float dot(float acc, const C& c, const uint8_t* xq, const float* sd) {
+    int32_t lo = 0, hi = 0;
+    for (int j = 0; j < 16; ++j) lo += c.q[j] * static_cast<int8_t>(xq[j]);
+    for (int j = 16; j < 32; ++j) hi += c.q[j] * static_cast<int8_t>(xq[j]);
+    return acc + (static_cast<float>(lo) * sd[0] + static_cast<float>(hi) * sd[halves(F) - 1]);
+  }
+  static float fdot(float acc, const C& c, const float* x, float s_lo, float s_hi) {
+    float lo = 0.f, hi = 0.f;
+    for (int j = 0; j < 16; ++j) lo += c.q[j] * x[j];
+    for (int j = 16; j < 32; ++j) hi += c.q[j] * x[j];
+    return acc + (lo * s_lo + hi * s_hi);
+  }
+  template <typename T> static void store(T* out, const C& c, float s_lo, float s_hi, float mn) {
+    for (int j = 0; j < 32; ++j) out[j] = from_float<T>(static_cast<float>(c.q[j]) * (j < 16 ? s_lo : s_hi) + mn);
+  }
+  static float sum(float a, float b) { return a + b; }
+};
 
 inline void row_scales(const Weight& w, int64_t n, float* sw, float* mw) {
   for (int64_t b = 0; b < w.nb; ++b) {
@@ -290,6 +530,7 @@ inline int activation_code(const QuantizedRows& r, Format, int64_t m, int64_t k)
 }
 
 inline void matmul_int8_rows(const Weight& w, const QuantizedRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  if (w.wide()) return with_wide_format<WideInt8, WideBlock>(w.fmt, w, xr, y, n_begin, n_end);
   std::vector<float> sw(w.nb), mw(w.nb);
   for (int64_t n = n_begin; n < n_end; ++n) {
     row_scales(w, n, sw.data(), mw.data());
@@ -321,6 +562,7 @@ inline FloatRows prepare_float_rows(const float* x, int64_t M, int64_t K) {
 }
 
 inline void matmul_float_rows(const Weight& w, const FloatRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  if (w.wide()) return with_wide_format<WideFloat, WideBlock>(w.fmt, w, xr, y, n_begin, n_end);
   std::vector<float> sw(w.nb), mw(w.nb);
   for (int64_t n = n_begin; n < n_end; ++n) {
     row_scales(w, n, sw.data(), mw.data());
@@ -342,6 +584,7 @@ inline void matmul_float_rows(const Weight& w, const FloatRows& xr, float* y, in
 // Rows [n_begin, n_end) of the dense [N, K] weight, float32 or bfloat16.
 template <typename T>
 void dequantize_rows(const Weight& w, T* out, int64_t n_begin, int64_t n_end) {
+  if (w.wide()) return with_wide_format<WideDequantize, WideBlock>(w.fmt, w, out, n_begin, n_end);
   std::vector<float> sw(w.nb), mw(w.nb);
   for (int64_t n = n_begin; n < n_end; ++n) {
     row_scales(w, n, sw.data(), mw.data());
@@ -429,12 +672,13 @@ inline void row_scales(const Weight& w, int64_t n, float* sw, float* mw) {
 // Codes per row: round_up(nb, 4) * 32 bytes in the weight format's order. q4: groups of 4
 // blocks = 128 bytes, elements 0..15 of the 4 blocks, then elements 16..31. q8_0: natural
 // order, offset by 128 to unsigned for vpdpbusd's unsigned operand (corrected with the weight sums).
+// The wide formats: natural order, signed (their dot product takes the sign trick instead).
 inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, Format fmt) {
-  const bool q4_order = fmt != Q8_0;
+  const bool q4_order = fmt < Q8_0, offset = fmt == Q8_0;
   QuantizedRows r;
   r.M = M; r.nb = K / kBlock; r.nbp = round_up(r.nb, 16);
   r.row_q = round_up(r.nb, 4) * kBlock;
-  r.q.assign(M * r.row_q, q4_order ? 0 : 0x80);
+  r.q.assign(M * r.row_q, offset ? 0x80 : 0);
   r.dx.assign(M * r.nbp, 0.f);
   r.xs.assign(M * r.nbp, 0.f);
   for (int64_t m = 0; m < M; ++m) {
@@ -455,7 +699,7 @@ inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, Format 
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * 128 + i * 16), _mm512_cvtepi32_epi8(qlo));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * 128 + 64 + i * 16), _mm512_cvtepi32_epi8(qhi));
       } else {
-        const __m512i off = _mm512_set1_epi32(128);
+        const __m512i off = _mm512_set1_epi32(offset ? 128 : 0);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * 32), _mm512_cvtepi32_epi8(_mm512_add_epi32(qlo, off)));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * 32 + 16), _mm512_cvtepi32_epi8(_mm512_add_epi32(qhi, off)));
       }
@@ -468,6 +712,7 @@ inline int activation_code(const QuantizedRows& r, Format fmt, int64_t m, int64_
   const int64_t b = k / kBlock, j = k % kBlock;
   const uint8_t* row = r.q.data() + m * r.row_q;
   if (fmt == Q8_0) return row[k] - 128;
+  if (fmt > Q8_0) return static_cast<int8_t>(row[k]);
   return static_cast<int8_t>(row[b / 4 * 128 + (j / 16) * 64 + b % 4 * 16 + j % 16]);
 }
 
@@ -488,7 +733,68 @@ inline __m512 expand2x8(const float* p) {  // 2 floats -> each repeated 8 times
                                _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
 }
 
+inline void store_block(float* o, __m512 lo, __m512 hi) {
+  _mm512_storeu_ps(o, lo);
+  _mm512_storeu_ps(o + 16, hi);
+}
+inline void store_block(bf16* o, __m512 lo, __m512 hi) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), to_bf16(lo));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), to_bf16(hi));
+}
+
+// sd[0] in lanes 0..3, sd[1] in lanes 4..7; one broadcast where both halves share a scale.
+template <int64_t F> __m256 half_scales(const float* sd) {
+  if constexpr (F != Q6_K) return _mm256_broadcast_ss(sd);
+  const __m128 pair = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sd)));
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+// The wide formats' block primitives (see wide_matmul_int8): one block in a 256-bit register.
+struct WideBlock {
+  using C = __m256i;
+  using Acc = __m256;
+  using FAcc = __m512;
+  template <int64_t F> static __m256i codes(const uint8_t* row, const uint8_t* qh, int64_t b) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
+    const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+    if constexpr (is_iq4(F)) {
+      return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4Levels))), q);
+    } else {
+      // A plane's 32 bits are a byte mask: the high bits need no shuffling.
+      const uint8_t* planes = qh + b * Weight::qh_bytes_of(F);
+      __m256i c = _mm256_mask_add_epi8(q, load_u32(planes), q, _mm256_set1_epi8(16));
+      if constexpr (F == Q6_K) c = _mm256_mask_add_epi8(c, load_u32(planes + 4), c, _mm256_set1_epi8(32));
+      return wide_offset(F) ? _mm256_sub_epi8(c, _mm256_set1_epi8(wide_offset(F))) : c;
+    }
+  }
+  template <int64_t F> static __m256 dot(__m256 acc, __m256i c, const uint8_t* xq, const float* sd) {
+    // |w| times x with w's sign (|w| <= 127): int32 lanes 0..3 hold codes 0..15, lanes 4..7 the rest.
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+    const __m256i i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(c), _mm256_sign_epi8(x, c));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), half_scales<F>(sd), acc);
+  }
+  static void widen(__m256i c, __m512& lo, __m512& hi) {
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c)));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c, 1)));
+  }
+  static __m512 fdot(__m512 acc, __m256i c, const float* x, float s_lo, float s_hi) {
+    __m512 lo, hi;
+    widen(c, lo, hi);
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(x)), _mm512_set1_ps(s_lo), acc);
+    return _mm512_fmadd_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(x + 16)), _mm512_set1_ps(s_hi), acc);
+  }
+  template <typename T> static void store(T* out, __m256i c, float s_lo, float s_hi, float mn) {
+    __m512 lo, hi;
+    widen(c, lo, hi);
+    store_block(out, _mm512_fmadd_ps(lo, _mm512_set1_ps(s_lo), _mm512_set1_ps(mn)),
+                _mm512_fmadd_ps(hi, _mm512_set1_ps(s_hi), _mm512_set1_ps(mn)));
+  }
+  static float sum(__m256 a, __m256 b) { return hsum(_mm512_insertf32x8(_mm512_setzero_ps(), _mm256_add_ps(a, b), 0)); }
+  static float sum(__m512 a, __m512 b) { return hsum(_mm512_add_ps(a, b)); }
+};
+
 inline void matmul_int8_rows(const Weight& w, const QuantizedRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  if (w.wide()) return with_wide_format<WideInt8, WideBlock>(w.fmt, w, xr, y, n_begin, n_end);
   const int64_t nb = w.nb, N = w.N, M = xr.M, nbp = xr.nbp, row_q = xr.row_q;
   const __m512i low = _mm512_set1_epi8(0x0F);
   const __m512i ones = _mm512_set1_epi8(1);
@@ -591,6 +897,7 @@ inline FloatRows prepare_float_rows(const float* x, int64_t M, int64_t K) {
 
 // Exact path: nibbles widened to float against float x.
 inline void matmul_float_rows(const Weight& w, const FloatRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  if (w.wide()) return with_wide_format<WideFloat, WideBlock>(w.fmt, w, xr, y, n_begin, n_end);
   const int64_t K = w.K, nb = w.nb, N = w.N, M = xr.M, nbp = xr.nbp;
   const float* x = xr.x;
   std::vector<float> sw(nbp), mw(nbp);
@@ -637,17 +944,9 @@ inline void matmul_float_rows(const Weight& w, const FloatRows& xr, float* y, in
   }
 }
 
-inline void store_block(float* o, __m512 lo, __m512 hi) {
-  _mm512_storeu_ps(o, lo);
-  _mm512_storeu_ps(o + 16, hi);
-}
-inline void store_block(bf16* o, __m512 lo, __m512 hi) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), to_bf16(lo));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), to_bf16(hi));
-}
-
 template <typename T>
 void dequantize_rows(const Weight& w, T* out, int64_t n_begin, int64_t n_end) {
+  if (w.wide()) return with_wide_format<WideDequantize, WideBlock>(w.fmt, w, out, n_begin, n_end);
   const int64_t K = w.K, nb = w.nb, nbp = round_up(nb, 16);
   std::vector<float> sw(nbp), mw(nbp);
   for (int64_t n = n_begin; n < n_end; ++n) {
@@ -784,7 +1083,7 @@ inline __m256i quantize_block(const float* xb, float& d_rounded, int32_t& code_s
 
 // Codes per row, round_up(nb, 2) * 32 bytes. q4: pairs of blocks, 64 bytes: elements 0..15 of
 // blocks 2p and 2p+1, then their elements 16..31, to match one 32-byte load of both blocks' packed
-// nibbles (low nibbles, then high). q8_0: natural order.
+// nibbles (low nibbles, then high). q8_0 and the wide formats: natural order.
 inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, Format fmt) {
   QuantizedRows r;
   r.M = M; r.nb = K / kBlock; r.nbp = round_up(r.nb, 8);
@@ -800,7 +1099,7 @@ inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, Format 
       r.dx[m * r.nbp + b] = dr;
       r.xs[m * r.nbp + b] = dr * static_cast<float>(code_sum);
       uint8_t* out = r.q.data() + m * r.row_q;
-      if (fmt == Q8_0) {
+      if (fmt >= Q8_0) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b * kBlock), codes);
       } else {
         uint8_t* pair = out + b / 2 * 64 + b % 2 * 16;
@@ -814,7 +1113,7 @@ inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, Format 
 inline int activation_code(const QuantizedRows& r, Format fmt, int64_t m, int64_t k) {
   const int64_t b = k / kBlock, j = k % kBlock;
   const uint8_t* row = r.q.data() + m * r.row_q;
-  if (fmt == Q8_0) return static_cast<int8_t>(row[k]);
+  if (fmt >= Q8_0) return static_cast<int8_t>(row[k]);
   return static_cast<int8_t>(row[b / 2 * 64 + (j / 16) * 32 + b % 2 * 16 + j % 16]);
 }
 
@@ -868,7 +1167,84 @@ inline float finish_row(__m256 acc, __m256 acc_odd, const float* mw, const float
   return hsum(_mm256_add_ps(_mm256_add_ps(acc, acc_odd), mins));
 }
 
+// 16 floats -> 16 bfloat16, round to nearest even (finite values).
+inline __m256i to_bf16(__m256 a, __m256 b) {
+  const auto round = [](__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  };
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(round(a), round(b)), 0xD8);  // undo the per-lane pack
+}
+
+inline void store_block(float* o, const __m256 f[4]) {
+  for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 8 * i, f[i]);
+}
+inline void store_block(bf16* o, const __m256 f[4]) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), to_bf16(f[0], f[1]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), to_bf16(f[2], f[3]));
+}
+
+// sd[0] in lanes 0..3, sd[1] in lanes 4..7; one broadcast where both halves share a scale.
+template <int64_t F> __m256 half_scales(const float* sd) {
+  if constexpr (F != Q6_K) return _mm256_broadcast_ss(sd);
+  const __m128 pair = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sd)));
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+// Byte e of the result is 0xFF where bit e of `bits` is set (llama.cpp's bytes_from_bits_32).
+inline __m256i bit_mask_bytes(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)),
+                                             _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+  return _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7FBFDFEFF7FBFDFE)), _mm256_set1_epi64x(-1));
+}
+
+// The wide formats' block primitives (see wide_matmul_int8): one block in a 256-bit register.
+struct WideBlock {
+  using C = __m256i;
+  using Acc = __m256;
+  using FAcc = __m256;
+  template <int64_t F> static __m256i codes(const uint8_t* row, const uint8_t* qh, int64_t b) {
+    const __m128i packed = load128(row + b * 16);
+    const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+    if constexpr (is_iq4(F)) {
+      return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(load128(kIq4Levels)), q);
+    } else {
+      const uint8_t* planes = qh + b * Weight::qh_bytes_of(F);
+      __m256i c = _mm256_or_si256(q, _mm256_and_si256(bit_mask_bytes(load_u32(planes)), _mm256_set1_epi8(16)));
+      if constexpr (F == Q6_K) c = _mm256_or_si256(c, _mm256_and_si256(bit_mask_bytes(load_u32(planes + 4)), _mm256_set1_epi8(32)));
+      return wide_offset(F) ? _mm256_sub_epi8(c, _mm256_set1_epi8(wide_offset(F))) : c;
+    }
+  }
+  template <int64_t F> static __m256 dot(__m256 acc, __m256i c, const uint8_t* xq, const float* sd) {
+    // q8_block_dot's lanes 0..3 hold codes 0..15, lanes 4..7 the rest.
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block_dot(c, xq)), half_scales<F>(sd), acc);
+  }
+  static void widen(__m256i c, __m256 f[4]) {
+    const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+    f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
+    f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
+  }
+  static __m256 fdot(__m256 acc, __m256i c, const float* x, float s_lo, float s_hi) {
+    __m256 f[4];
+    widen(c, f);
+    const __m256 lo = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(x + 8), _mm256_mul_ps(f[0], _mm256_loadu_ps(x)));
+    const __m256 hi = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(x + 24), _mm256_mul_ps(f[2], _mm256_loadu_ps(x + 16)));
+    return _mm256_fmadd_ps(hi, _mm256_set1_ps(s_hi), _mm256_fmadd_ps(lo, _mm256_set1_ps(s_lo), acc));
+  }
+  template <typename T> static void store(T* out, __m256i c, float s_lo, float s_hi, float mn) {
+    __m256 f[4];
+    widen(c, f);
+    for (int i = 0; i < 4; ++i) f[i] = _mm256_fmadd_ps(f[i], _mm256_set1_ps(i < 2 ? s_lo : s_hi), _mm256_set1_ps(mn));
+    store_block(out, f);
+  }
+  static float sum(__m256 a, __m256 b) { return hsum(_mm256_add_ps(a, b)); }
+};
+
 inline void matmul_int8_rows(const Weight& w, const QuantizedRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  if (w.wide()) return with_wide_format<WideInt8, WideBlock>(w.fmt, w, xr, y, n_begin, n_end);
   const int64_t nb = w.nb, N = w.N, M = xr.M, nbp = xr.nbp, row_q = xr.row_q;
   std::vector<float> sw(nbp), mw(nbp);
   std::vector<__m256> acc(M), acc_odd(M);
@@ -986,6 +1362,7 @@ inline __m256 block_dot(const __m256 f[4], const float* xb) {
 
 // Exact path: codes widened to float against float x.
 inline void matmul_float_rows(const Weight& w, const FloatRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  if (w.wide()) return with_wide_format<WideFloat, WideBlock>(w.fmt, w, xr, y, n_begin, n_end);
   const int64_t K = w.K, nb = w.nb, N = w.N, M = xr.M, nbp = xr.nbp;
   std::vector<float> sw(nbp), mw(nbp);
   std::vector<__m256> acc(M), acc_odd(M);
@@ -1018,26 +1395,9 @@ inline void matmul_float_rows(const Weight& w, const FloatRows& xr, float* y, in
   }
 }
 
-// 16 floats -> 16 bfloat16, round to nearest even (finite values).
-inline __m256i to_bf16(__m256 a, __m256 b) {
-  const auto round = [](__m256 v) {
-    const __m256i bits = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  };
-  return _mm256_permute4x64_epi64(_mm256_packus_epi32(round(a), round(b)), 0xD8);  // undo the per-lane pack
-}
-
-inline void store_block(float* o, const __m256 f[4]) {
-  for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 8 * i, f[i]);
-}
-inline void store_block(bf16* o, const __m256 f[4]) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), to_bf16(f[0], f[1]));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), to_bf16(f[2], f[3]));
-}
-
 template <typename T>
 void dequantize_rows(const Weight& w, T* out, int64_t n_begin, int64_t n_end) {
+  if (w.wide()) return with_wide_format<WideDequantize, WideBlock>(w.fmt, w, out, n_begin, n_end);
   const int64_t nbp = round_up(w.nb, 8);
   std::vector<float> sw(nbp), mw(nbp);
   for (int64_t n = n_begin; n < n_end; ++n) {
@@ -1201,7 +1561,80 @@ inline float finish_row(float32x4_t acc, float32x4_t acc_odd, const float* mw, c
   return vaddvq_f32(vaddq_f32(vaddq_f32(acc, acc_odd), mins));
 }
 
+inline void store4(float* o, float32x4_t v) { vst1q_f32(o, v); }
+inline void store4(bf16* o, float32x4_t v) {  // round to nearest even (finite values)
+  const uint32x4_t bits = vreinterpretq_u32_f32(v);
+  const uint32x4_t odd = vandq_u32(vshrq_n_u32(bits, 16), vdupq_n_u32(1));
+  vst1_u16(reinterpret_cast<uint16_t*>(o), vshrn_n_u32(vaddq_u32(bits, vaddq_u32(odd, vdupq_n_u32(0x7FFF))), 16));
+}
+
+// Bytes 0..15 of the result are 0xFF where bits 0..15 of `bits` are set.
+inline uint8x16_t bit_mask_bytes(uint32_t bits) {
+  const uint8x16_t spread = vcombine_u8(vdup_n_u8(static_cast<uint8_t>(bits)), vdup_n_u8(static_cast<uint8_t>(bits >> 8)));
+  const uint8x16_t select = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+  return vtstq_u8(spread, select);
+}
+
+// The wide formats' block primitives (see wide_matmul_int8).
+struct WideBlock {
+  using C = Codes;
+  using Acc = float32x4_t;
+  using FAcc = float32x4_t;
+  template <int64_t F> static Codes codes(const uint8_t* row, const uint8_t* qh, int64_t b) {
+    const uint8x16_t packed = vld1q_u8(row + b * 16);
+    uint8x16_t lo = vandq_u8(packed, vdupq_n_u8(0x0F)), hi = vshrq_n_u8(packed, 4);
+    if constexpr (is_iq4(F)) {
+      const int8x16_t levels = vld1q_s8(kIq4Levels);
+      return {vqtbl1q_s8(levels, lo), vqtbl1q_s8(levels, hi)};
+    } else {
+      const uint8_t* planes = qh + b * Weight::qh_bytes_of(F);
+      const uint32_t p4 = load_u32(planes);
+      lo = vorrq_u8(lo, vandq_u8(bit_mask_bytes(p4), vdupq_n_u8(16)));
+      hi = vorrq_u8(hi, vandq_u8(bit_mask_bytes(p4 >> 16), vdupq_n_u8(16)));
+      if constexpr (F == Q6_K) {
+        const uint32_t p5 = load_u32(planes + 4);
+        lo = vorrq_u8(lo, vandq_u8(bit_mask_bytes(p5), vdupq_n_u8(32)));
+        hi = vorrq_u8(hi, vandq_u8(bit_mask_bytes(p5 >> 16), vdupq_n_u8(32)));
+      }
+      const int8x16_t off = vdupq_n_s8(static_cast<int8_t>(wide_offset(F)));
+      return {vsubq_s8(vreinterpretq_s8_u8(lo), off), vsubq_s8(vreinterpretq_s8_u8(hi), off)};
+    }
+  }
+  template <int64_t F> static float32x4_t dot(float32x4_t acc, Codes c, const uint8_t* xq, const float* sd) {
+    const int8_t* x = reinterpret_cast<const int8_t*>(xq);
+    acc = vfmaq_n_f32(acc, vcvtq_f32_s32(dot16(vdupq_n_s32(0), c.lo, vld1q_s8(x))), sd[0]);
+    return vfmaq_n_f32(acc, vcvtq_f32_s32(dot16(vdupq_n_s32(0), c.hi, vld1q_s8(x + 16))), sd[halves(F) - 1]);
+  }
+  static void widen(Codes c, float32x4_t f[8]) {
+    const int8x16_t halves[2] = {c.lo, c.hi};
+    for (int h = 0; h < 2; ++h) {
+      const int16x8_t lo = vmovl_s8(vget_low_s8(halves[h])), hi = vmovl_high_s8(halves[h]);
+      f[4 * h] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
+      f[4 * h + 1] = vcvtq_f32_s32(vmovl_high_s16(lo));
+      f[4 * h + 2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
+      f[4 * h + 3] = vcvtq_f32_s32(vmovl_high_s16(hi));
+    }
+  }
+  static float32x4_t fdot(float32x4_t acc, Codes c, const float* x, float s_lo, float s_hi) {
+    float32x4_t f[8];
+    widen(c, f);
+    for (int h = 0; h < 2; ++h) {
+      float32x4_t d = vmulq_f32(f[4 * h], vld1q_f32(x + 16 * h));
+      for (int i = 1; i < 4; ++i) d = vfmaq_f32(d, f[4 * h + i], vld1q_f32(x + 16 * h + 4 * i));
+      acc = vfmaq_n_f32(acc, d, h ? s_hi : s_lo);
+    }
+    return acc;
+  }
+  template <typename T> static void store(T* out, Codes c, float s_lo, float s_hi, float mn) {
+    float32x4_t f[8];
+    widen(c, f);
+    for (int i = 0; i < 8; ++i) store4(out + 4 * i, vfmaq_n_f32(vdupq_n_f32(mn), f[i], i < 4 ? s_lo : s_hi));
+  }
+  static float sum(float32x4_t a, float32x4_t b) { return vaddvq_f32(vaddq_f32(a, b)); }
+};
+
 inline void matmul_int8_rows(const Weight& w, const QuantizedRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  if (w.wide()) return with_wide_format<WideInt8, WideBlock>(w.fmt, w, xr, y, n_begin, n_end);
   const int64_t nb = w.nb, N = w.N, M = xr.M, nbp = xr.nbp, row_q = xr.row_q;
   const int64_t block_bytes = w.q4() ? 16 : kBlock, paired = nb / 2 * 2;
   std::vector<float> sw(nbp), mw(nbp);
@@ -1270,6 +1703,7 @@ inline float32x4_t block_dot(const float32x4_t f[8], const float* xb) {
 }
 
 inline void matmul_float_rows(const Weight& w, const FloatRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  if (w.wide()) return with_wide_format<WideFloat, WideBlock>(w.fmt, w, xr, y, n_begin, n_end);
   const int64_t K = w.K, nb = w.nb, N = w.N, M = xr.M, nbp = xr.nbp;
   std::vector<float> sw(nbp), mw(nbp);
   std::vector<float32x4_t> acc(M), acc_odd(M);
@@ -1300,15 +1734,9 @@ inline void matmul_float_rows(const Weight& w, const FloatRows& xr, float* y, in
   }
 }
 
-inline void store4(float* o, float32x4_t v) { vst1q_f32(o, v); }
-inline void store4(bf16* o, float32x4_t v) {  // round to nearest even (finite values)
-  const uint32x4_t bits = vreinterpretq_u32_f32(v);
-  const uint32x4_t odd = vandq_u32(vshrq_n_u32(bits, 16), vdupq_n_u32(1));
-  vst1_u16(reinterpret_cast<uint16_t*>(o), vshrn_n_u32(vaddq_u32(bits, vaddq_u32(odd, vdupq_n_u32(0x7FFF))), 16));
-}
-
 template <typename T>
 void dequantize_rows(const Weight& w, T* out, int64_t n_begin, int64_t n_end) {
+  if (w.wide()) return with_wide_format<WideDequantize, WideBlock>(w.fmt, w, out, n_begin, n_end);
   const int64_t nbp = round_up(w.nb, 4);
   std::vector<float> sw(nbp), mw(nbp);
   for (int64_t n = n_begin; n < n_end; ++n) {

@@ -28,29 +28,39 @@ T* data(const torch::Tensor& t) {  // data_ptr with its dtype check, as quant_co
   return reinterpret_cast<T*>(t.data_ptr<typename TorchType<T>::type>());
 }
 
-Weight make_weight(int64_t fmt, const torch::Tensor& qs, const torch::Tensor& a, const torch::Tensor& b,
-                   const torch::Tensor& c) {
-  TORCH_CHECK(fmt >= phi3::Q4_0 && fmt <= phi3::Q8_0, "unknown block format ", fmt);
-  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && a.is_contiguous() && b.is_contiguous() && c.is_contiguous(),
-              "block weight tensors must be contiguous");
+Weight make_weight(int64_t fmt, const torch::Tensor& qs, const torch::Tensor& qh, const torch::Tensor& a,
+                   const torch::Tensor& b, const torch::Tensor& c) {
+  TORCH_CHECK(fmt >= phi3::Q4_0 && fmt <= phi3::IQ4_XS, "unknown block format ", fmt);
+  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qh.is_contiguous() && a.is_contiguous() && b.is_contiguous() &&
+              c.is_contiguous(), "block weight tensors must be contiguous");
   Weight w{};
   w.fmt = fmt;
   w.N = qs.size(0);
   w.K = fmt == phi3::Q8_0 ? qs.size(1) : qs.size(1) * 2;
   w.nb = w.K / phi3::kBlock;
   TORCH_CHECK(w.K % phi3::kBlock == 0, "K must be a multiple of 32");
-  TORCH_CHECK(a.numel() == w.N * w.nb, "block scales: expected ", w.N * w.nb, " values, got ", a.numel());
+  const int64_t blocks = w.N * w.nb;
+  TORCH_CHECK(a.numel() == (fmt == phi3::Q6_K ? 2 : 1) * blocks, "block scales: expected ",
+              (fmt == phi3::Q6_K ? 2 : 1) * blocks, " values, got ", a.numel());
+  TORCH_CHECK(qh.numel() == blocks * w.qh_bytes() && qh.scalar_type() == torch::kUInt8, "high-bit planes: expected ",
+              blocks * w.qh_bytes(), " bytes, got ", qh.numel());
   w.qs = static_cast<const uint8_t*>(qs.data_ptr());
-  if (fmt == phi3::Q4_K) {
-    TORCH_CHECK(w.nb % 8 == 0 && b.numel() == w.N * w.nb && c.numel() == w.N * w.nb / 4, "q4_k: scale shapes");
+  w.qh = qh.data_ptr<uint8_t>();
+  const auto half_ptr = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); };
+  if (fmt == phi3::Q4_K || fmt == phi3::Q5_K) {
+    TORCH_CHECK(w.nb % 8 == 0 && b.numel() == blocks && c.numel() == blocks / 4, "q4_k, q5_k: scale shapes");
     w.sc = a.data_ptr<uint8_t>();
     w.mn = b.data_ptr<uint8_t>();
-    w.dm = reinterpret_cast<const uint16_t*>(c.data_ptr<at::Half>());
+    w.dm = half_ptr(c);
+  } else if (fmt == phi3::Q6_K || fmt == phi3::IQ4_XS) {  // int8 scales, d per 256
+    TORCH_CHECK(w.nb % 8 == 0 && c.numel() == blocks / 8, "q6_k, iq4_xs: scale shapes");
+    w.sc = reinterpret_cast<const uint8_t*>(a.data_ptr<int8_t>());
+    w.dm = half_ptr(c);
   } else {
-    w.d = reinterpret_cast<const uint16_t*>(a.data_ptr<at::Half>());
-    if (fmt == phi3::Q4_1) {
-      TORCH_CHECK(b.numel() == w.N * w.nb, "q4_1: mins shape");
-      w.m = reinterpret_cast<const uint16_t*>(b.data_ptr<at::Half>());
+    w.d = half_ptr(a);
+    if (fmt == phi3::Q4_1 || fmt == phi3::Q5_1) {
+      TORCH_CHECK(b.numel() == blocks, "q4_1, q5_1: mins shape");
+      w.m = half_ptr(b);
     }
   }
   return w;
@@ -62,9 +72,9 @@ constexpr int64_t kGrain = 32;
 }  // namespace
 
 // x [..., K] (any float dtype) @ W^T -> [..., N] in x's dtype, products in float32.
-torch::Tensor block_matmul(torch::Tensor x, int64_t fmt, torch::Tensor qs, torch::Tensor a, torch::Tensor b,
-                           torch::Tensor c, bool int8_activations) {
-  const Weight w = make_weight(fmt, qs, a, b, c);
+torch::Tensor block_matmul(torch::Tensor x, int64_t fmt, torch::Tensor qs, torch::Tensor qh, torch::Tensor a,
+                           torch::Tensor b, torch::Tensor c, bool int8_activations) {
+  const Weight w = make_weight(fmt, qs, qh, a, b, c);
   auto shape = x.sizes().vec();
   TORCH_CHECK(shape.back() == w.K, "K mismatch: x has ", shape.back(), ", weight ", w.K);
   auto xf = x.reshape({-1, w.K}).to(torch::kFloat).contiguous();
@@ -84,9 +94,9 @@ torch::Tensor block_matmul(torch::Tensor x, int64_t fmt, torch::Tensor qs, torch
 
 // Dense [N, K] weights (float32 or bfloat16) from blocks: for prompts, where a dense matmul
 // reuses each weight across many rows better than the row-at-a-time kernels above.
-torch::Tensor block_dequantize(int64_t fmt, torch::Tensor qs, torch::Tensor a, torch::Tensor b, torch::Tensor c,
-                               c10::ScalarType dtype) {
-  const Weight w = make_weight(fmt, qs, a, b, c);
+torch::Tensor block_dequantize(int64_t fmt, torch::Tensor qs, torch::Tensor qh, torch::Tensor a, torch::Tensor b,
+                               torch::Tensor c, c10::ScalarType dtype) {
+  const Weight w = make_weight(fmt, qs, qh, a, b, c);
   TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "dequantize: float32 or bfloat16");
   auto out = torch::empty({w.N, w.K}, qs.options().dtype(dtype));
   at::parallel_for(0, w.N, kGrain, [&](int64_t begin, int64_t end) {

@@ -92,7 +92,7 @@ void check_conversions(Random& rng) {
 
 // A random weight in one format, with the storage its Weight points into.
 struct TestWeight {
-  std::vector<uint8_t> qs, sc, mn;
+  std::vector<uint8_t> qs, qh, sc, mn;
   std::vector<uint16_t> d, m, dm;
   phi3::Weight w{};
 };
@@ -109,7 +109,18 @@ TestWeight random_weight(Format fmt, int64_t N, int64_t K, Random& rng) {
     for (auto& h : v) h = phi3::scalar_float_to_half(rng.uniform(lo, hi));
     return v;
   };
-  if (fmt == phi3::Q4_K) {
+  const auto random_bytes = [&](int64_t count, int modulus, int shift) {
+    std::vector<uint8_t> v(count);
+    for (auto& b : v) b = static_cast<uint8_t>(static_cast<int>(rng.next() % modulus) - shift);
+    return v;
+  };
+  t.qh = random_bytes(N * nb * w.qh_bytes(), 256, 0);
+  w.qh = t.qh.data();
+  if (fmt == phi3::Q6_K || fmt == phi3::IQ4_XS) {  // int8 scales per 16 (q6_k) or 32, d per 256
+    t.sc = fmt == phi3::Q6_K ? random_bytes(N * nb * 2, 256, 128) : random_bytes(N * nb, 64, 32);
+    t.dm = random_halves(N * nb / 8, 0.0002f, 0.002f);
+    w.sc = t.sc.data(); w.dm = t.dm.data();
+  } else if (fmt == phi3::Q4_K || fmt == phi3::Q5_K) {
     t.sc.resize(N * nb);
     t.mn.resize(N * nb);
     for (auto& s : t.sc) s = rng.next() % 64;
@@ -119,7 +130,7 @@ TestWeight random_weight(Format fmt, int64_t N, int64_t K, Random& rng) {
   } else {
     t.d = random_halves(N * nb, 0.001f, 0.01f);
     w.d = t.d.data();
-    if (fmt == phi3::Q4_1) {
+    if (fmt == phi3::Q4_1 || fmt == phi3::Q5_1) {
       t.m = random_halves(N * nb, -0.08f, 0.0f);
       w.m = t.m.data();
     }
@@ -185,9 +196,17 @@ bool batch_equals_solo(const std::vector<float>& batch, int64_t M, int64_t N, co
 
 // The dense weight in double, for the reference's own check.
 std::vector<double> dense(const phi3::Weight& w) {
-  std::vector<float> sw(w.nb), mw(w.nb);
+  std::vector<float> sw(2 * w.nb), mw(w.nb);
   std::vector<double> out(w.N * w.K);
-  for (int64_t n = 0; n < w.N; ++n) {
+  for (int64_t n = 0; n < w.N && w.wide(); ++n) {
+    phi3::with_wide_format<phi3::WideScales, void>(w.fmt, w, n, sw.data(), mw.data());
+    for (int64_t k = 0; k < w.K; ++k) {
+      const int64_t b = k / phi3::kBlock, j = k % phi3::kBlock;
+      const int code = phi3::wide_code(w.fmt, w.qs + n * w.row_bytes(), phi3::wide_qh_row(w, n), b, j);
+      out[n * w.K + k] = static_cast<double>(sw[phi3::halves(w.fmt) * b + (w.fmt == phi3::Q6_K ? j / 16 : 0)]) * code + mw[b];
+    }
+  }
+  for (int64_t n = 0; n < w.N && !w.wide(); ++n) {
     phi3::ref::row_scales(w, n, sw.data(), mw.data());
     for (int64_t k = 0; k < w.K; ++k) {
       const int64_t b = k / phi3::kBlock;
@@ -324,6 +343,17 @@ int main() {
     check_format(phi3::Q8_0, "q8_0", 37, K, rng);
   }
   for (int64_t K : {256, 768}) check_format(phi3::Q4_K, "q4_k", 21, K, rng);
+  // The unpack-then-dot formats (q5_0, q5_1 and iq4_nl at any block count, the K-quants per 256).
+  for (int64_t K : {96, 1056}) {
+    check_format(phi3::Q5_0, "q5_0", 37, K, rng);
+    check_format(phi3::Q5_1, "q5_1", 37, K, rng);
+    check_format(phi3::IQ4_NL, "iq4_nl", 37, K, rng);
+  }
+  for (int64_t K : {256, 768}) {
+    check_format(phi3::Q5_K, "q5_k", 21, K, rng);
+    check_format(phi3::Q6_K, "q6_k", 21, K, rng);
+    check_format(phi3::IQ4_XS, "iq4_xs", 21, K, rng);
+  }
   check_rms_norm<float>("float32", 1e-5f, rng);
   check_rms_norm<bf16>("bfloat16", 2e-2f, rng);
   for (int64_t hd : {96, 128})
