@@ -76,7 +76,7 @@ def measure(label: str, kind: str, n: int, k: int, builds: dict[str, Any], round
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", nargs="?", default="", help="a substring of the shapes' names, or `sweep`")
-    parser.add_argument("--type", default="q4_0", choices=[k.lower() for k in quant.KERNEL_KINDS],
+    parser.add_argument("--type", default="q4_0", choices=[k.lower() for k in quant.PACKED_KINDS],
                         help="GGUF block type (default q4_0)")
     parser.add_argument("--build", action="append", choices=["avx512", "avx2", "neon"],
                         help="kernel build to measure (repeatable); default: the one phi3 picks")

@@ -115,7 +115,6 @@ def llama_quantize(src: Path, out: Path, qtype: str, pure: bool = True) -> None:
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params)
     if rc != 0:
         raise RuntimeError(f"llama.cpp could not quantize {src} to {qtype}")
-    return None
 
 
 # --- measurements -----------------------------------------------------------------------------------

@@ -740,11 +740,10 @@ def _kernel_summary(tensors: list[Any]) -> dict[str, int]:
             label = "dense (1-D)"
         elif quant.keeps_packed(kind, tuple(int(d) for d in t.shape)):
             bits = {"Q8_0": "8-bit", "Q5_0": "5-bit", "Q5_1": "5-bit", "Q5_K": "5-bit", "Q6_K": "6-bit"}.get(kind, "4-bit")
-            if isa and kind in quant.KERNEL_KINDS:
+            if isa:
                 label = f"packed {bits} {kind}: phi3 {isa} block kernel (int8 activations; float with --exact)"
             else:
-                why = quant.kernel_error() if not isa else f"no {kind} kernel yet"
-                label = f"packed {bits} {kind}: unpacked a slice at a time per matmul by PyTorch ({why})"
+                label = f"packed {bits} {kind}: unpacked a slice at a time per matmul by PyTorch ({quant.kernel_error()})"
         else:
             label = f"dequantized at load ({kind} -> compute dtype)"
         out[label] = out.get(label, 0) + 1

@@ -42,7 +42,6 @@ PORTABLE_UNPACK_ELEMENTS = 1 << 21
 # GGUF types kept packed in memory on every machine, each with compiled kernels; QUANT_KINDS:
 # those that our quantizers also write.
 PACKED_KINDS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
-KERNEL_KINDS = PACKED_KINDS
 QUANT_KINDS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "IQ4_NL", "IQ4_XS")
 FORMAT_IDS = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "q8_0": 3, "q5_0": 4, "q5_1": 5, "q5_k": 6, "q6_k": 7,
               "iq4_nl": 8, "iq4_xs": 9}  # must match quant_core.h

@@ -81,7 +81,7 @@ def test_repacked_blocks_dequantize_exactly(kind):
     assert torch.equal(q.dequantize(), torch.from_numpy(dense))
 
 
-@pytest.mark.parametrize("kind", quant.KERNEL_KINDS)
+@pytest.mark.parametrize("kind", quant.PACKED_KINDS)
 @pytest.mark.parametrize("m", [1, 3, 17])
 def test_kernels_match_references(ext, kind, m):
     rows, cols = SHAPES[kind]
@@ -105,7 +105,7 @@ def test_kernels_match_references(ext, kind, m):
     assert (got16.float() - exact).abs().max().item() <= 3e-2 * exact.abs().max().item()
 
 
-@pytest.mark.parametrize("kind", quant.KERNEL_KINDS)
+@pytest.mark.parametrize("kind", quant.PACKED_KINDS)
 @pytest.mark.parametrize("int8", [True, False])
 def test_a_row_gives_the_same_bits_in_any_batch(ext, kind, int8):
     """Batched decoding (a server's requests in one step) must give each row exactly what it
@@ -122,7 +122,7 @@ def test_a_row_gives_the_same_bits_in_any_batch(ext, kind, int8):
             assert torch.equal(batched[i], q(x[i:i + 1])[0])
 
 
-@pytest.mark.parametrize("kind", quant.KERNEL_KINDS)
+@pytest.mark.parametrize("kind", quant.PACKED_KINDS)
 def test_prompt_path_dequantizes_exactly(ext, kind):
     data, dense = blocks(kind, 40, 512, seed=3)
     q = quant.from_gguf_blocks(kind, data, 40, 512)
