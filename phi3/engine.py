@@ -14,7 +14,10 @@ gets the same greedy text under load as `phi3 generate` gives it. Sampling state
 repetition history) is per request.
 
 Bounded: at most `max_batch` requests decode together and at most `max_queue` wait; `submit`
-raises QueueFull beyond that (the server answers 429) rather than queueing without limit.
+raises QueueFull beyond that (the server answers 429) rather than queueing without limit. A
+request being prefilled holds a batch slot: it counts as running, both for admission and in
+`counts()` (before, it was in neither list, so a burst admitted one request too few and /health
+showed it nowhere).
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[_Running] = []
+        self._admitting: list[Request] = []  # taken off the queue, being prefilled: they hold batch slots
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -155,15 +159,20 @@ class Engine:
             for gone in [r for r in self._waiting if r.cancelled.is_set()]:  # their clients left
                 self._waiting.remove(gone)
                 gone.on_event("done", _Row(None, (), len(gone.prompt)).completion())
-            if len(self._waiting) >= self.max_queue and len(self._running) + len(self._waiting) >= self.max_batch:
+            if self._load() >= self.max_batch + self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (max queue {self.max_queue}); "
                                 "retry later")
             self._waiting.append(request)
             self._wake.notify()
 
     def counts(self) -> dict[str, int]:
+        """Requests holding a batch slot (decoding or being prefilled) and requests queued."""
         with self._wake:
-            return {"running": len(self._running), "waiting": len(self._waiting)}
+            return {"running": len(self._running) + len(self._admitting), "waiting": len(self._waiting)}
+
+    def _load(self) -> int:
+        # every request in the engine: the admission bound is max_batch slots plus max_queue waiting
+        return len(self._running) + len(self._admitting) + len(self._waiting)
 
     # --- worker -------------------------------------------------------------------------------
 
@@ -182,8 +191,13 @@ class Engine:
                         self._running.clear()
                         return
                     admitted = self._take_waiting()
+                    self._admitting = list(admitted)
                 for request in admitted:
-                    self._guard(request, self._prefill, request)
+                    run = self._guard(request, self._prefill, request)
+                    with self._wake:  # from prefill to running in one move: counts() never misses it
+                        self._admitting.remove(request)
+                        if run is not None:
+                            self._running.append(run)
                 self._retire_cancelled()
                 if self._running:
                     try:
@@ -207,16 +221,19 @@ class Engine:
                     break
         return taken
 
-    def _guard(self, request: Request, fn: Callable, *args) -> None:
+    def _guard(self, request: Request, fn: Callable, *args) -> object:
         try:
-            fn(*args)
+            return fn(*args)
         except Exception as e:  # noqa: BLE001
             request.on_event("error", f"generation failed: {e}")
+            return None
 
-    def _prefill(self, request: Request) -> None:
+    def _prefill(self, request: Request) -> _Running | None:
+        """Prefill the prompt and sample the first token; the running state, or None when the
+        request already finished (cancelled, or done after one token)."""
         if request.cancelled.is_set():
             request.on_event("done", _Row(None, (), len(request.prompt)).completion())
-            return
+            return None
         p = request.params
         stops = request.stop_ids if request.stop_ids is not None else self.tokenizer.stop_ids
         request.stop_ids = stops
@@ -227,8 +244,7 @@ class Engine:
             request.prefix.fill(cache, request.prompt)
         tokens = torch.tensor([request.prompt], dtype=torch.long, device=self.model.device)
         logits = advance(self.model, cache, tokens)[:, -1]
-        if self._accept(run, logits):
-            self._running.append(run)
+        return run if self._accept(run, logits) else None
 
     def _step(self) -> None:
         model = self.model

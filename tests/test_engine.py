@@ -173,3 +173,49 @@ def test_a_shared_prefix_is_copied_not_recomputed_and_changes_nothing(smollm_ggu
     engine.run_until_idle()  # the evaluator's way: submit everything, drain in this thread
     for i, p in enumerate(prompts[:2] + [other]):
         assert results[i].token_ids == generate(smollm.model, tok, [p], params)[0].token_ids
+
+
+class _Gate:
+    """Stands in for a Prefix: holds the engine inside a request's prefill until released, so a
+    test can look at the engine while a request is being prefilled (no timing involved)."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def fill(self, cache, prompt) -> None:
+        self.entered.set()
+        assert self.release.wait(60)
+
+
+def test_a_request_in_prefill_counts_as_running_and_the_burst_bound_is_batch_plus_queue(smollm):
+    """Issue 14 item 10: with max_batch 2 and max_queue 2 a burst gets 4 requests in, not 3, and
+    the one being prefilled shows as running (it was in neither count)."""
+    tok = smollm.tokenizer
+    ids = tok.encode_chat([{"role": "user", "content": "Name three colors."}])
+    params = SamplingParams(max_new_tokens=2)
+    idle = Engine(smollm.model, tok, max_batch=2, max_queue=2)  # not started: nothing leaves the queue
+    for _ in range(4):
+        idle.submit(Request(ids, params, lambda k, v: None))
+    assert idle.counts() == {"running": 0, "waiting": 4}
+    with pytest.raises(QueueFull, match="max queue 2"):
+        idle.submit(Request(ids, params, lambda k, v: None))
+
+    engine = Engine(smollm.model, tok, max_batch=2, max_queue=2).start()
+    gate = _Gate()
+    done = threading.Semaphore(0)
+    finished = lambda k, v: done.release() if k in ("done", "error") else None  # noqa: E731
+    try:
+        engine.submit(Request(ids, params, finished, prefix=gate))
+        assert gate.entered.wait(60)
+        assert engine.counts() == {"running": 1, "waiting": 0}  # in prefill: it holds a slot
+        for _ in range(3):
+            engine.submit(Request(ids, params, finished))
+        with pytest.raises(QueueFull):
+            engine.submit(Request(ids, params, finished))
+        assert engine.counts() == {"running": 1, "waiting": 3}
+        gate.release.set()
+        for _ in range(4):
+            assert done.acquire(timeout=60)
+    finally:
+        gate.release.set()
+        engine.stop()
