@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     idx = sub.add_parser("index", help="full-text search index over your documents, for search-augmented chat")
     isub = idx.add_subparsers(dest="index_command", required=True, parser_class=_Parser)
-    ib = isub.add_parser("build", help="index the .txt, .md and .html files under a folder, in passages")
+    ib = isub.add_parser("build", help="index the .txt, .md and .html files under a folder, in passages "
+                                       "(links leading outside the folder and binary files are skipped and listed)")
     ib.add_argument("docs_dir", help="folder of documents")
     ib.add_argument("--index", required=True, help="folder to write the index into")
     ib.add_argument("--passage-words", type=int, default=120, help="words per passage (default 120)")
@@ -469,7 +470,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         if args.passage_words < 10:
             raise Phi3Error(f"--passage-words {args.passage_words} is too small (use 10 or more)")
         stats = search.build_index(Path(args.docs_dir), Path(args.index), passage_words=args.passage_words)
-        print(f"indexed {stats.documents} documents in {stats.passages} passages into {stats.path}")
+        for rel, why in stats.skipped:  # links leading out of the folder, binary files: said, not silent
+            print(f"phi3: skipped {rel}: {why}", file=sys.stderr)
+        print(f"indexed {stats.documents} documents in {stats.passages} passages into {stats.path}"
+              + (f" (skipped {len(stats.skipped)}, listed above)" if stats.skipped else ""))
         return 0
     if args.k < 1:
         raise Phi3Error(f"-k {args.k} must be at least 1")

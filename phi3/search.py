@@ -19,9 +19,15 @@ User text is never handed to tantivy's query language as is: it is cut into alph
 each word is quoted, so quotes, colons, parentheses or a bare AND in a question cannot cause a syntax
 error, while tantivy still applies the index's own analyzer (lowercasing, English stemming) to them.
 
-An index folder is recognised by its `phi3-index.json` marker, which also records what was indexed.
+An index folder is recognised by its `phi3-index.json` marker, which also records what was indexed
+(the list of documents is what `phi3 serve` may show under /sources/, and nothing else).
 Rebuilding replaces a folder that carries the marker and refuses any other non-empty folder, so a
 mistyped --index path cannot delete user data.
+
+What gets indexed stays inside the documents folder: a link (to a file or a folder) that resolves
+outside it is skipped, and so is a binary file, whatever its name: a file whose first 8 KiB hold a
+NUL byte (git's and grep's test), or that is not valid UTF-8. `build_index` lists what it skipped
+and why, and `phi3 index build` prints that list.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -44,7 +50,7 @@ from phi3.errors import Phi3Error
 SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm")
 MARKER_FILE = "phi3-index.json"
 MARKER_FORMAT = "phi3-index"
-MARKER_VERSION = 1
+MARKER_VERSION = 2  # 2: the marker lists the indexed documents ("sources")
 ANALYZER = "en_stem"  # tantivy's built-in English analyzer: "moons" finds "moon"
 INSTRUCTION = "Answer the question using the search results below. Cite the results you use by number, like [1]."
 BUILD_HINT = "build one with `phi3 index build DOCS --index PATH`"
@@ -64,6 +70,14 @@ class IndexStats:
     documents: int
     passages: int
     path: Path
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path under the folder, why)
+
+
+class _Skip(Exception):
+    """A file that is not indexed, and why (reported, not fatal)."""
+
+
+BINARY_SNIFF_BYTES = 8192
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,9 +135,21 @@ def _paragraphs(text: str) -> list[str]:
     return [p for p in paras if p]
 
 
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if b"\0" in data[:BINARY_SNIFF_BYTES]:
+        raise _Skip("a binary file (a NUL byte in its first 8 KiB)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _Skip(f"not UTF-8 text (byte {e.start}): binary, or another encoding; convert it to UTF-8 "
+                    "to index it") from None
+
+
 def _read_document(path: Path) -> tuple[str, str]:
-    """(title, text) of a supported file; the title falls back to the file name."""
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    """(title, text) of a supported file; the title falls back to the file name. _Skip for a
+    binary file."""
+    raw = _read_text(path)
     suffix = path.suffix.lower()
     if suffix in (".html", ".htm"):
         parser = _HTMLText()
@@ -170,16 +196,57 @@ def split_passages(text: str, passage_words: int = 120) -> list[str]:
     return passages
 
 
-def _find_documents(docs_dir: Path) -> list[Path]:
-    files = []
-    for path in sorted(docs_dir.rglob("*")):
-        rel = path.relative_to(docs_dir)
-        # hidden folders (.git, .venv, ...) hold tooling files, not documents anyone wants cited
-        if any(part.startswith(".") for part in rel.parts):
+def _find_documents(docs_dir: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The supported files under docs_dir (an absolute, resolved path), and what was skipped and
+    why. Links are followed only where they resolve inside docs_dir: `passwd.txt -> /etc/passwd`
+    or a link to a folder elsewhere is skipped, so nothing outside the folder gets indexed (and
+    later quoted to a chat client). A folder reached twice (a link to a folder inside) is walked
+    once, under its own path: links to folders are followed only after every real folder."""
+    files: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    seen = {docs_dir}
+    stack = [docs_dir]
+    linked: list[tuple[Path, Path]] = []  # (link, the folder it leads to), walked last
+    while stack or linked:
+        if not stack:
+            path, real = linked.pop(0)
+            if real not in seen:
+                seen.add(real)
+                stack.append(path)
             continue
-        if path.suffix.lower() in SUPPORTED_SUFFIXES and path.is_file():
-            files.append(path)
-    return files
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            skipped.append((folder.relative_to(docs_dir).as_posix(), f"cannot read the folder ({e.strerror})"))
+            continue
+        for entry in entries:
+            # hidden files and folders (.git, .venv, ...) hold tooling files, not documents anyone wants cited
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            rel = path.relative_to(docs_dir).as_posix()
+            wanted = path.suffix.lower() in SUPPORTED_SUFFIXES
+            try:
+                real = path.resolve(strict=True)
+                is_dir = real.is_dir()
+            except (OSError, RuntimeError):
+                if wanted:
+                    skipped.append((rel, "a broken or looping link"))
+                continue
+            if entry.is_symlink() and not real.is_relative_to(docs_dir):
+                if is_dir or wanted:
+                    skipped.append((rel, f"a link to {'a folder' if is_dir else 'a file'} outside {docs_dir}"))
+                continue
+            if is_dir:
+                if entry.is_symlink():
+                    linked.append((path, real))
+                elif real not in seen:
+                    seen.add(real)
+                    stack.append(path)
+            elif wanted and real.is_file():
+                files.append(path)
+    return sorted(files), sorted(skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +283,8 @@ def _check_index_target(index_dir: Path) -> None:
 
 
 def build_index(docs_dir: Path, index_dir: Path, passage_words: int = 120, progress: bool = True) -> IndexStats:
-    """Index the .txt, .md, .markdown, .html and .htm files under docs_dir into index_dir."""
+    """Index the .txt, .md, .markdown, .html and .htm files under docs_dir into index_dir. Links
+    that lead outside docs_dir and binary files are skipped and listed in the result's `skipped`."""
     import tantivy
     from tqdm import tqdm
 
@@ -228,9 +296,10 @@ def build_index(docs_dir: Path, index_dir: Path, passage_words: int = 120, progr
     if not docs_dir.is_dir():
         raise Phi3Error(f"{docs_dir} is not a folder; pass the folder that holds your documents")
     docs_dir = docs_dir.resolve()
-    files = _find_documents(docs_dir)
+    files, skipped = _find_documents(docs_dir)
     if not files:
-        raise Phi3Error(f"no documents to index in {docs_dir} (supported: {', '.join(SUPPORTED_SUFFIXES)})")
+        raise Phi3Error(f"no documents to index in {docs_dir} (supported: {', '.join(SUPPORTED_SUFFIXES)})"
+                        + _skipped_note(skipped))
     _check_index_target(index_dir)
 
     # Build next to the target and swap it in at the end, so a failed build keeps the old index.
@@ -243,25 +312,35 @@ def build_index(docs_dir: Path, index_dir: Path, passage_words: int = 120, progr
         index = tantivy.Index(schema, path=str(tmp))
         writer = index.writer()
         documents = passages = 0
+        sources: list[str] = []
         for path in tqdm(files, desc="indexing", unit="file", file=sys.stderr, disable=not progress):
-            title, text = _read_document(path)
+            source = path.relative_to(docs_dir).as_posix()
+            try:
+                title, text = _read_document(path)
+            except _Skip as e:
+                skipped.append((source, str(e)))
+                continue
+            except OSError as e:
+                skipped.append((source, f"cannot read it ({e.strerror})"))
+                continue
             chunks = split_passages(text, passage_words)
             if not chunks:
                 continue  # an empty file or a page with no visible text has nothing to cite
-            source, url = path.relative_to(docs_dir).as_posix(), path.as_uri()
+            url = path.as_uri()
+            sources.append(source)
             for position, chunk in enumerate(chunks):
                 writer.add_document(tantivy.Document(title=title, text=chunk, url=url, source=source,
                                                      position=position))
             documents += 1
             passages += len(chunks)
         if not passages:
-            raise Phi3Error(f"the documents in {docs_dir} hold no text to index")
+            raise Phi3Error(f"the documents in {docs_dir} hold no text to index" + _skipped_note(skipped))
         writer.commit()
         writer.wait_merging_threads()
         del writer, index  # release tantivy's handles before the folder moves
         meta = {"format": MARKER_FORMAT, "version": MARKER_VERSION, "documents": documents,
                 "passages": passages, "passage_words": passage_words, "docs_dir": str(docs_dir),
-                "tantivy": getattr(tantivy, "__version__", "")}
+                "tantivy": getattr(tantivy, "__version__", ""), "sources": sources}
         # written last: a folder without it is never mistaken for a finished index
         (tmp / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if index_dir.exists():
@@ -271,7 +350,15 @@ def build_index(docs_dir: Path, index_dir: Path, passage_words: int = 120, progr
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return IndexStats(documents=documents, passages=passages, path=index_dir)
+    return IndexStats(documents=documents, passages=passages, path=index_dir, skipped=sorted(skipped))
+
+
+def _skipped_note(skipped: list[tuple[str, str]]) -> str:
+    if not skipped:
+        return ""
+    first, why = skipped[0]
+    more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+    return f"; skipped {first} ({why}){more}"
 
 
 _WORD = re.compile(r"[^\W_]+")  # letters and digits, as tantivy's simple tokenizer splits them
@@ -290,6 +377,11 @@ class LocalIndex:
         if meta is None:
             raise Phi3Error(f"{self.path} is not a phi3 search index ({BUILD_HINT})")
         self.meta = meta
+        # The documents `phi3 serve` may show under /sources/: those indexed, nothing else (an
+        # index built before version 2 does not list them, so none are shown until rebuilt).
+        listed = meta.get("sources")
+        self.sources: frozenset[str] = frozenset(s for s in listed if isinstance(s, str)) \
+            if isinstance(listed, list) else frozenset()
         try:
             self._index = tantivy.Index.open(str(self.path))
         except Exception as e:  # e.g. written by an incompatible tantivy version

@@ -187,6 +187,67 @@ def test_rebuild_replaces_previous_index(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "idx", "second"]
 
 
+def test_links_out_of_the_folder_and_binary_files_are_skipped_and_reported(tmp_path: Path):
+    """Issue 14 item 6: `passwd.txt -> /etc/passwd` was indexed (and quoted as a chat source), and
+    random bytes named binary.txt were indexed as text."""
+    import os
+    outside = tmp_path / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "secret.txt").write_text("outsidesecret moonbeam\n")
+    (outside / "folder" / "deep.md").write_text("outsidedeep moonbeam\n")
+    docs = tmp_path / "docs"
+    (docs / "real").mkdir(parents=True)
+    (docs / "real" / "inside.md").write_text("# Inside\n\ninsideword moonbeam\n")
+    (docs / "passwd.txt").symlink_to(outside / "secret.txt")            # a file link leading out
+    (docs / "elsewhere").symlink_to(outside / "folder")                 # a folder link leading out
+    (docs / "again").symlink_to(docs / "real")                          # a folder link inside: walked once
+    (docs / "alias.md").symlink_to(docs / "real" / "inside.md")         # a file link inside: kept
+    (docs / "loop").symlink_to(docs)                                    # a link to the folder itself
+    (docs / "dangling.txt").symlink_to(tmp_path / "nothing-here.txt")
+    (docs / "binary.txt").write_bytes(bytes(range(256)) * 16)          # 4 KiB with NUL bytes
+    (docs / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))  # not UTF-8, no NUL
+    (docs / "bom.txt").write_bytes("\ufeffbomword moonbeam\n".encode("utf-8"))  # UTF-8 with a BOM is text
+
+    stats = build_index(docs, tmp_path / "idx", progress=False)
+    assert stats.skipped == [
+        ("binary.txt", "a binary file (a NUL byte in its first 8 KiB)"),
+        ("dangling.txt", "a broken or looping link"),
+        ("elsewhere", f"a link to a folder outside {docs.resolve()}"),
+        ("latin1.txt", "not UTF-8 text (byte 3): binary, or another encoding; convert it to UTF-8 to index it"),
+        ("passwd.txt", f"a link to a file outside {docs.resolve()}"),
+    ]
+    index = LocalIndex(tmp_path / "idx")
+    assert index.search("outsidesecret") == [] and index.search("outsidedeep") == []
+    assert sorted(p.source for p in index.search("moonbeam", k=10)) == ["alias.md", "bom.txt", "real/inside.md"]
+    assert index.search("bomword")[0].text == "bomword moonbeam"  # the BOM is not part of the text
+    # the indexed documents are listed in the marker: `phi3 serve` shows those under /sources/, no others
+    assert index.sources == {"alias.md", "bom.txt", "real/inside.md"}
+    assert json.loads((tmp_path / "idx" / "phi3-index.json").read_text())["version"] == 2
+    assert os.path.islink(docs / "loop")  # (and the walk ended: the folder was not entered twice)
+
+
+def test_a_folder_of_only_skipped_files_says_why(tmp_path: Path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "passwd.txt").symlink_to("/etc/passwd")
+    with pytest.raises(Phi3Error, match=r"no documents to index .*; skipped passwd.txt \(a link to a file outside"):
+        build_index(docs, tmp_path / "idx", progress=False)
+    (docs / "blob.md").write_bytes(b"\0" * 10)
+    with pytest.raises(Phi3Error, match=r"hold no text to index; skipped passwd.txt \(.*\) and 1 more"):
+        build_index(docs, tmp_path / "idx", progress=False)
+
+
+def test_an_index_without_a_document_list_shows_none(index: LocalIndex, tmp_path: Path):
+    marker = tmp_path / "idx" / "phi3-index.json"
+    meta = json.loads(marker.read_text())
+    assert index.sources == {"notes.txt", "sub/guide.md", "page.html"}
+    del meta["sources"]  # as version 1 wrote it
+    meta["version"] = 1
+    marker.write_text(json.dumps(meta))
+    old = LocalIndex(tmp_path / "idx")
+    assert old.sources == frozenset() and old.search("zorblat", k=1)[0].source == "notes.txt"
+
+
 def test_refuses_non_index_folder(docs: Path, tmp_path: Path):
     precious = tmp_path / "precious"
     precious.mkdir()
@@ -397,3 +458,15 @@ def test_query_of():
                                                   {"type": "image_url", "image_url": {"url": "x"}}]}]) == "parts"
     with pytest.raises(Phi3Error, match="no user message"):
         query_of([{"role": "assistant", "content": "a"}])
+
+
+def test_index_build_command_lists_what_it_skipped(tmp_path: Path):
+    from tests.conftest import run_cli
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("hello there\n")
+    (docs / "passwd.txt").symlink_to("/etc/passwd")
+    r = run_cli("index", "build", str(docs), "--index", str(tmp_path / "idx"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"phi3: skipped passwd.txt: a link to a file outside {docs.resolve()}" in r.stderr.splitlines()
+    assert r.stdout.strip() == f"indexed 1 documents in 1 passages into {tmp_path / 'idx'} (skipped 1, listed above)"
