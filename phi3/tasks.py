@@ -24,7 +24,7 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from phi3.errors import Phi3Error
 
@@ -43,6 +43,7 @@ class Example:
     description: str = ""  # text before the shots (MMLU's subject line, BBH's task line)
     contexts: list[str] | None = None  # WinoGrande: a query per choice, one shared continuation
     extra: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # "FILE: record N (id X)": what an error about this example names
 
 
 @dataclass
@@ -83,49 +84,127 @@ def bad_file(path: Path, problem: str, task: "Task | None" = None) -> DataError:
     return DataError(f"{path}: {problem}{layout}")
 
 
-def read_jsonl(path: Path) -> list[dict]:
+# Sizes that a benchmark file cannot exceed without being unusable, checked before the text is
+# read or tokenized: one crafted record of 1 GiB used to take 21.4 GB (then the OOM killer) on its
+# way through the tokenizer, which costs about 170 bytes per character (measured: 16M characters
+# of English took 2.7 GB and 15 s with SmolLM2's tokenizer).
+# Above the longest token of the vocabularies at hand: SmolLM2's is 81 characters (a newline and 80
+# spaces), GPT-2's 64, Llama's and Phi-3's 16; phi3.eval takes a tokenizer's own longest where that is more.
+MAX_CHARS_PER_TOKEN = 128
+MAX_CONTEXT_TOKENS = 131072  # Phi-3's longest context (128K)
+# A record longer than this fits no model's context: 128K tokens of 128 characters each.
+MAX_RECORD_CHARS = MAX_CONTEXT_TOKENS * MAX_CHARS_PER_TOKEN  # 16 Mi characters
+# A jsonl line is read up to this many bytes and refused beyond: 4x the longest usable record, so
+# that fields a task never reads still fit (the Hugging Face TriviaQA rc records carry their
+# evidence pages), while reading one line peaks at about 3x this (its bytes, its text, its parsed
+# object) instead of growing with whatever a file holds.
+MAX_LINE_BYTES = 4 * MAX_RECORD_CHARS  # 64 MiB
+MAX_ROW_GROUP_BYTES = 4 * MAX_LINE_BYTES  # a parquet row group (uncompressed) is read whole: 256 MiB
+
+
+def _mib(n: int) -> str:
+    return f"{n // 2**20} MiB" if n % 2**20 == 0 else f"{n:,} bytes"
+
+
+def read_lines(path: Path, max_line_bytes: int | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file (.gz: decompressed), each line read with readline's
+    size limit so that no line longer than `max_line_bytes` (MAX_LINE_BYTES) is ever held whole."""
+    max_line_bytes = max_line_bytes or MAX_LINE_BYTES
     opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {n} is not JSON ({e.msg})") from None
-                    if not isinstance(row, dict):
-                        raise DataError(f"{path}: line {n} is not a JSON object")
-                    rows.append(row)
-    except (OSError, UnicodeDecodeError, EOFError) as e:
+        with opener(path, "rb") as f:
+            n = 0
+            while True:
+                raw = f.readline(max_line_bytes + 1)
+                if not raw:
+                    return
+                n += 1
+                if len(raw) > max_line_bytes:
+                    raise DataError(f"{path}: line {n} is longer than {_mib(max_line_bytes)}, more than any "
+                                    "benchmark record needs; remove or shorten that line")
+                try:
+                    yield n, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}: line {n} is not UTF-8 text (byte {e.start}); "
+                                    "save the file as UTF-8") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def read_jsonl(path: Path, max_line_bytes: int | None = None) -> list[dict]:
+    rows = []
+    for n, line in read_lines(path, max_line_bytes):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n} is not JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}: line {n} nests JSON too deeply") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {n} is not a JSON object")
+            rows.append(row)
     return rows
 
 
 def read_json(path: Path) -> Any:
+    """A whole .json file (TriviaQA's run to hundreds of MB, so no size bound here: its records are
+    checked by length once read, before any tokenizing)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
+        return json.loads(path.read_bytes())  # from bytes: no decoded copy of the whole file
+    except OSError as e:
         raise DataError(f"{path}: cannot read ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
 
 
-def read_csv(path: Path, header: bool) -> list[Any]:
+def read_text_file(path: Path, max_bytes: int | None = None) -> str:
+    """A small text file read whole (BBH's prompts), refused by its size before reading."""
+    max_bytes = max_bytes or MAX_LINE_BYTES
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f) if header else csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise DataError(f"{path}: {size:,} bytes, more than {_mib(max_bytes)}; a prompt file this long fits "
+                            "no model's context")
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def read_csv(path: Path, header: bool, max_line_bytes: int | None = None) -> list[Any]:
+    lines = (line for _, line in read_lines(path, max_line_bytes))
+    try:
+        return list(csv.DictReader(lines) if header else csv.reader(lines))
+    except csv.Error as e:  # among others: a field over csv's 131,072-character limit
         raise DataError(f"{path}: cannot read as CSV ({e})") from None
 
 
-def read_parquet(path: Path) -> list[dict]:
+def read_parquet(path: Path, max_group_bytes: int | None = None) -> list[dict]:
+    max_group_bytes = max_group_bytes or MAX_ROW_GROUP_BYTES
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
     try:
-        return pq.read_table(path).to_pylist()
+        pf = pq.ParquetFile(path)
+        rows: list[dict] = []
+        for i in range(pf.num_row_groups):
+            # A row group is decoded whole: its uncompressed size is known from the footer first.
+            size = pf.metadata.row_group(i).total_byte_size
+            if size > max_group_bytes:
+                raise DataError(f"{path}: row group {i} holds {size:,} bytes uncompressed, more than "
+                                f"{_mib(max_group_bytes)}; write the file with smaller row groups, or remove the "
+                                "oversized records")
+            rows += pf.read_row_group(i).to_pylist()
+        return rows
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds
         raise DataError(f"{path}: cannot read as parquet ({e})") from None
 
@@ -229,6 +308,17 @@ def context(ex: Example, data: TaskData, k: int, query: str | None = None) -> st
     return text + (ex.query if query is None else query)
 
 
+def prompt_chars(ex: Example, data: TaskData, k: int) -> list[int]:
+    """Characters of each prompt (context and continuation) that `requests` would build, or of the
+    one `context` would build for an example without choices, counted without building them: a
+    prompt far too long for any context is refused before it is ever put together."""
+    shots = pick_shots(ex, data, k)
+    head = len(ex.description) + sum(len(s.query) + len(s.target) + len(SHOT_SEPARATOR) for s in shots)
+    if ex.contexts is not None:
+        return [head + len(q) + len(ex.target) for q in ex.contexts]
+    return [head + len(ex.query) + len(c) for c in ex.choices] or [head + len(ex.query)]
+
+
 def requests(ex: Example, data: TaskData, k: int) -> list[tuple[str, str]]:
     """(context, continuation) pairs whose log-likelihoods decide a choice example."""
     if ex.contexts is not None:
@@ -330,7 +420,13 @@ def _choice_task_rows(task: Task, path: Path, make: Callable[[dict, int], Exampl
     rows = read_records(path)
     if not rows:
         raise bad_file(path, "has no records", task)
-    return [make(r, n) for n, r in enumerate(rows, 1)]
+    return [at(make(r, n), path, n) for n, r in enumerate(rows, 1)]
+
+
+def at(ex: Example, path: Path, n: int, what: str = "record") -> Example:
+    """The example, with where it comes from (for errors that name the record)."""
+    ex.source = f"{path}: {what} {n}" + (f" (id {ex.id})" if ex.id != str(n) else "")
+    return ex
 
 
 def _arc_like(task: Task, path: Path, letters_in_query: bool) -> list[Example]:
@@ -397,10 +493,10 @@ def load_mmlu(task: Task) -> Callable[[Path, list[str]], TaskData]:
                 raise bad_file(path, f"row {n} has {len(r)} columns or answer {r[-1]!r}", task)
             gold = "ABCD".index(r[5].strip())
             opts = [" A", " B", " C", " D"]
-            out.append(Example(f"{subject}/{split}/{n}", f"{r[0].strip()}{lettered(r[1:5])}\nAnswer:",
-                               opts[gold], opts, gold, group=subject,
-                               description=f"The following are multiple choice questions (with answers) about "
-                                           f"{subject.replace('_', ' ')}.\n\n"))
+            out.append(at(Example(f"{subject}/{split}/{n}", f"{r[0].strip()}{lettered(r[1:5])}\nAnswer:",
+                                  opts[gold], opts, gold, group=subject,
+                                  description=f"The following are multiple choice questions (with answers) about "
+                                              f"{subject.replace('_', ' ')}.\n\n"), path, n, "row"))
         return out
 
     def load(root: Path, only: list[str]) -> TaskData:
@@ -599,7 +695,12 @@ def _labels_file(path: Path, task: Task, count: int) -> list[int]:
     labels_path = path.with_name(path.stem + "-labels.lst")
     if not labels_path.is_file():
         raise DataError(f"{labels_path}: missing (the answers for {path.name}); expected {task.layout}")
-    labels = [line.strip() for line in labels_path.read_text().splitlines() if line.strip()]
+    labels = []
+    for _, line in read_lines(labels_path, max_line_bytes=1024):  # a label is a digit
+        if line.strip():
+            labels.append(line.strip())
+            if len(labels) > count:  # stop here: a file of millions of lines is not read through
+                raise bad_file(labels_path, f"has more than {count} labels for {count} records", task)
     if len(labels) != count:
         raise bad_file(labels_path, f"has {len(labels)} labels for {count} records", task)
     try:
@@ -616,8 +717,8 @@ def load_piqa(task: Task) -> Callable[[Path, list[str]], TaskData]:
         for n, (r, label) in enumerate(zip(rows, labels), 1):
             opts = [" " + field_of(r, "sol1", path, n, task), " " + field_of(r, "sol2", path, n, task)]
             gold = check_gold(label, opts, path, n, task)
-            out.append(Example(str(r.get("id", n)), f"Question: {field_of(r, 'goal', path, n, task)}\nAnswer:",
-                               opts[gold], opts, gold))
+            out.append(at(Example(str(r.get("id", n)), f"Question: {field_of(r, 'goal', path, n, task)}\nAnswer:",
+                                  opts[gold], opts, gold), path, n))
         return out
 
     def load(root: Path, subsets: list[str]) -> TaskData:
@@ -636,7 +737,7 @@ def load_siqa(task: Task) -> Callable[[Path, list[str]], TaskData]:
             opts = [" " + field_of(r, k, path, n, task) for k in ("answerA", "answerB", "answerC")]
             gold = check_gold(label - 1, opts, path, n, task)
             query = f"Q: {field_of(r, 'context', path, n, task)} {field_of(r, 'question', path, n, task)}\nA:"
-            out.append(Example(str(n), query, opts[gold], opts, gold))
+            out.append(at(Example(str(n), query, opts[gold], opts, gold), path, n))
         return out
 
     def load(root: Path, subsets: list[str]) -> TaskData:
@@ -664,10 +765,7 @@ def load_bbh(task: Task) -> Callable[[Path, list[str]], TaskData]:
     def shots_of(path: Path, name: str) -> tuple[str, list[Example]]:
         """The published CoT prompt: a canary line, '-----', the task's description, then 3
         worked examples 'Q: ...\\nA: Let's think step by step.\\n<reasoning> So the answer is X.'"""
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise DataError(f"{path}: cannot read ({e})") from None
+        text = read_text_file(path)
         if "-----\n" in text:
             text = text.split("-----\n", 1)[1]
         parts = text.strip().split("\n\nQ: ")
@@ -678,8 +776,8 @@ def load_bbh(task: Task) -> Callable[[Path, list[str]], TaskData]:
             head, sep, reasoning = part.partition("\nA: Let's think step by step.")
             if not sep:
                 raise bad_file(path, f"example {i} has no \"A: Let's think step by step.\"", task)
-            shots.append(Example(f"{name}/shot{i}", BBH_QUERY.format(input=head.strip()), reasoning.rstrip(),
-                                 group=name))
+            shots.append(at(Example(f"{name}/shot{i}", BBH_QUERY.format(input=head.strip()), reasoning.rstrip(),
+                                    group=name), path, i, "example"))
         return description, shots
 
     def load(root: Path, only: list[str]) -> TaskData:
@@ -703,8 +801,8 @@ def load_bbh(task: Task) -> Callable[[Path, list[str]], TaskData]:
                 raise bad_file(path, "has no 'examples' list", task)
             for n, r in enumerate(rows, 1):
                 target = field_of(r, "target", path, n, task)
-                examples.append(Example(f"{name}/{n}", BBH_QUERY.format(input=field_of(r, "input", path, n, task)),
-                                        answers=[target], group=name, description=description))
+                examples.append(at(Example(f"{name}/{n}", BBH_QUERY.format(input=field_of(r, "input", path, n, task)),
+                                           answers=[target], group=name, description=description), path, n))
             shots += task_shots
             files += [path, prompt]
         return TaskData(examples, shots, files)
@@ -786,8 +884,8 @@ def load_truthfulqa(task: Task) -> Callable[[Path, list[str]], TaskData]:
             if not labels1 or labels1[0] != 1 or sum(labels1) != 1:
                 raise bad_file(path, f"record {n}: mc1_targets must list the one true answer first", task)
             choices = [" " + c for c in mc1 + mc2]
-            examples.append(Example(str(n), f"Q: {q}\nA:", " " + mc1[0], choices, 0,
-                                    extra={"n_mc1": len(mc1), "mc2_labels": labels2}))
+            examples.append(at(Example(str(n), f"Q: {q}\nA:", " " + mc1[0], choices, 0,
+                                       extra={"n_mc1": len(mc1), "mc2_labels": labels2}), path, n))
         return TaskData(examples, [], [path])
     return load
 
@@ -803,8 +901,8 @@ def load_humaneval(task: Task) -> Callable[[Path, list[str]], TaskData]:
             keys = ("task_id", "prompt", "test", "entry_point")
             for k in keys:
                 field_of(r, k, path, n, task)
-            examples.append(Example(r["task_id"], r["prompt"], r.get("canonical_solution", ""),
-                                    extra={"test": r["test"], "entry_point": r["entry_point"]}))
+            examples.append(at(Example(r["task_id"], r["prompt"], r.get("canonical_solution", ""),
+                                       extra={"test": r["test"], "entry_point": r["entry_point"]}), path, n))
         if not examples:
             raise bad_file(path, "has no records", task)
         return TaskData(examples, [], [path])
@@ -825,8 +923,8 @@ def load_mbpp(task: Task) -> Callable[[Path, list[str]], TaskData]:
             text, code = field_of(r, "text", path, n, task), field_of(r, "code", path, n, task)
             query = (f"You are an expert Python programmer, and here is your task: {text} "
                      f"Your code should pass these tests:\n\n" + "\n".join(tests) + "\n[BEGIN]\n")
-            by_id[tid] = Example(str(tid), query, code.replace("\r\n", "\n") + "\n[DONE]",
-                                 extra={"tests": tests, "setup": r.get("test_setup_code", "")})
+            by_id[tid] = at(Example(str(tid), query, code.replace("\r\n", "\n") + "\n[DONE]",
+                                    extra={"tests": tests, "setup": r.get("test_setup_code", "")}), path, n)
         shots = [by_id[i] for i in MBPP_SHOT_IDS if i in by_id]
         examples = [by_id[i] for i in MBPP_TEST_IDS if i in by_id] or \
             [e for i, e in by_id.items() if i not in MBPP_SHOT_IDS]
@@ -852,8 +950,8 @@ def load_gpqa(task: Task) -> Callable[[Path, list[str]], TaskData]:
             options = "".join(f"\n({LETTERS[i]}) {answers[j]}" for i, j in enumerate(order))
             query = f"Question: {r['Question'].strip()}\nChoices:{options}\nAnswer: Let's think step by step."
             explanation = " ".join((r.get("Explanation") or "").split())
-            examples.append(Example(rid, query, f" {explanation} So the answer is ({LETTERS[gold]}).",
-                                    answers=[LETTERS[gold]]))
+            examples.append(at(Example(rid, query, f" {explanation} So the answer is ({LETTERS[gold]}).",
+                                       answers=[LETTERS[gold]]), path, n, "row"))
         return TaskData(examples, [], [path])
     return load
 
@@ -970,9 +1068,29 @@ def parse_tasks(spec: str) -> list[tuple[Task, list[str], Path | None]]:
     return out
 
 
+def record_chars(ex: Example) -> int:
+    """Characters of the longest prompt an example makes without shots: what it brings to any context."""
+    queries = ex.contexts if ex.contexts is not None else [ex.query]
+    return len(ex.description) + max(len(q) for q in queries) + max(len(t) for t in ex.choices + [ex.target])
+
+
+def check_lengths(data: TaskData) -> None:
+    """Refuse a record that no model's context could hold, before anything tokenizes it (phi3.eval
+    then checks each prompt against the model's own context)."""
+    for ex in data.examples + data.shots:
+        size = record_chars(ex)
+        if size > MAX_RECORD_CHARS:
+            raise DataError(f"{ex.source or ex.id}: {size:,} characters, more than any model's context holds "
+                            f"({MAX_CONTEXT_TOKENS:,} tokens of at most {MAX_CHARS_PER_TOKEN} characters); "
+                            "shorten or remove this record")
+
+
 def load_task(task: Task, root: Path, subsets: list[str], file: Path | None = None) -> TaskData:
     if file is not None:
         if not file.is_file():
             raise DataError(f"{file}: no such file; expected {task.layout}")
-        return load_arc_file(task, file)
-    return task.load(root, subsets)
+        data = load_arc_file(task, file)
+    else:
+        data = task.load(root, subsets)
+    check_lengths(data)
+    return data

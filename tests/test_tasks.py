@@ -3,6 +3,7 @@ lm-eval-style prompts, and names the file and the expected layout when data is m
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,12 @@ def test_every_task_loads_its_authors_layout(data_dir, name):
         prompt = T.context(ex, data, shots)
         assert prompt.endswith(ex.query)
         assert prompt.count(T.SHOT_SEPARATOR) >= shots
+    # Lengths counted without building prompts equal the built ones; every example names its file.
+    for e in data.examples:
+        built = [len(c) + len(x) for c, x in T.requests(e, data, shots)] if task.kind == "choice" else \
+            [len(T.context(e, data, shots))]
+        assert T.prompt_chars(e, data, shots) == built
+        assert any(e.source.startswith(f"{f}: ") for f in data.files) or e.source.startswith(str(data_dir)), e.source
 
 
 def test_prompts_follow_lm_eval_conventions(data_dir):
@@ -250,7 +257,7 @@ def test_missing_and_malformed_files_name_the_file_and_the_layout(data_dir, tmp_
     with pytest.raises(Phi3Error, match="valid-labels.lst: missing"):
         T.load_task(T.TASKS["piqa"], tmp_path, [])
     (tmp_path / "piqa/valid-labels.lst").write_text("0\n1\n")
-    with pytest.raises(Phi3Error, match="has 2 labels for 1 records"):
+    with pytest.raises(Phi3Error, match="has more than 1 labels for 1 records"):
         T.load_task(T.TASKS["piqa"], tmp_path, [])
     (tmp_path / "mmlu/test").mkdir(parents=True)
     (tmp_path / "mmlu/dev").mkdir(parents=True)
@@ -291,3 +298,89 @@ def test_archives_unpacked_with_their_own_folders_are_found_and_ambiguity_is_ref
         T.load_task(T.TASKS["medqa"], tmp_path, [])
     jsonl(tmp_path / "medqa/questions/US/4_options/phrases_no_exclude_test.jsonl", [mq, mq])
     assert len(T.load_task(T.TASKS["medqa"], tmp_path, []).examples) == 2  # the 4-option US file first
+
+
+# --- hostile files: bounded reading, lengths checked before any tokenizing ---
+
+def test_an_overlong_jsonl_line_is_refused_without_being_read_whole(tmp_path, monkeypatch):
+    """A 64 MB line against a 1 MiB bound (the default bound, 64 MiB, works the same way): refused
+    with its file and line, while at most the bound is ever held (tracemalloc's peak)."""
+    import tracemalloc
+    line = json.dumps(dict(ARC_ROW, id="big", question={"stem": "x" * 64_000_000, "choices": ARC_ROW["question"]["choices"]}))
+    plain = tmp_path / "arc/ARC-Challenge-Test.jsonl"
+    plain.parent.mkdir()
+    plain.write_text(json.dumps(ARC_ROW) + "\n" + line + "\n")
+    packed = tmp_path / "HumanEval.jsonl.gz"  # compressed to ~60 KB: the bound holds on what is decompressed
+    with gzip.open(packed, "wt", compresslevel=1) as f:
+        f.write(json.dumps(ARC_ROW) + "\n" + line + "\n")
+    del line
+    for path in (plain, packed):
+        tracemalloc.start()
+        with pytest.raises(Phi3Error) as e:
+            T.read_jsonl(path, max_line_bytes=2**20)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert str(e.value) == f"{path}: line 2 is longer than 1 MiB, more than any benchmark record needs; " \
+                               "remove or shorten that line"
+        assert peak < 4 * 2**20, peak
+    monkeypatch.setattr(T, "MAX_LINE_BYTES", 2**20)  # through a task's loader, and the arc=FILE form
+    with pytest.raises(Phi3Error, match=f"{plain}: line 2 is longer than 1 MiB"):
+        T.load_task(T.TASKS["arc_challenge"], tmp_path, [])
+    with pytest.raises(Phi3Error, match=f"{plain}: line 2 is longer than 1 MiB"):
+        T.load_task(T.TASKS["arc_easy"], tmp_path, [], plain)
+
+
+def test_csv_labels_and_prompt_files_are_read_with_bounds(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "MAX_LINE_BYTES", 4096)
+    csv_file = tmp_path / "gpqa/gpqa_main.csv"
+    csv_file.parent.mkdir()
+    csv_file.write_text("Question,Correct Answer\n" + "a," * 3000 + "b\n")  # many small fields: one long line
+    with pytest.raises(Phi3Error, match=f"{csv_file}: line 2 is longer than 4,096 bytes"):
+        T.load_task(T.TASKS["gpqa"], tmp_path, [])
+    jsonl(tmp_path / "piqa/valid.jsonl", [{"goal": "g", "sol1": "a", "sol2": "b"}] * 2)
+    (tmp_path / "piqa/valid-labels.lst").write_text("0\n" * 100_000)  # read only up to the third label
+    with pytest.raises(Phi3Error, match="valid-labels.lst: has more than 2 labels for 2 records"):
+        T.load_task(T.TASKS["piqa"], tmp_path, [])
+    (tmp_path / "bbh/cot-prompts").mkdir(parents=True)
+    (tmp_path / "bbh/navigate.json").write_text(json.dumps({"examples": [{"input": "i", "target": "t"}]}))
+    prompt = tmp_path / "bbh/cot-prompts/navigate.txt"
+    prompt.write_text("Navigate.\n\nQ: q?\nA: Let's think step by step.\n" + "So. " * 2000)
+    with pytest.raises(Phi3Error, match=f"{prompt}: 8,046 bytes, more than 4,096 bytes; a prompt file this long fits"):
+        T.load_task(T.TASKS["bbh"], tmp_path, [])
+
+
+def test_parquet_row_groups_are_bounded_before_they_are_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = arc_rows(3, "p")
+    rows[2]["question"]["stem"] = "y" * 2**21
+    path = tmp_path / "ARC-Test.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=1, compression="zstd")
+    assert path.stat().st_size < 2**16  # small on disk, 2 MiB once read
+    with pytest.raises(Phi3Error, match=r"ARC-Test.parquet: row group 2 holds 2,\d{3},\d{3} bytes uncompressed, more "
+                                        r"than 1 MiB; write the file with smaller row groups, or remove the oversized"):
+        T.read_parquet(path, max_group_bytes=2**20)
+    data = T.load_task(T.TASKS["arc_challenge"], tmp_path, [], path)
+    assert [e.id for e in data.examples] == ["p0", "p1", "p2"] and data.examples[0].source == f"{path}: record 1 (id p0)"
+
+
+def test_a_record_longer_than_any_context_is_refused_when_loaded(tmp_path, monkeypatch):
+    """Before anything tokenizes it, and naming the file and record; a shot as well as an example.
+    (At the real bound, 16 Mi characters, through the CLI: test_eval.py.)"""
+    monkeypatch.setattr(T, "MAX_RECORD_CHARS", 10_000)
+    test = jsonl(tmp_path / "ARC-Easy-Test.jsonl", arc_rows(3, "t"))
+    train_rows = arc_rows(3, "s")
+    train_rows[1]["question"]["stem"] = "z" * 10_000
+    train = jsonl(tmp_path / "ARC-Easy-Train.jsonl", train_rows)
+    message = ("characters, more than any model's context holds (131,072 tokens of at most 128 characters); "
+               "shorten or remove this record")
+    with pytest.raises(Phi3Error) as e:
+        T.load_task(T.TASKS["arc_easy"], tmp_path, [], test)
+    # "Question: " + 10,000 + "\nAnswer:" + the longest choice, " steam": 10,024
+    assert str(e.value) == f"{train}: record 2 (id s1): 10,024 {message}"
+    train.unlink()
+    rows = arc_rows(3, "t")
+    rows[2]["question"]["stem"] = "z" * 10_000
+    jsonl(test, rows)
+    with pytest.raises(Phi3Error, match=f"^{test}: record 3 \\(id t2\\): 10,024 {re.escape(message)}$"):
+        T.load_task(T.TASKS["arc_easy"], tmp_path, [], test)
