@@ -1,97 +1,381 @@
-"""Runs model-written Python (HumanEval, MBPP) in a throwaway process, for pass@1.
+"""Runs model-written Python (HumanEval, MBPP) in a throwaway sandbox, for pass@1.
 
-The code comes from a model, so it is treated as careless rather than hostile: it may loop
-forever, eat all memory, fork, print without end, delete files or try the network. Each program
-gets its own fresh interpreter (`python -I -B`, so no user site, no PYTHON* variables and no .pyc
-writes), a new temporary directory as cwd and HOME (removed afterwards) and an environment built
-from scratch (no proxies, no tokens of ours). A small bootstrap (`_BOOTSTRAP`) runs in that
-interpreter before the program and adds these layers:
+The code comes from a model, so it is treated as hostile: it may loop forever, eat memory, fork,
+print without end, delete or read files, try the network, or attack the sandbox itself with
+ctypes, `_posixsubprocess`, multiprocessing or the interpreter's own objects. The boundary is the
+kernel, not Python: every escape that an in-process check can miss (an audit hook is one) has to
+get through namespaces, a private read-only filesystem, an unprivileged uid and a seccomp filter.
 
-1. Namespaces: `unshare(CLONE_NEWUSER | CLONE_NEWNET)` through libc (Python 3.11 has no
-   os.unshare), then an identity uid/gid map so files keep their owner. The new network namespace
-   has only a loopback device that is down, so every connection fails in the kernel, whatever the
-   program calls (ctypes included). Done in the child rather than in a preexec_fn because
-   run_programs starts processes from several threads, where preexec_fn can deadlock. Where the
-   kernel refuses (some containers), the bootstrap falls back to a network namespace alone and
-   then to nothing; the audit hook below still applies.
-2. Resource limits, soft = hard so the program cannot raise them: RLIMIT_AS (memory_mb; a
+What a program gets (Linux with user namespaces, e.g. any mainstream kernel of the last years;
+checked on Linux 6.18 x86_64, run as root and as a normal user):
+
+1. Namespaces: its own user, mount, PID, network, IPC and UTS namespaces. The network namespace
+   has only a loopback device that is down, so every connection fails in the kernel. The PID
+   namespace's init is a small process of ours; when the program ends, or the wall-clock limit
+   kills the sandbox, the kernel kills every process in it, including children that called
+   setsid() or were double-forked.
+2. Filesystem: a fresh root (a read-only tmpfs) holding only /usr (and the /bin, /lib* links or
+   directories beside it), the interpreter's prefixes (sys.base_prefix, sys.prefix: a venv or
+   pyenv outside /usr), /etc/ld.so.cache and /etc/localtime, all bound read-only, nosuid and nodev;
+   a passwd and group naming the program's user; a minimal /dev (null, zero, full, random, urandom,
+   a 64 MB /dev/shm for multiprocessing's semaphores); a private 64 MB /tmp; a fresh /proc of the
+   sandbox's own processes (its /proc/sys and /proc/sysrq-trigger read-only). The program's
+   temporary directory, its cwd, HOME and TMPDIR, is the only writable place on disk, and it is
+   bound at the same path as outside. Everything else (the user's home, ~/.cache, /root, the
+   repository, other sandboxes' directories) does not exist in there.
+3. Identity: uid and gid 1000 inside the namespace with no capabilities (effective, permitted and
+   bounding sets empty) and no_new_privs. When phi3 runs as root the program is also not root
+   outside: it runs as host uid/gid 65534 (nobody/nogroup), whose ownership of the temporary
+   directory is the only write access it has. When phi3 runs as a normal user the program runs as
+   that user's uid outside (a nested user namespace maps it to 1000), which is all an
+   unprivileged process can do.
+4. seccomp (x86_64 and aarch64; skipped elsewhere): a BPF filter denies with EPERM mount,
+   umount, pivot_root, chroot, unshare, setns, clone with namespace flags, ptrace,
+   process_vm_readv/writev, pidfd_getfd, keyctl/add_key/request_key, bpf, perf_event_open,
+   userfaultfd, io_uring, kexec, module loading, mknod/mknodat (so also mkfifo), every xattr
+   setter and remover, the new mount API, quotactl, swapon/off, reboot, acct, syslog,
+   open_by_handle_at, fanotify, iopl/ioperm, and socket() for any family but AF_UNIX. clone3 gets
+   ENOSYS (its flags sit in memory a filter cannot read; the C library then falls back to clone).
+   Other architectures' system calls (i386 on x86_64) kill the process; x32 calls get EPERM.
+5. Resource limits, soft = hard so the program cannot raise them: RLIMIT_AS (memory_mb; a
    MemoryError becomes exit code MEMORY_EXIT and status "memory"), RLIMIT_FSIZE (no file over
-   FILE_LIMIT_MB), RLIMIT_CORE 0, and RLIMIT_NPROC (MAX_PROCESSES, only inside a new user
-   namespace, where the count starts at this process; outside one it counts every process of the
-   user, so a small limit would fail for unrelated reasons). The kernel never enforces
-   RLIMIT_NPROC for uid 0, so when this runs as root a fork bomb is only stopped by the time limit.
-3. A `sys.addaudithook` hook, installed after the bootstrap's own imports and before the program
-   runs, raising PermissionError on: non-AF_UNIX socket creation, connect, bind, sendto/sendmsg
-   and name lookups (getaddrinfo, gethostbyname, gethostbyaddr, getnameinfo); subprocess.Popen,
-   os.system, os.exec*, os.spawn*, os.posix_spawn*, pty.spawn; os.kill/killpg aimed outside the
-   program's own process group; and file writes, removals, renames, links, chmod/chown, truncate,
-   utime and mkdir outside the temporary directory (/dev/null, /dev/stdout and /dev/stderr
-   excepted). AF_UNIX sockets stay allowed because asyncio's event loop and multiprocessing need
-   socketpair(); os.fork stays allowed because multiprocessing needs it. Audit hooks are not a
-   security boundary (ctypes or a C extension can go around them); they catch the ordinary calls a
-   model writes, which is what matters when the namespaces are missing or the process is root,
-   where file permissions protect nothing.
-4. In the parent: a wall-clock limit after which the whole process group (start_new_session) is
-   SIGKILLed; the group is killed after a normal exit too, so no forked child outlives its program.
-   Output (stdout and stderr merged) is read as it comes, keeping the last OUTPUT_LIMIT bytes, so a
-   full pipe never blocks the program and an endless print never fills our memory.
+   FILE_LIMIT_MB), RLIMIT_CORE 0 and RLIMIT_NPROC (MAX_PROCESSES processes and threads; enforced
+   now that the program is not uid 0, so a fork bomb stops there).
+6. The audit hook of before (`sys.addaudithook`), as a second layer that gives ordinary mistakes
+   a readable PermissionError: no sockets but AF_UNIX, connect/bind/sendto and name lookups; no
+   subprocess, os.system, exec or spawn; no signals outside the program's process group; no
+   writes, removals, renames, links, chmod/chown, truncate, utime or mkdir outside its directory.
+   It is not a boundary (ctypes, `_posixsubprocess`, a 'spawn' child or `gc.get_objects()` go
+   around it); the layers above are.
+7. In the parent: a wall-clock limit after which the sandbox's process group is SIGKILLed (its
+   init with it, and so every process in the PID namespace); output (stdout and stderr merged)
+   is read as it comes, keeping the last OUTPUT_LIMIT bytes.
 
-On the development machine (Linux 6.18 VM, running as root) all four layers are active:
-unshare(CLONE_NEWUSER | CLONE_NEWNET) succeeds. RLIMIT_NPROC is set but inert there (root).
-Known gaps: a child that calls os.setsid() leaves the process group and survives the kill (a PID
-namespace would close this); programs run as "__main__", so `if __name__ == "__main__":` blocks
-run (stdin is /dev/null, so an input() there fails instead of hanging).
+Each result says which layers were active (`SandboxResult.layers`); `active_layers()` runs one
+empty program and returns them, for the eval record. Startup costs about 10 ms more per program
+than the audit-hook-only sandbox (see BENCHMARKS or the test notes): a HumanEval run (164
+programs) takes seconds either way.
+
+Fallbacks. Where the kernel refuses the namespaces (a container without user namespaces, or
+with seccomp forbidding unshare), the sandbox does what it did before and says so in `layers`:
+user + network namespaces with an identity uid map, else a network namespace alone (root with
+CAP_SYS_ADMIN), else none; then the limits, seccomp (which needs no namespace) and the audit
+hook. In that mode the program runs with phi3's own uid and sees the real filesystem, so the
+escapes above (ctypes, `_posixsubprocess`, spawn children, the hook's own state) can write
+wherever that uid can, and a setsid() child outlives the kill. Where a single step fails
+(no fresh /proc: mount refused; a kernel without mount_setattr falls back to a remount), the
+rest still applies and `layers` lacks that entry.
+
+What it does not do: limit CPU time beyond the wall clock, disk use inside the temporary
+directory beyond FILE_LIMIT_MB per file, or memory in the two 64 MB tmpfs mounts (not counted
+in RLIMIT_AS); hide /usr, the interpreter's prefixes (site-packages included) or the kernel's
+view in /proc (cpuinfo, meminfo, the kernel version); stop side channels or attacks on kernel
+bugs through the system calls it allows. Programs run as "__main__" with stdin on /dev/null.
 """
 
 from __future__ import annotations
 
+import json
+import marshal
 import os
 import select
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 from phi3.errors import Phi3Error
 
 OUTPUT_LIMIT = 64 * 1024  # bytes of output kept (the tail: tracebacks and failed asserts come last)
-FILE_LIMIT_MB = 64  # RLIMIT_FSIZE: largest file a program may write
-MAX_PROCESSES = 64  # RLIMIT_NPROC (processes and threads) inside the user namespace
+FILE_LIMIT_MB = 64  # RLIMIT_FSIZE: largest file a program may write; also the size of its /tmp and /dev/shm
+MAX_PROCESSES = 64  # RLIMIT_NPROC (processes and threads) of the program's uid in its user namespace
 MEMORY_EXIT = 97  # the bootstrap's exit code after an uncaught MemoryError
 SETUP_EXIT = 98  # the bootstrap's exit code when it could not apply the limits
+SANDBOX_ID = 1000  # the program's uid and gid inside its user namespace
+HOST_ID = 65534  # ...and outside it, when phi3 runs as root (nobody / nogroup)
 _MIN_MEMORY_MB = 64  # below this the interpreter itself cannot start its work
+_AUDIT_HOOK = True  # tests turn it off to show that the kernel layers hold on their own
 
-# Runs in the child as `python -I -B -c _BOOTSTRAP MEMORY_BYTES FILE_BYTES NPROC`, cwd = the
-# temporary directory holding program.py. Kept to the standard library and to what must happen
-# before the program: namespaces first (unshare refuses threaded processes, and RLIMIT_NPROC must
-# be set after it to count in the new namespace), then limits, then the audit hook last, because
-# the bootstrap itself reads /proc and imports modules.
+# `python -I -B -S -c _LOADER CONFIG_JSON CODE` runs the bootstrap below, compiled by the parent.
+# -S: site's startup (the .pth files: an editable install's import finder alone took ~14 ms per
+# program) is skipped; the bootstrap adds site-packages to sys.path and site's exit()/quit() itself.
+_LOADER = "import marshal, sys; exec(marshal.loads(bytes.fromhex(sys.argv[2])))"
+
+# The bootstrap runs with cwd = the temporary directory holding
+# program.py, as a single-threaded process ("S") that phi3 starts without preexec_fn (phi3 starts
+# sandboxes from several threads, where preexec_fn can deadlock). S enters the namespaces, then
+# forks B, the PID namespace's init, which builds the private root and forks C, which drops its
+# privileges, sets the limits and the seccomp filter and runs the program in this same
+# interpreter (no second interpreter start: that would cost ~20 ms per program). The standard
+# library only.
 _BOOTSTRAP = r'''
-import _socket, os, resource, sys, traceback
-MEMORY_EXIT, SETUP_EXIT = @MEMORY_EXIT@, @SETUP_EXIT@
+import _socket, json, os, resource, signal, stat, struct, sys, traceback
+MEMORY_EXIT, SETUP_EXIT, ID, HOST_ID = @MEMORY_EXIT@, @SETUP_EXIT@, @SANDBOX_ID@, @HOST_ID@
+cfg = json.loads(sys.argv[1])
+layers = []
+try:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    libc.unshare.argtypes = [ctypes.c_int]
+except (ImportError, OSError, AttributeError):
+    libc = None
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = (
+    0x20000, 0x4000000, 0x8000000, 0x10000000, 0x20000000, 0x40000000)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 4, 24, 38, 22
+# System calls by number, per architecture: (AUDIT_ARCH, pivot_root, mount_setattr, socket, clone,
+# clone3, the ones the filter denies). Numbers from 424 up are the same on every architecture.
+NEW = [428, 429, 430, 431, 432, 433,  # open_tree move_mount fsopen fsconfig fsmount fspick
+       442, 467,  # mount_setattr open_tree_attr
+       425, 426, 427,  # io_uring_setup/enter/register
+       438, 443,  # pidfd_getfd quotactl_fd
+       463, 466, 469]  # setxattrat removexattrat file_setattr
+ARCHS = {
+    "x86_64": (0xC000003E, 155, 442, 41, 56, 435, NEW + [
+        165, 166, 155, 161,  # mount umount2 pivot_root chroot
+        272, 308,  # unshare setns
+        101, 310, 311,  # ptrace process_vm_readv process_vm_writev
+        250, 248, 249, 321, 298, 323,  # keyctl add_key request_key bpf perf_event_open userfaultfd
+        246, 320, 175, 313, 176,  # kexec_load kexec_file_load init_module finit_module delete_module
+        133, 259,  # mknod mknodat
+        188, 189, 190, 197, 198, 199,  # setxattr lsetxattr fsetxattr removexattr lremovexattr fremovexattr
+        167, 168, 169, 163, 103, 179,  # swapon swapoff reboot acct syslog quotactl
+        303, 304, 300,  # name_to_handle_at open_by_handle_at fanotify_init
+        172, 173, 134, 153, 212]),  # iopl ioperm uselib vhangup lookup_dcookie
+    "aarch64": (0xC00000B7, 41, 442, 198, 220, 435, NEW + [
+        40, 39, 41, 51,  # mount umount2 pivot_root chroot
+        97, 268,  # unshare setns
+        117, 270, 271,  # ptrace process_vm_readv process_vm_writev
+        219, 217, 218, 280, 241, 282,  # keyctl add_key request_key bpf perf_event_open userfaultfd
+        104, 294, 105, 273, 106,  # kexec_load kexec_file_load init_module finit_module delete_module
+        33,  # mknodat
+        5, 6, 7, 14, 15, 16,  # setxattr lsetxattr fsetxattr removexattr lremovexattr fremovexattr
+        224, 225, 142, 89, 116, 60,  # swapon swapoff reboot acct syslog quotactl
+        264, 265, 262,  # name_to_handle_at open_by_handle_at fanotify_init
+        58, 18]),  # vhangup lookup_dcookie
+}
+ARCH = ARCHS.get(os.uname().machine)
 
 
-def unshare():
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return False
+def check(ret, what):
+    if ret != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def b(s):
+    return None if s is None else os.fsencode(s)
+
+
+def mount(src, dst, fstype=None, flags=0, data=None):
+    check(libc.mount(b(src), b(dst), b(fstype), flags, b(data)), f"mount {dst}")
+
+
+def restrict(path, readonly=True, recursive=True):
+    """nosuid, nodev and (by default) read-only for the mount at path and, with mount_setattr
+    (Linux 5.12+), every mount under it; else a remount of its top keeping the flags the kernel
+    locks in a user namespace (noexec; atime is kept by the kernel)."""
+    attr = (1 if readonly else 0) | 2 | 4  # MOUNT_ATTR_RDONLY, NOSUID, NODEV
+    if ARCH is not None:
+        buf = ctypes.create_string_buffer(struct.pack("QQQQ", attr, 0, 0, 0))
+        if libc.syscall(ctypes.c_long(ARCH[2]), ctypes.c_int(-100), b(path), ctypes.c_uint(0x8000 if recursive else 0),
+                        buf, ctypes.c_size_t(32)) == 0:
+            return
+    flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
+    mount(None, path, None, flags | (os.statvfs(path).f_flag & MS_NOEXEC))
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def enter_namespaces():
+    """Unshares everything; returns how ids are mapped ("range": uid ID is HOST_ID outside,
+    written by a helper that is still root outside; "self": our own uid is root inside;
+    "unmapped") or None when the kernel refused."""
+    if libc is None:
+        return None
     uid, gid = os.getuid(), os.getgid()
-    if libc.unshare(0x10000000 | 0x40000000) == 0:  # CLONE_NEWUSER | CLONE_NEWNET
-        try:  # an identity map: without one the uid shows as 65534 and new files may be refused
-            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-                with open(f"/proc/self/{name}", "w") as f:
-                    f.write(text)
-        except OSError:
-            pass
-        return True
-    libc.unshare(0x40000000)  # user namespaces disabled but CAP_SYS_ADMIN held: network alone
-    return False
+    helper = None
+    if os.geteuid() == 0:
+        # Only a process with CAP_SETUID outside may map more than its own uid, and we lose
+        # that by unsharing: a child that stays outside writes our maps.
+        r, w = os.pipe()
+        helper = os.fork()
+        if helper == 0:
+            os.close(w)
+            code = 2
+            try:
+                if os.read(r, 1) == b"1":
+                    code = 1
+                    for name in ("uid_map", "gid_map"):
+                        write(f"/proc/{os.getppid()}/{name}", f"0 0 1\n{ID} {HOST_ID} 1\n")
+                    code = 0
+            except OSError:
+                pass
+            os._exit(code)
+        os.close(r)
+    ok = libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS) == 0
+    if helper is not None:
+        os.write(w, b"1" if ok else b"0")
+        os.close(w)
+        ranged = os.waitpid(helper, 0)[1] == 0
+    if not ok:
+        return None
+    if helper is not None and ranged:
+        return "range"
+    try:
+        for name, outer in (("uid_map", uid), ("gid_map", gid)):
+            with open(f"/proc/self/{name}") as f:
+                if f.read():
+                    continue  # the helper got this one written
+            if name == "gid_map":
+                write("/proc/self/setgroups", "deny")  # required before an unprivileged gid_map
+            write(f"/proc/self/{name}", f"0 {outer} 1")
+        return "self"
+    except OSError:
+        return "unmapped"  # e.g. a user namespace without capabilities (AppArmor); the steps below fail softly
+
+
+def build_root(directory):
+    """The private root (see the module docstring), built on a tmpfs over the program's own
+    directory (a place that surely exists and is ours), then pivoted into."""
+    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount may propagate outside
+    held = []
+
+    def hold(path):  # sources are opened before the staging tmpfs covers anything
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        held.append(fd)
+        return f"/proc/self/fd/{fd}"
+
+    plan = []
+    for path in ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", *cfg["ro"],
+                 "/etc/ld.so.cache", "/etc/localtime"]:
+        if path == "/" or directory == path or directory.startswith(path.rstrip("/") + "/"):
+            continue  # never the folder holding our directory: other sandboxes' directories are there
+        if os.path.islink(path):
+            plan.append((path, None, os.readlink(path)))
+        elif os.path.exists(path):
+            plan.append((path, hold(path), None))
+    devices = [(name, hold("/dev/" + name)) for name in ("null", "zero", "full", "random", "urandom")
+               if os.path.exists("/dev/" + name)]
+    own = hold(directory)
+    root = directory
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+
+    def place(path, is_dir):
+        target = root + path
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        if is_dir:
+            os.makedirs(target, mode=0o755, exist_ok=True)
+        elif not os.path.lexists(target):
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+        return target
+
+    # /tmp first: read-only paths may lie under it (a venv in /tmp)
+    size = f"size={cfg['fsize'] // 2**20}m,mode=1777"
+    mount("tmpfs", place("/tmp", True), "tmpfs", MS_NOSUID | MS_NODEV, size)
+    target = place(directory, True)
+    mount(own, target, None, MS_BIND)
+    restrict(target, readonly=False, recursive=False)
+    for path, source, link in plan:
+        if link is not None:
+            os.makedirs(os.path.dirname(root + path), mode=0o755, exist_ok=True)
+            os.symlink(link, root + path)
+            continue
+        target = place(path, stat.S_ISDIR(os.stat(source).st_mode))
+        mount(source, target, None, MS_BIND | MS_REC)
+        restrict(target)
+    write(place("/etc/passwd", False), f"root:x:0:0:root:/:/bin/sh\nsandbox:x:{ID}:{ID}:sandbox:{directory}:/bin/sh\n")
+    write(place("/etc/group", False), f"root:x:0:\nsandbox:x:{ID}:\n")
+    mount("tmpfs", place("/dev", True), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=755")
+    for name, source in devices:
+        mount(source, place("/dev/" + name, False), None, MS_BIND)
+    for name, link in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                       ("stderr", "/proc/self/fd/2")):
+        os.symlink(link, root + "/dev/" + name)
+    mount("tmpfs", place("/dev/shm", True), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, size)
+    restrict(root + "/dev", recursive=False)
+    try:
+        mount("proc", place("/proc", True), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        for name in ("sys", "sysrq-trigger", "irq", "bus", "fs"):
+            path = root + "/proc/" + name
+            if os.path.exists(path):
+                mount(path, path, None, MS_BIND | MS_REC)
+                restrict(path)
+        layers.append("proc")
+    except OSError:
+        pass  # a kernel that refuses a fresh procfs (host /proc partly covered): /proc stays empty
+    restrict(root, recursive=False)
+    os.chdir(root)
+    if ARCH is not None:
+        check(libc.syscall(ctypes.c_long(ARCH[1]), b".", b"."), "pivot_root")
+        check(libc.umount2(b".", 2), "umount the old root")  # MNT_DETACH
+    else:
+        os.chroot(".")
+    for fd in held:
+        os.close(fd)
+    os.chdir(directory)
+    layers.append("private-root")
+
+
+def drop_privileges(mapping):
+    """uid ID without capabilities: setresuid where the namespace maps ID, else a nested user
+    namespace mapping ID to our uid (then capset clears what that namespace gave us)."""
+    if mapping == "range":
+        for cap in range(64):
+            if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                break
+        os.setgroups([])
+        os.setresgid(ID, ID, ID)
+        os.setresuid(ID, ID, ID)  # from 0 to non-zero: the kernel clears the capabilities
+    else:
+        if mapping == "self" and "proc" in layers and libc.unshare(CLONE_NEWUSER) == 0:
+            write("/proc/self/setgroups", "deny")
+            write("/proc/self/uid_map", f"{ID} 0 1")
+            write("/proc/self/gid_map", f"{ID} 0 1")
+        for cap in range(64):
+            if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                break
+        data = (ctypes.c_uint32 * 6)()
+        check(libc.capset(struct.pack("Ii", 0x20080522, 0), data), "capset")  # _LINUX_CAPABILITY_VERSION_3
+
+
+def seccomp():
+    """The BPF filter of the module docstring; returns whether the kernel took it."""
+    if libc is None or ARCH is None:
+        return False
+    audit_arch, _, _, socket_nr, clone_nr, clone3_nr, denied = ARCH
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
+    KILL, ALLOW, EPERM, ENOSYS = 0x80000000, 0x7FFF0000, 0x50000 | 1, 0x50000 | 38
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, audit_arch), (RET, 0, 0, KILL), (LD, 0, 0, 0)]  # arch, then nr
+    if audit_arch == 0xC000003E:
+        prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, EPERM)]  # x32 system calls
+    for nr in sorted(set(denied)):
+        prog += [(JEQ, 0, 1, nr), (RET, 0, 0, EPERM)]
+    prog += [(JEQ, 0, 1, clone3_nr), (RET, 0, 0, ENOSYS),
+             (JEQ, 0, 4, socket_nr), (LD, 0, 0, 16), (JEQ, 0, 1, 1), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM),
+             (JEQ, 0, 4, clone_nr), (LD, 0, 0, 16), (JSET, 0, 1, 0x7E020000), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW),
+             (RET, 0, 0, ALLOW)]
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in prog))
+    fprog = struct.pack("HxxxxxxP", len(prog), ctypes.addressof(code))
+    fprog_buf = ctypes.create_string_buffer(fprog)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        return False
+    layers.append("no-new-privs")
+    return libc.prctl(PR_SET_SECCOMP, 2, ctypes.addressof(fprog_buf), 0, 0) == 0
 
 
 def limit(kind, value):
@@ -101,14 +385,23 @@ def limit(kind, value):
     resource.setrlimit(kind, (value, value))
 
 
-def setup():
-    memory, fsize, nproc = (int(a) for a in sys.argv[1:4])
-    in_userns = unshare()
-    limit(resource.RLIMIT_AS, memory)
-    limit(resource.RLIMIT_FSIZE, fsize)
-    limit(resource.RLIMIT_CORE, 0)
-    if in_userns:
-        limit(resource.RLIMIT_NPROC, nproc)
+def fallback():
+    """The sandbox of before, where the kernel refused the namespaces; returns whether we are
+    in a new user namespace."""
+    if libc is None:
+        return False
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
+        layers.extend(["user-ns", "net-ns"])
+        try:  # an identity map: without one the uid shows as 65534 and new files may be refused
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+                write(f"/proc/self/{name}", text)
+        except OSError:
+            pass
+        return True
+    if libc.unshare(CLONE_NEWNET) == 0:  # user namespaces disabled but CAP_SYS_ADMIN held: network alone
+        layers.append("net-ns")
+    return False
 
 
 def make_hook(root):
@@ -176,8 +469,94 @@ def make_hook(root):
     return hook
 
 
+def setup_program(in_userns):
+    """Limits, seccomp and the report of the layers, in the process that runs the program."""
+    limit(resource.RLIMIT_AS, cfg["memory"])
+    limit(resource.RLIMIT_FSIZE, cfg["fsize"])
+    limit(resource.RLIMIT_CORE, 0)
+    if in_userns:  # outside one it counts every process of the user, so a small limit would fail for unrelated reasons
+        limit(resource.RLIMIT_NPROC, cfg["nproc"])
+    layers.append("rlimits")
+    if os.getuid() != 0 and os.geteuid() != 0:
+        layers.append("uid-nonroot")
+    if mapping == "range" or OUTER_UID != 0:
+        layers.append("host-uid-nonroot")
+    try:
+        with open("/proc/self/status") as f:
+            caps = {k: int(v, 16) for k, v in (line.split(":", 1) for line in f) if k in ("CapPrm", "CapEff", "CapBnd")}
+        if len(caps) == 3 and not any(caps.values()):
+            layers.append("no-caps")
+    except (OSError, ValueError):
+        pass
+    if seccomp():
+        layers.append("seccomp")
+    if cfg["audit"]:
+        layers.append("audit-hook")
+    os.write(cfg["report"], json.dumps(layers).encode())
+    os.close(cfg["report"])
+
+
+def forward(status):
+    """Ends this process the way the program ended (the exit code, or the signal that killed it)."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else SETUP_EXIT)
+
+
+def init(mapping, status_fd):
+    """B: PID 1 of the sandbox. Builds the root, forks the program, reaps orphans until the
+    program ends, then exits, and the kernel kills whatever is left in the namespace."""
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # if S is killed, so is the sandbox
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # the program cannot open our /proc/1 files
+    directory = cfg["dir"]
+    try:
+        build_root(directory)
+    except OSError:
+        libc.umount2(b(directory), 2)  # whatever was staged over the directory goes; the rest still applies
+        os.chdir(directory)
+    program = os.fork()
+    if program == 0:
+        os.close(status_fd)
+        os.setpgid(0, 0)  # our own process group, so the audit hook's signal rule has a group to name
+        drop_privileges(mapping)
+        setup_program(True)
+        return
+    os.close(cfg["report"])
+    status = None
+    while True:
+        try:
+            pid, st = os.wait()
+        except ChildProcessError:
+            break
+        if pid == program:
+            status = st
+            break
+    os.write(status_fd, str(status).encode() if status is not None else b"")
+    os._exit(0)
+
+
+OUTER_UID = os.getuid()
 try:
-    setup()
+    limit(resource.RLIMIT_CORE, 0)
+    mapping = enter_namespaces()
+    if mapping is None:
+        setup_program(fallback())
+    else:
+        layers.extend(["user-ns", "mount-ns", "pid-ns", "net-ns", "ipc-ns"])
+        if mapping == "range":
+            os.chown(".", ID, ID)  # the program's uid owns its directory (HOST_ID outside)
+        r, w = os.pipe()
+        if os.fork():  # S: wait for the sandbox and end as its program did
+            os.close(w)
+            os.close(cfg["report"])
+            status = os.wait()[1]
+            data = os.read(r, 32)
+            forward(int(data) if data else status)
+        os.close(r)
+        init(mapping, w)
     with open("program.py", "rb") as f:
         source = f.read()
     hook = make_hook(os.path.realpath(os.getcwd()))
@@ -186,15 +565,22 @@ except BaseException:
     print("sandbox: could not set up the limits", file=sys.stderr)
     os._exit(SETUP_EXIT)
 
+import site  # -S skipped its startup: the site-packages directories and exit()/quit() are still expected
+site.setquit()
+site.setcopyright()
+site.sethelper()
+sys.path.extend(p for p in cfg["site"] if p not in sys.path)
 sys.stdout.reconfigure(line_buffering=True)  # what was printed before a timeout kill still arrives
 sys.argv = ["program.py"]
 main = type(sys)("__main__")
 main.__file__ = "program.py"
 sys.modules["__main__"] = main  # so pickle (multiprocessing) finds the program's functions
+status = 0
 try:
     code = compile(source, "program.py", "exec")  # here, so a SyntaxError is the program's failure
     del source
-    sys.addaudithook(hook)
+    if cfg["audit"]:
+        sys.addaudithook(hook)
     exec(code, main.__dict__)
 except MemoryError:
     try:
@@ -204,7 +590,34 @@ except MemoryError:
         sys.stderr.flush()
     finally:
         os._exit(MEMORY_EXIT)
-'''.replace("@MEMORY_EXIT@", str(MEMORY_EXIT)).replace("@SETUP_EXIT@", str(SETUP_EXIT))
+except SystemExit as e:  # what the interpreter does with it
+    if e.code is None:
+        status = 0
+    elif isinstance(e.code, int):
+        status = e.code & 0xFF
+    else:
+        print(e.code, file=sys.stderr)
+        status = 1
+except BaseException as e:
+    e.__traceback__ = e.__traceback__.tb_next  # without this bootstrap's own frame
+    sys.excepthook(type(e), e, e.__traceback__)
+    status = 1
+# The interpreter's shutdown, less what only frees memory (module teardown and the last garbage
+# collection took 5-30 ms per program): non-daemon threads are joined, atexit functions run
+# (multiprocessing's among them), the standard streams are flushed.
+try:
+    if "threading" in sys.modules:
+        sys.modules["threading"]._shutdown()
+    import atexit
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+except BaseException:
+    traceback.print_exc()
+    status = status or 1
+os._exit(status)
+'''.replace("@MEMORY_EXIT@", str(MEMORY_EXIT)).replace("@SETUP_EXIT@", str(SETUP_EXIT)).replace(
+    "@SANDBOX_ID@", str(SANDBOX_ID)).replace("@HOST_ID@", str(HOST_ID))
 
 
 @dataclass
@@ -215,6 +628,10 @@ class SandboxResult:
     returncode: int | None  # None when the process never started
     output: str  # the tail of stdout and stderr, interleaved as written
     seconds: float  # wall clock from start to exit (or kill)
+    # The isolation that was in place (see the module docstring): "user-ns", "mount-ns", "pid-ns",
+    # "net-ns", "ipc-ns", "private-root", "proc", "uid-nonroot", "host-uid-nonroot", "no-caps",
+    # "no-new-privs", "seccomp", "rlimits", "audit-hook"; empty when the sandbox did not start.
+    layers: tuple[str, ...] = field(default=())
 
 
 def _check(timeout_s: float, memory_mb: int) -> None:
@@ -245,6 +662,31 @@ def _child_env(tmp: str) -> dict[str, str]:
         "OPENBLAS_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
     }
+
+
+@lru_cache(maxsize=4)
+def _compiled(source: str) -> str:
+    """The bootstrap compiled once per phi3 process (compiling it in each child cost ~10 ms),
+    marshalled for the same interpreter, as hex for the command line."""
+    return marshal.dumps(compile(source, "<sandbox>", "exec")).hex()
+
+
+def _readonly_paths() -> list[str]:
+    """The interpreter's own directories, bound read-only into the sandbox beside /usr: the
+    program imports the standard library and site-packages from there, and a multiprocessing
+    'spawn' child starts sys.executable. Outermost first; those under /usr are there anyway."""
+    candidates = []
+    for p in (sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix,
+              os.path.dirname(os.path.dirname(sys.executable))):
+        if p:
+            candidates += [os.path.abspath(p), os.path.realpath(p)]  # both: the interpreter may use either
+    paths: list[str] = []
+    for p in sorted(set(candidates), key=len):
+        if p == "/" or p == "/usr" or p.startswith("/usr/"):
+            continue
+        if not any(p == q or p.startswith(q + "/") for q in paths):
+            paths.append(p)
+    return paths
 
 
 def _exited(proc: subprocess.Popen) -> bool:
@@ -334,17 +776,28 @@ def run_program(code: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> Sa
     try:
         with open(os.path.join(tmp, "program.py"), "w", encoding="utf-8") as f:
             f.write(code)
-        args = [sys.executable, "-I", "-B", "-c", _BOOTSTRAP,
-                str(memory_mb * 2**20), str(FILE_LIMIT_MB * 2**20), str(MAX_PROCESSES)]
+        # the program reports its layers on a pipe of their own, before it runs anything of its own
+        report_r, report_w = os.pipe()
+        config = {"memory": memory_mb * 2**20, "fsize": FILE_LIMIT_MB * 2**20, "nproc": MAX_PROCESSES,
+                  "dir": os.path.realpath(tmp), "ro": _readonly_paths(), "site": site.getsitepackages(),
+                  "report": report_w, "audit": _AUDIT_HOOK}
+        args = [sys.executable, "-I", "-B", "-S", "-c", _LOADER, json.dumps(config), _compiled(_BOOTSTRAP)]
         try:
-            proc = subprocess.Popen(args, cwd=tmp, env=_child_env(tmp), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as e:
-            return SandboxResult("error", None, f"sandbox: could not start {sys.executable}: {e}",
-                                 time.monotonic() - start)
-        with proc:
-            tail, dropped, timed_out = _collect(proc, start + timeout_s)
-        seconds = time.monotonic() - start
+            try:
+                proc = subprocess.Popen(args, cwd=tmp, env=_child_env(tmp), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                        pass_fds=(report_w,))
+            except OSError as e:
+                return SandboxResult("error", None, f"sandbox: could not start {sys.executable}: {e}",
+                                     time.monotonic() - start)
+            finally:
+                os.close(report_w)
+            with proc:
+                tail, dropped, timed_out = _collect(proc, start + timeout_s)
+            seconds = time.monotonic() - start
+            layers = _read_layers(report_r)
+        finally:
+            os.close(report_r)
     finally:
         _remove_tree(tmp)
     output = tail.decode("utf-8", errors="replace")
@@ -359,7 +812,26 @@ def run_program(code: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> Sa
         status = "error"
     else:
         status = "passed" if rc == 0 else "failed"
-    return SandboxResult(status, rc, output, seconds)
+    return SandboxResult(status, rc, output, seconds, layers)
+
+
+def _read_layers(fd: int) -> tuple[str, ...]:
+    os.set_blocking(fd, False)  # every writer has exited or closed it by now; never wait on it anyway
+    try:
+        data = os.read(fd, 65536)
+    except BlockingIOError:
+        return ()
+    try:
+        return tuple(str(x) for x in json.loads(data)) if data else ()
+    except ValueError:
+        return ()
+
+
+@lru_cache(maxsize=1)
+def active_layers() -> tuple[str, ...]:
+    """The layers this machine gives a program (runs an empty one, once per process), for eval
+    records and the CLI: see SandboxResult.layers."""
+    return run_program("pass", timeout_s=30).layers
 
 
 def run_programs(programs: list[str], timeout_s: float = 10.0, memory_mb: int = 1024, workers: int = 2,
