@@ -98,9 +98,10 @@ MAX_PROCESSES = 64  # RLIMIT_NPROC (processes and threads) of the program's uid 
 MEMORY_EXIT = 97  # the bootstrap's exit code after an uncaught MemoryError
 SETUP_EXIT = 98  # the bootstrap's exit code when it could not apply the limits
 SANDBOX_ID = 1000  # the program's uid and gid inside its user namespace
-HOST_ID = 65534  # ...and outside it, when phi3 runs as root (nobody / nogroup)
+HOST_ID: int | None = 65534  # ...and outside it, when phi3 runs as root (nobody / nogroup); None: phi3's own uid
 _MIN_MEMORY_MB = 64  # below this the interpreter itself cannot start its work
 _AUDIT_HOOK = True  # tests turn it off to show that the kernel layers hold on their own
+_NAMESPACES = True  # tests turn it off to see the fallback of a kernel that refuses them
 
 # `python -I -B -S -c _LOADER CONFIG_JSON CODE` runs the bootstrap below, compiled by the parent.
 # -S: site's startup (the .pth files: an editable install's import finder alone took ~14 ms per
@@ -116,8 +117,9 @@ _LOADER = "import marshal, sys; exec(marshal.loads(bytes.fromhex(sys.argv[2])))"
 # library only.
 _BOOTSTRAP = r'''
 import _socket, json, os, resource, signal, stat, struct, sys, traceback
-MEMORY_EXIT, SETUP_EXIT, ID, HOST_ID = @MEMORY_EXIT@, @SETUP_EXIT@, @SANDBOX_ID@, @HOST_ID@
+MEMORY_EXIT, SETUP_EXIT, ID = @MEMORY_EXIT@, @SETUP_EXIT@, @SANDBOX_ID@
 cfg = json.loads(sys.argv[1])
+HOST_ID = cfg["host_id"]
 layers = []
 try:
     import ctypes
@@ -205,11 +207,11 @@ def enter_namespaces():
     """Unshares everything; returns how ids are mapped ("range": uid ID is HOST_ID outside,
     written by a helper that is still root outside; "self": our own uid is root inside;
     "unmapped") or None when the kernel refused."""
-    if libc is None:
+    if libc is None or not cfg["namespaces"]:
         return None
     uid, gid = os.getuid(), os.getgid()
     helper = None
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and HOST_ID is not None:
         # Only a process with CAP_SETUID outside may map more than its own uid, and we lose
         # that by unsharing: a child that stays outside writes our maps.
         r, w = os.pipe()
@@ -513,6 +515,10 @@ def init(mapping, status_fd):
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # the program cannot open our /proc/1 files
     directory = cfg["dir"]
     try:
+        _socket.sethostname("sandbox")  # the machine's name is none of the program's business
+    except OSError:
+        pass
+    try:
         build_root(directory)
     except OSError:
         libc.umount2(b(directory), 2)  # whatever was staged over the directory goes; the rest still applies
@@ -545,7 +551,7 @@ try:
     if mapping is None:
         setup_program(fallback())
     else:
-        layers.extend(["user-ns", "mount-ns", "pid-ns", "net-ns", "ipc-ns"])
+        layers.extend(["user-ns", "mount-ns", "pid-ns", "net-ns", "ipc-ns", "uts-ns"])
         if mapping == "range":
             os.chown(".", ID, ID)  # the program's uid owns its directory (HOST_ID outside)
         r, w = os.pipe()
@@ -617,7 +623,7 @@ except BaseException:
     status = status or 1
 os._exit(status)
 '''.replace("@MEMORY_EXIT@", str(MEMORY_EXIT)).replace("@SETUP_EXIT@", str(SETUP_EXIT)).replace(
-    "@SANDBOX_ID@", str(SANDBOX_ID)).replace("@HOST_ID@", str(HOST_ID))
+    "@SANDBOX_ID@", str(SANDBOX_ID))
 
 
 @dataclass
@@ -780,7 +786,7 @@ def run_program(code: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> Sa
         report_r, report_w = os.pipe()
         config = {"memory": memory_mb * 2**20, "fsize": FILE_LIMIT_MB * 2**20, "nproc": MAX_PROCESSES,
                   "dir": os.path.realpath(tmp), "ro": _readonly_paths(), "site": site.getsitepackages(),
-                  "report": report_w, "audit": _AUDIT_HOOK}
+                  "host_id": HOST_ID, "report": report_w, "audit": _AUDIT_HOOK, "namespaces": _NAMESPACES}
         args = [sys.executable, "-I", "-B", "-S", "-c", _LOADER, json.dumps(config), _compiled(_BOOTSTRAP)]
         try:
             try:

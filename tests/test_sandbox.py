@@ -10,14 +10,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from phi3 import sandbox
 from phi3.errors import Phi3Error
 from phi3.sandbox import (
+    MAX_PROCESSES,
     OUTPUT_LIMIT,
+    SANDBOX_ID,
     SandboxResult,
+    active_layers,
     humaneval_program,
     mbpp_program,
     run_program,
@@ -308,6 +313,322 @@ def test_ordinary_code_still_works():
 def test_syntax_error_is_a_failure():
     r = run_program("def f(:\n    pass\n")
     assert r.status == "failed" and "SyntaxError" in r.output
+
+
+# --- the kernel boundary: each escape that got around the audit hook -----------------------------
+
+KERNEL_LAYERS = {"user-ns", "mount-ns", "pid-ns", "net-ns", "private-root", "uid-nonroot", "no-caps", "seccomp"}
+
+
+@pytest.fixture
+def kernel_sandbox() -> None:
+    missing = KERNEL_LAYERS - set(active_layers())
+    if missing:
+        pytest.skip(f"this machine refuses sandbox layers {sorted(missing)} (e.g. a container without user "
+                    "namespaces): the sandbox falls back to the audit hook, which these escapes get around")
+
+
+@pytest.fixture(params=["host-id", "own-uid"])
+def id_mapping(request, monkeypatch) -> str:
+    """Both ways the program gets its uid: "host-id" (phi3 as root maps it to HOST_ID outside;
+    the same as "own-uid" when not root) and "own-uid" (a nested user namespace maps it to phi3's
+    own uid, what a normal user gets; as root that is uid 0 outside, still without capabilities)."""
+    if request.param == "own-uid":
+        monkeypatch.setattr(sandbox, "HOST_ID", None)
+    return request.param
+
+
+@pytest.fixture
+def outside(tmp_path, monkeypatch, kernel_sandbox, id_mapping) -> Path:
+    """A world-writable folder holding a world-writable file, made visible inside the sandbox the
+    way /usr and the interpreter are: so only the read-only mount can stop a write, not file
+    permissions and not the path being absent."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    folder.chmod(0o777)
+    victim = folder / "victim.txt"
+    victim.write_text("original\n")
+    victim.chmod(0o666)
+    paths = sandbox._readonly_paths
+    monkeypatch.setattr(sandbox, "_readonly_paths", lambda: [*paths(), str(folder)])
+    return folder
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: (p.read_bytes(), sorted(os.listxattr(p)), p.stat().st_mode) for p in folder.iterdir()}
+
+
+def escape(folder: Path, code: str, **kwargs) -> SandboxResult:
+    """Runs an escape attempt aimed at `folder` (OUTSIDE in the code) and checks that the folder
+    is exactly as it was: no file added, changed, re-moded or given an attribute."""
+    before = snapshot(folder)
+    prelude = ("import errno, os\n"
+               f"OUTSIDE = {str(folder)!r}\n"
+               "def attempt(name, f):\n"
+               "    try:\n"
+               "        f()\n"
+               "        print(name, 'WROTE', flush=True)\n"
+               "    except OSError as e:\n"
+               "        print(name, errno.errorcode.get(e.errno, e.errno), flush=True)\n")
+    r = run_program(prelude + code, **kwargs)
+    assert snapshot(folder) == before, r.output
+    assert "WROTE" not in r.output, r.output
+    return r
+
+
+def test_the_folder_is_visible_inside(outside):
+    """The escapes below would write: the folder is there and readable, only not writable."""
+    r = escape(outside, "print(sorted(os.listdir(OUTSIDE)), open(OUTSIDE + '/victim.txt').read())\n")
+    assert r.status == "passed", r.output
+    assert r.output == "['victim.txt'] original\n\n"
+
+
+def test_escape_dir_fd_and_opener(outside):
+    code = ("fd = os.open(OUTSIDE, os.O_RDONLY)\n"
+            "attempt('dir_fd', lambda: os.open('new.txt', os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))\n"
+            "attempt('dir_fd-trunc', lambda: os.open('victim.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=fd))\n"
+            "opener = lambda path, flags: os.open(path, flags, dir_fd=fd)\n"
+            "attempt('opener', lambda: open('new.txt', 'w', opener=opener).write('x'))\n"
+            "attempt('opener-append', lambda: open('victim.txt', 'a', opener=opener).write('x'))\n")
+    r = escape(outside, code)
+    assert r.output.split("\n")[:4] == ["dir_fd EROFS", "dir_fd-trunc EROFS", "opener EROFS", "opener-append EROFS"]
+
+
+def test_escape_sqlite(outside):
+    code = ("import sqlite3\n"
+            "try:\n"
+            "    sqlite3.connect(OUTSIDE + '/db.sqlite').execute('create table t (x)')\n"
+            "    print('WROTE')\n"
+            "except sqlite3.Error as e:\n"
+            "    print(type(e).__name__, e)\n")
+    r = escape(outside, code)
+    assert r.output in ("OperationalError unable to open database file\n",
+                        "OperationalError attempt to write a readonly database\n")
+
+
+@pytest.mark.parametrize("call", ["os.mkfifo(OUTSIDE + '/fifo')",
+                                  "os.mknod(OUTSIDE + '/node', 0o600 | __import__('stat').S_IFREG)",
+                                  "os.setxattr(OUTSIDE + '/victim.txt', 'user.pwned', b'1')",
+                                  "os.removexattr(OUTSIDE + '/victim.txt', 'user.x')",
+                                  "os.mkfifo('fifo-inside')"])
+def test_escape_mknod_mkfifo_xattr(outside, call):
+    """Denied by the seccomp filter before the path is even looked at (EPERM), inside the
+    program's own folder too."""
+    r = escape(outside, f"attempt('call', lambda: {call})\n")
+    assert r.output == "call EPERM\n"
+
+
+def test_escape_posixsubprocess_fork_exec(outside):
+    """_posixsubprocess.fork_exec raises no audit event: /bin/sh runs, inside the sandbox."""
+    code = ("from multiprocessing import util\n"  # carries fork_exec's signature for this Python
+            "script = f'echo pwned > {OUTSIDE}/sh.txt; echo pwned >> {OUTSIDE}/victim.txt; id -u'\n"
+            "pid = util.spawnv_passfds(b'/bin/sh', ['sh', '-c', script], [])\n"
+            "print('shell exit', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n")
+    r = escape(outside, code)
+    assert r.status == "passed", r.output
+    assert r.output.count("Read-only file system") == 2
+    assert f"{SANDBOX_ID}\nshell exit 0\n" in r.output  # the shell ran, as the sandbox's user
+
+
+def test_escape_multiprocessing_spawn_child(outside):
+    """A 'spawn' child is a fresh interpreter without the audit hook."""
+    code = ("import multiprocessing as mp\n"
+            "def write():\n"
+            "    open(OUTSIDE + '/spawn.txt', 'w').write('pwned')\n"
+            "if __name__ == '__main__':\n"
+            "    p = mp.get_context('spawn').Process(target=write)\n"
+            "    p.start()\n"
+            "    p.join()\n"
+            "    print('child exit', p.exitcode)\n")
+    r = escape(outside, code, timeout_s=30)
+    assert r.status == "passed", r.output
+    assert "OSError: [Errno 30] Read-only file system" in r.output
+    assert r.output.endswith("child exit 1\n")
+
+
+def test_escape_clearing_the_hook_through_gc(outside):
+    """The program rewrites the audit hook's closure so that every path counts as inside."""
+    code = ("import gc\n"
+            "for f in gc.get_objects():\n"
+            "    if getattr(f, '__name__', None) == 'inside' and getattr(f, '__closure__', None):\n"
+            "        for cell in f.__closure__:\n"
+            "            if isinstance(cell.cell_contents, str) and cell.cell_contents.endswith('/'):\n"
+            "                cell.cell_contents = '/'\n"
+            "                print('hook disarmed')\n"
+            "attempt('open', lambda: open(OUTSIDE + '/victim.txt', 'w').write('pwned'))\n"
+            "attempt('remove', lambda: os.remove(OUTSIDE + '/victim.txt'))\n")
+    r = escape(outside, code)
+    assert r.output == "hook disarmed\nopen EROFS\nremove EROFS\n"  # the kernel, not the hook, said no
+
+
+def test_escape_ctypes(outside):
+    code = ("import ctypes\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "for name, flags in (('ctypes.txt', os.O_WRONLY | os.O_CREAT), ('victim.txt', os.O_WRONLY | os.O_TRUNC)):\n"
+            "    fd = libc.open(f'{OUTSIDE}/{name}'.encode(), flags, 0o644)\n"
+            "    print(name, fd, errno.errorcode[ctypes.get_errno()])\n")
+    r = escape(outside, code)
+    assert r.output == "ctypes.txt -1 EROFS\nvictim.txt -1 EROFS\n"
+
+
+def test_without_the_audit_hook_the_kernel_still_holds(outside, monkeypatch):
+    """The hook is a second layer: with it off, the ordinary calls fail in the kernel."""
+    monkeypatch.setattr(sandbox, "_AUDIT_HOOK", False)
+    victim = "OUTSIDE + '/victim.txt'"
+    code = (f"attempt('open', lambda: open({victim}, 'w'))\n"
+            f"attempt('remove', lambda: os.remove({victim}))\n"
+            f"attempt('rename', lambda: os.rename({victim}, OUTSIDE + '/x'))\n"
+            f"attempt('chmod', lambda: os.chmod({victim}, 0o777))\n"
+            f"attempt('mkdir', lambda: os.mkdir(OUTSIDE + '/d'))\n"
+            "attempt('etc', lambda: open('/etc/passwd', 'a'))\n"
+            "attempt('usr', lambda: open('/usr/pwned', 'w'))\n"
+            "attempt('root', lambda: open('/pwned', 'w'))\n"
+            "import socket\n"
+            "attempt('socket', lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))\n")
+    r = escape(outside, code)
+    assert r.status == "passed", r.output
+    assert "audit-hook" not in r.layers
+    words = r.output.split()
+    assert words[:10] == ["open", "EROFS", "remove", "EROFS", "rename", "EROFS", "chmod", "EROFS", "mkdir", "EROFS"]
+    # the root's own files belong to the namespace's root: permissions may answer before the mount does
+    assert words[10:16:2] == ["etc", "usr", "root"] and set(words[11:16:2]) <= {"EROFS", "EACCES"}
+    assert words[16:] == ["socket", "EPERM"]
+
+
+def test_setsid_and_double_forked_children_die_with_the_sandbox(kernel_sandbox):
+    """A child that leaves the process group (setsid) and forks again used to outlive the kill."""
+    code = ("import os, time\n"
+            "print(os.getcwd(), flush=True)\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            "    if os.fork() == 0:\n"
+            "        while True: time.sleep(0.05)\n"
+            "    os._exit(0)\n"
+            "os.wait()\n")
+    r = run_program(code, timeout_s=10)
+    assert r.status == "passed", r.output
+    assert not wait_no_processes(r.output.split()[0]), "a setsid grandchild outlived its program"
+    r = run_program(code + "while True: time.sleep(0.05)\n", timeout_s=2)  # and when killed at the time limit
+    assert r.status == "timeout", r.output
+    assert not wait_no_processes(r.output.split()[0]), "a setsid grandchild outlived the kill"
+
+
+def test_the_users_files_are_invisible(kernel_sandbox):
+    cache = Path.home() / ".cache"
+    cache.mkdir(exist_ok=True)
+    fd, secret = tempfile.mkstemp(prefix="phi3-sandbox-secret-", dir=cache)
+    try:
+        os.write(fd, b"s3cret")
+        os.close(fd)
+        os.chmod(secret, 0o644)  # readable by anyone who can reach it
+        code = ("import errno, os\n"
+                f"for path in [{secret!r}, {str(cache)!r}, {str(Path(sandbox.__file__))!r}, '/root/.cache', '/home',"
+                " '/etc/shadow', '/etc/hostname']:\n"
+                "    try:\n"
+                "        print(path, open(path).read() if os.path.isfile(path) else os.listdir(path))\n"
+                "    except OSError as e:\n"
+                "        print(path, errno.errorcode[e.errno])\n")
+        r = run_program(code)
+        assert r.status == "passed", r.output
+        assert "s3cret" not in r.output
+        assert all(line.endswith(" ENOENT") for line in r.output.splitlines()), r.output
+    finally:
+        os.unlink(secret)
+
+
+def test_the_program_is_not_root_and_has_no_capabilities(kernel_sandbox, id_mapping):
+    code = ("import os\n"
+            "print(os.getuid(), os.geteuid(), os.getgid(), os.getgroups(), os.getpid())\n"
+            "status = dict(line.split(':', 1) for line in open('/proc/self/status'))\n"
+            "print(*(status[k].strip() for k in ('CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb', 'NoNewPrivs', 'Seccomp')))\n"
+            "print(os.stat('.').st_uid, sorted(os.listdir('/proc'))[:3])\n")
+    r = run_program(code)
+    assert r.status == "passed", r.output
+    ids, caps, own = r.output.splitlines()
+    assert ids == f"{SANDBOX_ID} {SANDBOX_ID} {SANDBOX_ID} [] 2"  # pid 2: the namespace's init is 1
+    assert caps == "0000000000000000 " * 5 + "1 2"  # no capabilities, no_new_privs, a seccomp filter
+    assert own == f"{SANDBOX_ID} ['1', '2', 'acpi']" or own.startswith(f"{SANDBOX_ID} ['1', '2',")
+    expected = KERNEL_LAYERS | {"ipc-ns", "uts-ns", "proc", "no-new-privs", "rlimits", "audit-hook"}
+    if os.getuid() != 0 or id_mapping == "host-id":
+        expected.add("host-uid-nonroot")
+    assert set(r.layers) == expected
+    if id_mapping == "host-id":
+        assert active_layers() == r.layers
+
+
+def test_as_root_the_program_is_not_root_outside_either(outside, id_mapping):
+    """Its files (and so its process) belong to HOST_ID on the machine, not to root."""
+    if os.geteuid() != 0 or id_mapping != "host-id":
+        pytest.skip("phi3 is not root here (or the test asks for phi3's own uid): the program runs as phi3's uid")
+    marker = f"marker-{os.getpid()}-{time.monotonic_ns()}"
+    code = ("import os, time\n"
+            f"open({marker!r}, 'w').close()\n"
+            f"while not os.path.exists({str(outside / 'go')!r}):\n"  # the test says when it has looked
+            "    time.sleep(0.01)\n")
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(run_program, code, timeout_s=60)
+        deadline = time.monotonic() + 30
+        while not (found := list(Path(tempfile.gettempdir()).glob(f"phi3-sandbox-*/{marker}"))):
+            assert time.monotonic() < deadline and not run.done(), "the program never wrote its marker"
+            time.sleep(0.01)
+        owner = found[0].stat()
+        (outside / "go").touch()
+        r = run.result()
+    assert r.status == "passed", r.output
+    assert (owner.st_uid, owner.st_gid) == (sandbox.HOST_ID, sandbox.HOST_ID)
+
+
+def test_the_seccomp_filter(kernel_sandbox):
+    code = ("import ctypes, errno, socket\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "def call(name, *args):\n"
+            "    ret = getattr(libc, name)(*args)\n"
+            "    print(name, ret, errno.errorcode.get(ctypes.get_errno(), 0) if ret == -1 else 'ok')\n"
+            "call('unshare', 0x10000000)\n"  # CLONE_NEWUSER
+            "call('mount', b'none', b'/tmp', b'tmpfs', 0, None)\n"
+            "call('socket', socket.AF_INET, socket.SOCK_STREAM, 0)\n"
+            "call('ptrace', 0, 0, None, None)\n"  # PTRACE_TRACEME
+            "call('init_module', None, 0, b'')\n"
+            "call('syscall', 435, None, 0)\n"  # clone3, the same number everywhere: ENOSYS, so the C library uses clone
+            "fd = libc.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0)\n"
+            "print('unix', fd >= 0)\n")
+    r = run_program(code)
+    assert r.status == "passed", r.output
+    assert r.output == ("unshare -1 EPERM\nmount -1 EPERM\nsocket -1 EPERM\nptrace -1 EPERM\ninit_module -1 EPERM\n"
+                        "syscall -1 ENOSYS\nunix True\n")
+
+
+def test_a_fork_bomb_stops_at_the_process_limit(kernel_sandbox):
+    """RLIMIT_NPROC holds now that the program is not uid 0 (the kernel exempts root)."""
+    code = ("import os, time\n"
+            "n = 0\n"
+            "try:\n"
+            "    while True:\n"
+            "        if os.fork() == 0:\n"
+            "            time.sleep(60)\n"
+            "            os._exit(0)\n"
+            "        n += 1\n"
+            "except OSError as e:\n"
+            "    print(n, e.errno == __import__('errno').EAGAIN)\n")
+    r = run_program(code, timeout_s=20)
+    assert r.status == "passed", r.output
+    n, eagain = r.output.split()
+    assert 0 < int(n) < MAX_PROCESSES and eagain == "True"
+
+
+def test_fallback_where_the_kernel_refuses_the_namespaces(monkeypatch, tmp_path):
+    """What a container without user namespaces gets: the sandbox of before, and it says so."""
+    monkeypatch.setattr(sandbox, "_NAMESPACES", False)
+    r = run_program("import os\nprint(os.getuid() == os.geteuid())\n")
+    assert r.status == "passed" and r.output == "True\n", r.output
+    assert "private-root" not in r.layers and "pid-ns" not in r.layers
+    assert {"rlimits", "audit-hook"} <= set(r.layers)
+    if "seccomp" in active_layers():
+        assert "seccomp" in r.layers  # it needs no namespace
+    outside = tmp_path / "escape.txt"
+    r = run_program(f"open({str(outside)!r}, 'w').write('x')\n")  # the hook still stops the ordinary calls
+    assert r.status == "failed" and "outside the sandbox directory" in r.output
+    assert not outside.exists()
 
 
 # --- arguments ----------------------------------------------------------------------------------
