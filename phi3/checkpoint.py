@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from phi3 import quant
-from phi3.config import ModelConfig, RopeScaling, load_config
+from phi3.config import ModelConfig, RopeScaling, load_config, shown
 from phi3.errors import Phi3Error
 from phi3.fastpath import fits_attention_kernel, install_cpu_fast_path
+from phi3.gguf_file import GGUFFile, open_gguf_file
 from phi3.model import Q8_0, Transformer, rope_inv_freq
 from phi3.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
@@ -348,31 +349,16 @@ def load_hf_folder(folder: Path, dtype: str | torch.dtype | None = "auto",
 
 # --- GGUF ---------------------------------------------------------------------------------------
 
-def open_gguf(path: Path):
-    import gguf
-    size = path.stat().st_size
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as e:
-        raise Phi3Error(f"{path} is not a readable GGUF file (truncated or corrupt: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise Phi3Error(f"{path} is truncated: tensor {t.name} ends past the end of the file")
-    return reader
+def open_gguf(path: Path) -> GGUFFile:
+    """Header, metadata and tensor views of a GGUF file, every count and size checked against the
+    file before it is read (phi3's own reader: see gguf_file.py for why not gguf-py's)."""
+    return open_gguf_file(path)
 
 
-def gguf_fields(reader) -> dict[str, Any]:
-    """GGUF metadata as plain Python values (strings decoded, arrays as lists)."""
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            out[key] = field.contents()
-        except Exception:
-            continue
-    return out
+def gguf_fields(reader: Any) -> dict[str, Any]:
+    """GGUF metadata as plain Python values (strings decoded, arrays as lists), without the GGUF.*
+    pseudo-keys. Takes phi3's GGUFFile or gguf-py's GGUFReader (tests read exports with both)."""
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
 def config_from_gguf(fields: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig:
@@ -383,37 +369,63 @@ def config_from_gguf(fields: dict[str, Any], tensors: dict[str, Any]) -> ModelCo
     def get(key: str, default: Any = None) -> Any:
         return fields.get(f"{arch}.{key}", default)
 
+    def size(key: str, default: Any = None) -> Any:
+        """An integer as stored (ModelConfig checks that it is positive and bounded); a string,
+        float or array here is a corrupt file, not something to coerce."""
+        v = get(key, default)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise Phi3Error(f"GGUF metadata: {arch}.{key} is {shown(v)}, not an integer; the file is corrupt "
+                            f"or hand-edited: re-convert the model")
+        return v
+
+    def number(key: str, default: float) -> float:
+        v = get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise Phi3Error(f"GGUF metadata: {arch}.{key} is {shown(v)}, not a number; the file is corrupt "
+                            f"or hand-edited: re-convert the model")
+        return float(v)
+
     for key in ("embedding_length", "block_count", "attention.head_count", "feed_forward_length"):
         if get(key) is None:
             raise Phi3Error(f"GGUF metadata lacks {arch}.{key}")
-    n_vocab = get("vocab_size") or len(fields.get("tokenizer.ggml.tokens") or [])
-    if not n_vocab and "token_embd.weight" in tensors:
+    n_vocab = size("vocab_size") or len(fields.get("tokenizer.ggml.tokens") or [])
+    if not n_vocab and "token_embd.weight" in tensors and len(tensors["token_embd.weight"].shape) == 2:
         n_vocab = int(tensors["token_embd.weight"].shape[1])
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    head_dim = get("attention.key_length")
-    ctx = int(get("context_length", 4096))
+    heads = size("attention.head_count")
+    hidden = size("embedding_length")
+    head_dim = size("attention.key_length")
+    ctx = size("context_length", 4096)
     rope_scaling = None
-    if "rope_factors_long.weight" in tensors:
+    if "rope_factors_long.weight" in tensors and "rope_factors_short.weight" in tensors:
         rope_scaling = RopeScaling(
             short_factor=tuple(float(x) for x in _tensor_numpy(tensors["rope_factors_short.weight"]).ravel()),
             long_factor=tuple(float(x) for x in _tensor_numpy(tensors["rope_factors_long.weight"]).ravel()),
             attention_factor=get("rope.scaling.attn_factor"))
     eos = fields.get("tokenizer.ggml.eos_token_id")
+    keys = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
+            "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
+            "num_key_value_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+            "max_position_embeddings": "context_length",
+            "original_max_position_embeddings": "rope.scaling.original_context_length",
+            "rope_theta": "rope.freq_base", "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+            "sliding_window": "attention.sliding_window"}
+    keys = {k: f"{arch}.{v}" for k, v in keys.items()}
+    keys["vocab_size"] = f"the vocabulary size ({arch}.vocab_size or the length of tokenizer.ggml.tokens)"
     return ModelConfig(
-        vocab_size=int(n_vocab),
+        vocab_size=n_vocab,
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=int(get("block_count")),
+        intermediate_size=size("feed_forward_length"),
+        num_hidden_layers=size("block_count"),
         num_attention_heads=heads,
-        num_key_value_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=int(head_dim) if head_dim and int(head_dim) != hidden // heads else None,
+        num_key_value_heads=size("attention.head_count_kv", heads),
+        # heads > 0 guards the division; ModelConfig reports a head count that is not positive
+        head_dim=head_dim if head_dim and (not isinstance(heads, int) or heads <= 0 or head_dim != hidden // heads) else None,
         max_position_embeddings=ctx,
-        original_max_position_embeddings=int(get("rope.scaling.original_context_length", ctx)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        original_max_position_embeddings=size("rope.scaling.original_context_length", ctx),
+        rope_theta=number("rope.freq_base", 10000.0),
         rope_scaling=rope_scaling,
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        sliding_window=get("attention.sliding_window") or None,  # llama.cpp writes 0 for none
+        rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5),
+        sliding_window=size("attention.sliding_window") or None,  # llama.cpp writes 0 for none
         tie_word_embeddings="output.weight" not in tensors,
         model_type=arch,
         bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
@@ -421,6 +433,8 @@ def config_from_gguf(fields: dict[str, Any], tensors: dict[str, Any]) -> ModelCo
         pad_token_id=fields.get("tokenizer.ggml.padding_token_id"),
         torch_dtype="float32",
         name=str(fields.get("general.name", "gguf")),
+        extra={"source": "GGUF metadata", "keys": keys,
+               "fix": "the file is corrupt or hand-edited: re-convert the model"},
     )
 
 
@@ -447,13 +461,13 @@ def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _page_releaser(reader) -> Any:
+def _page_releaser(reader: GGUFFile) -> Any:
     """A function that drops a tensor's pages of the memory-mapped file from this process once its
     weights have been copied out: otherwise the mapped file counts in the resident set next to the
     repacked copy, and peak memory at load is twice the model."""
     import mmap
-    mm = getattr(reader.data, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+    mm = reader.mmap
+    if not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
         return lambda t: None
     page = mmap.PAGESIZE
 

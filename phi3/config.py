@@ -13,6 +13,15 @@ from phi3.errors import Phi3Error
 
 SUPPORTED_MODEL_TYPES = ("phi3", "llama", "mistral")
 
+# Bounds on what a config may describe. No real model comes near them: the largest vocabulary is
+# ~262k (Gemma 3), the longest context 10M (Llama 4 Scout), the widest hidden/MLP sizes 16,384 and
+# 73,728; Llama 3.1 405B is the largest dense model published. Beyond them a config is corrupt or
+# crafted, and a size past 2^24 could make a product of sizes overflow the int64 byte counts torch
+# and numpy compute (hidden_size 1e9 gave "Storage size calculation overflowed" at load, and
+# `phi3 info` printed it as a valid 10^18-parameter model).
+MAX_SIZE = 2**24
+MAX_PARAMETERS = 2 * 10**12
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -49,24 +58,56 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        # Checked here, before anything divides by a head count or sizes a tensor, so that a
+        # crafted config.json or GGUF header fails with one line instead of a ZeroDivisionError or
+        # torch's "Storage size calculation overflowed". Sizes are bounded by MAX_SIZE and the
+        # total by MAX_PARAMETERS (see there for why).
+        key, where, fix = self._key, self.extra.get("source", "config"), self.extra.get("fix", "correct the config")
+        sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings", "original_max_position_embeddings"]
+        for name in sizes + ["head_dim", "sliding_window"]:
+            v = getattr(self, name)
+            if v is None and name in ("head_dim", "sliding_window"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise Phi3Error(f"{where}: {key(name)} is {shown(v)}, not a positive integer; {fix}")
+            if v > MAX_SIZE and name != "sliding_window":  # a window only limits attention: it sizes nothing
+                raise Phi3Error(f"{where}: {key(name)} is {v:,}, beyond phi3's bound of {MAX_SIZE:,} "
+                                f"(far past any real model's); {fix}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "rope_theta" and v == 0):
+                raise Phi3Error(f"{where}: {key(name)} is {shown(v)}, not a {'positive' if name == 'rope_theta' else 'non-negative'} "
+                                f"finite number; {fix}")
         if self.hidden_size % self.num_attention_heads and self.head_dim is None:
             raise Phi3Error(
-                f"config: hidden_size {self.hidden_size} is not divisible by "
-                f"num_attention_heads {self.num_attention_heads}; set head_dim explicitly"
+                f"{where}: {key('hidden_size')} {self.hidden_size} is not divisible by "
+                f"{key('num_attention_heads')} {self.num_attention_heads}; set {key('head_dim')} explicitly or {fix}"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise Phi3Error(
-                f"config: num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}"
+                f"{where}: {key('num_attention_heads')} {self.num_attention_heads} is not a multiple of "
+                f"{key('num_key_value_heads')} {self.num_key_value_heads}; {fix}"
             )
+        if self.dim_per_head % 2:
+            raise Phi3Error(f"{where}: the head dimension {self.dim_per_head} is odd, and rotary embeddings rotate "
+                            f"pairs of values; {fix}")
+        n = self.num_parameters()
+        if n > MAX_PARAMETERS:
+            raise Phi3Error(f"{where}: these sizes make {n:,} parameters ({n / 1e12:,.1f} T), beyond phi3's bound of "
+                            f"{MAX_PARAMETERS / 1e12:.1f} T (5x the largest dense model published); {fix}")
         if self.rope_scaling is not None:
             half = self.dim_per_head // 2
             for which in ("short_factor", "long_factor"):
                 n = len(getattr(self.rope_scaling, which))
                 if n != half:
                     raise Phi3Error(
-                        f"config: rope_scaling.{which} has {n} entries, expected head_dim/2 = {half}"
+                        f"{where}: rope_scaling.{which} has {n} entries, expected head_dim/2 = {half}"
                     )
+
+    def _key(self, name: str) -> str:
+        """How the file this config came from names a field (GGUF names differ from config.json's)."""
+        return self.extra.get("keys", {}).get(name, name)
 
     @property
     def dim_per_head(self) -> int:
@@ -138,6 +179,14 @@ class ModelConfig:
         return out
 
 
+def shown(v: Any) -> str:
+    """A value for an error line: short, whatever a crafted file put there."""
+    if isinstance(v, (list, tuple, dict)):
+        return f"{type(v).__name__} of {len(v)} values"
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _eos_tuple(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -174,21 +223,34 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "custom") -> ModelConfig:
             )
         elif kind not in (None, "default"):
             raise Phi3Error(f"unsupported rope_scaling type {kind!r}: phi3 implements default and longrope")
-    max_pos = int(d.get("max_position_embeddings", 4096))
+
+    def size(key: str, default: Any = None) -> Any:
+        """An integer from config.json as it is: 3.0 is 3, but 3.5 or "3" are not silently made 3
+        (ModelConfig then checks that it is positive and not absurd)."""
+        v = d.get(key)
+        if v is None:  # absent or null: the default (0 is not absent: ModelConfig refuses it)
+            return default
+        if isinstance(v, float) and v.is_integer() and abs(v) < 2**63:
+            return int(v)
+        if isinstance(v, int):
+            return v
+        raise Phi3Error(f"config.json: {key} is {shown(v)}, not an integer; correct config.json")
+
+    max_pos = size("max_position_embeddings", 4096)
     return ModelConfig(
-        vocab_size=int(d["vocab_size"]),
-        hidden_size=int(d["hidden_size"]),
-        intermediate_size=int(d["intermediate_size"]),
-        num_hidden_layers=int(d["num_hidden_layers"]),
-        num_attention_heads=int(d["num_attention_heads"]),
-        num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-        head_dim=d.get("head_dim"),
+        vocab_size=size("vocab_size"),
+        hidden_size=size("hidden_size"),
+        intermediate_size=size("intermediate_size"),
+        num_hidden_layers=size("num_hidden_layers"),
+        num_attention_heads=size("num_attention_heads"),
+        num_key_value_heads=size("num_key_value_heads", size("num_attention_heads")),
+        head_dim=size("head_dim"),
         max_position_embeddings=max_pos,
-        original_max_position_embeddings=int(d.get("original_max_position_embeddings") or max_pos),
+        original_max_position_embeddings=size("original_max_position_embeddings", max_pos),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-        sliding_window=d.get("sliding_window"),
+        sliding_window=size("sliding_window") or None,  # 0 means none, as in GGUF
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         model_type=model_type,
         bos_token_id=d.get("bos_token_id"),
@@ -196,6 +258,7 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "custom") -> ModelConfig:
         pad_token_id=d.get("pad_token_id"),
         torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
         name=name,
+        extra={"source": "config.json", "fix": "correct config.json"},
     )
 
 

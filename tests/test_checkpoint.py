@@ -253,3 +253,78 @@ def test_without_a_compiled_kernel_weights_stay_packed(smollm_gguf, monkeypatch)
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 1345, 47]])
     with torch.inference_mode():
         assert max_diff(packed.model(ids), dense.model(ids)) < 1e-3
+
+
+# --- crafted configs: one line, not a traceback (issue 14) ---------------------------------------
+
+_BASE_CONFIG = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "vocab_size": 300, "intermediate_size": 128}
+# name -> (config.json changes, GGUF metadata changes (None: drop the key), fragment of the error line)
+_CRAFTED_CONFIGS = {
+    "zero_heads": ({"num_attention_heads": 0}, {"attention.head_count": 0},
+                   ("num_attention_heads is 0, not a positive integer", "llama.attention.head_count is 0, not a positive")),
+    "zero_kv_heads": ({"num_key_value_heads": 0, "num_attention_heads": 4}, {"attention.head_count_kv": 0},
+                      ("num_key_value_heads is 0", "llama.attention.head_count_kv is 0")),
+    "kv_heads_do_not_divide": ({"num_key_value_heads": 3}, {"attention.head_count_kv": 3},
+                               ("num_attention_heads 4 is not a multiple of num_key_value_heads 3",
+                                "llama.attention.head_count 4 is not a multiple of llama.attention.head_count_kv 3")),
+    "huge_hidden": ({"hidden_size": 1e9}, {"embedding_length": 10**9},
+                    ("hidden_size is 1,000,000,000, beyond", "llama.embedding_length is 1,000,000,000, beyond")),
+    "negative_layers": ({"num_hidden_layers": -1}, {"block_count": -1},
+                        ("num_hidden_layers is -1", "llama.block_count is -1")),
+    "fractional_or_text": ({"hidden_size": 64.5}, {"embedding_length": "64"},
+                           ("hidden_size is 64.5, not an integer", "llama.embedding_length is '64', not an integer")),
+    "too_many_parameters": ({"hidden_size": 2**20, "vocab_size": 2**20, "intermediate_size": 2**20},
+                            {"embedding_length": 2**20, "vocab_size": 2**20, "feed_forward_length": 2**20},
+                            ("parameters", "parameters")),
+    "odd_head_dim": ({"hidden_size": 60}, {"embedding_length": 60}, ("head dimension 15 is odd", "head dimension 15")),
+}
+
+
+def _gguf_config(path, changes: dict) -> None:
+    """A metadata-only GGUF (no tensors: describe reads the config first)."""
+    import gguf
+    V = gguf.GGUFValueType
+    meta = {"embedding_length": 64, "block_count": 2, "attention.head_count": 4, "feed_forward_length": 128,
+            "vocab_size": 300, **changes}
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in meta.items():
+        vtype = V.STRING if isinstance(value, str) else V.INT64 if value < 0 or value >= 2**32 else V.UINT32
+        w.add_key_value(f"llama.{key}", value, vtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_crafted_configs_give_one_line(tmp_path):
+    """`phi3 info` on a config.json folder and on a GGUF file with each bad size: exit 2 and one
+    line naming the key, where there were ZeroDivisionError tracebacks and, for hidden_size 1e9,
+    a description of a 10^18-parameter model with exit 0."""
+    from tests.test_gguf_file import assert_one_line, phi3_info_many
+    paths = {}
+    for name, (hf, gg, _) in _CRAFTED_CONFIGS.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**_BASE_CONFIG, **hf}))
+        _gguf_config(tmp_path / f"{name}.gguf", gg)
+        paths[name] = (folder, tmp_path / f"{name}.gguf")
+    results, _ = phi3_info_many([p for pair in paths.values() for p in pair])
+    for name, (folder, gguf_path) in paths.items():
+        hf_fragment, gguf_fragment = _CRAFTED_CONFIGS[name][2]
+        rc, err = results[str(folder)]
+        assert_one_line(rc, err, hf_fragment)
+        assert "config.json" in err
+        rc, err = results[str(gguf_path)]
+        assert_one_line(rc, err, gguf_fragment)
+        assert "GGUF metadata" in err
+
+
+def test_config_bounds_keep_real_models():
+    """The bounds reject nothing real: every preset, and a Llama 3.1 405B-sized config."""
+    from phi3.config import PRESETS
+    assert all(cfg.num_parameters() < 2e10 for cfg in PRESETS.values())
+    big = config_from_hf_dict({"model_type": "llama", "hidden_size": 16384, "intermediate_size": 53248,
+                               "num_hidden_layers": 126, "num_attention_heads": 128, "num_key_value_heads": 8,
+                               "vocab_size": 128256, "max_position_embeddings": 131072})
+    assert round(big.num_parameters() / 1e9) == 406
