@@ -419,7 +419,7 @@ def config_from_gguf(fields: dict[str, Any], tensors: dict[str, Any]) -> ModelCo
         num_attention_heads=heads,
         num_key_value_heads=size("attention.head_count_kv", heads),
         # heads > 0 guards the division; ModelConfig reports a head count that is not positive
-        head_dim=head_dim if head_dim and (not isinstance(heads, int) or heads <= 0 or head_dim != hidden // heads) else None,
+        head_dim=head_dim if head_dim and (heads <= 0 or head_dim != hidden // heads) else None,
         max_position_embeddings=ctx,
         original_max_position_embeddings=size("rope.scaling.original_context_length", ctx),
         rope_theta=number("rope.freq_base", 10000.0),

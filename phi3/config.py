@@ -76,9 +76,9 @@ class ModelConfig:
                                 f"(far past any real model's); {fix}")
         for name in ("rope_theta", "rms_norm_eps"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "rope_theta" and v == 0):
-                raise Phi3Error(f"{where}: {key(name)} is {shown(v)}, not a {'positive' if name == 'rope_theta' else 'non-negative'} "
-                                f"finite number; {fix}")
+            least = "positive" if name == "rope_theta" else "non-negative"
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (least == "positive" and v == 0):
+                raise Phi3Error(f"{where}: {key(name)} is {shown(v)}, not a {least} finite number; {fix}")
         if self.hidden_size % self.num_attention_heads and self.head_dim is None:
             raise Phi3Error(
                 f"{where}: {key('hidden_size')} {self.hidden_size} is not divisible by "

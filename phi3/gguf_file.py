@@ -51,6 +51,13 @@ _ELEMENT_DTYPES = {
     GGMLQuantizationType.I16: np.dtype("<i2"), GGMLQuantizationType.I32: np.dtype("<i4"),
     GGMLQuantizationType.I64: np.dtype("<i8"),
 }
+# Caps on the number of tensors and metadata keys. Each one becomes a few hundred bytes of Python
+# objects, ~17x the 24 bytes its description can take in the file, so a file of nothing but tensor
+# descriptions would cost ~17x its size; with the caps it costs at most ~50 MB. Real files are far
+# below them: Llama 3.1 405B has 1,138 tensors, DeepSeek-V3 1,025 (llama.cpp merges experts), and
+# files carry 20-60 metadata keys.
+MAX_TENSORS = 2**17
+MAX_KEYS = 2**16
 # Fewest bytes one tensor info can take: name length (8), n_dims (4), type (4), offset (8).
 _MIN_TENSOR_INFO = 24
 # Fewest bytes one metadata pair can take: key length (8), value type (4), a 1-byte value.
@@ -188,6 +195,9 @@ class GGUFFile:
             f._value = value
             self.fields[name] = f
         left = self.size - self._pos
+        if n_kv > MAX_KEYS:
+            raise self._bad(f"header declares {n_kv:,} metadata keys; phi3 reads at most {MAX_KEYS:,} "
+                            f"(real files have 20-60)")
         if n_kv > left // _MIN_KV:
             raise self._bad(f"header declares {n_kv:,} metadata keys but {left:,} bytes remain "
                             f"(the file is truncated or corrupt)")
@@ -198,6 +208,9 @@ class GGUFFile:
                 raise self._bad(f"metadata key {key!r} appears twice")
             self.fields[key] = self._field(key, offset)
         left = self.size - self._pos
+        if n_tensors > MAX_TENSORS:
+            raise self._bad(f"header declares {n_tensors:,} tensors; phi3 reads at most {MAX_TENSORS:,} "
+                            f"(Llama 3.1 405B has 1,138)")
         if n_tensors > left // _MIN_TENSOR_INFO:
             raise self._bad(f"header declares {n_tensors:,} tensors but only {left:,} bytes remain for their "
                             f"descriptions (at least {_MIN_TENSOR_INFO} bytes each; the file is truncated or corrupt)")

@@ -262,7 +262,8 @@ _BASE_CONFIG = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2
 # name -> (config.json changes, GGUF metadata changes (None: drop the key), fragment of the error line)
 _CRAFTED_CONFIGS = {
     "zero_heads": ({"num_attention_heads": 0}, {"attention.head_count": 0},
-                   ("num_attention_heads is 0, not a positive integer", "llama.attention.head_count is 0, not a positive")),
+                   ("num_attention_heads is 0, not a positive integer",
+                    "llama.attention.head_count is 0, not a positive")),
     "zero_kv_heads": ({"num_key_value_heads": 0, "num_attention_heads": 4}, {"attention.head_count_kv": 0},
                       ("num_key_value_heads is 0", "llama.attention.head_count_kv is 0")),
     "kv_heads_do_not_divide": ({"num_key_value_heads": 3}, {"attention.head_count_kv": 3},

@@ -44,7 +44,8 @@ def crafted(kv: list[bytes] = (), tensors: list[bytes] = (), n_kv: int | None = 
 
 
 def tensor_info(name: str, dims: list[int], ggml_type: int, offset: int = 0, n_dims: int | None = None) -> bytes:
-    return s(name) + u32(len(dims) if n_dims is None else n_dims) + b"".join(u64(d) for d in dims) + u32(ggml_type) + u64(offset)
+    n = len(dims) if n_dims is None else n_dims
+    return s(name) + u32(n) + b"".join(u64(d) for d in dims) + u32(ggml_type) + u64(offset)
 
 
 def array_kv(key: str, etype: int, count: int, payload: bytes = b"") -> bytes:
@@ -64,6 +65,9 @@ CRAFTED = {
     "nested_arrays": (crafted([array_kv("a", V.ARRAY, 2**24, u32(V.UINT8) + u64(2**24))]), "array of arrays"),
     "tensor_count_2e60": (crafted(n_tensors=2**60), "1,152,921,504,606,846,976 tensors"),
     "kv_count_2e60": (crafted(n_kv=2**60), "1,152,921,504,606,846,976 metadata keys"),
+    # counts the file could hold, each a few hundred bytes of Python objects: capped
+    "tensor_count_past_cap": (crafted(n_tensors=2**17 + 1) + b"\0" * (24 << 17), "at most 131,072"),
+    "tensor_count_past_bytes": (crafted(n_tensors=1000) + b"\0" * 1000, "1,000 tensors but only 1,000 bytes"),
     # lengths and sizes past the end
     "string_past_end": (crafted([s("k") + u32(V.STRING) + u64(1000) + b"abc"]), "1,000-byte string"),
     "key_past_end": (crafted([u64(2**62) + b"k" * 16]), "metadata key #0 (4,611,686,018,427,387,904-byte"),
