@@ -1,80 +1,92 @@
 """Runs model-written Python (HumanEval, MBPP) in a throwaway sandbox, for pass@1.
 
 The code comes from a model, so it is treated as hostile: it may loop forever, eat memory, fork,
-print without end, delete or read files, try the network, or attack the sandbox itself with
-ctypes, `_posixsubprocess`, multiprocessing or the interpreter's own objects. The boundary is the
-kernel, not Python: every escape that an in-process check can miss (an audit hook is one) has to
-get through namespaces, a private read-only filesystem, an unprivileged uid and a seccomp filter.
+print without end, read or delete files, try the network, or attack the sandbox itself through
+ctypes, `_posixsubprocess`, a multiprocessing 'spawn' child or the interpreter's own objects. The
+boundary is therefore the kernel, not Python: an in-process audit hook cannot stop code running in
+the same interpreter (each of those routes got around the hook this module used to rely on).
 
-What a program gets (Linux with user namespaces, e.g. any mainstream kernel of the last years;
-checked on Linux 6.18 x86_64, run as root and as a normal user):
+What a program gets, where the kernel allows user namespaces (checked on Linux 6.18 x86_64 with
+phi3 as root, in both uid mappings below; aarch64 uses the same code with its own system call
+numbers, not run yet):
 
 1. Namespaces: its own user, mount, PID, network, IPC and UTS namespaces. The network namespace
    has only a loopback device that is down, so every connection fails in the kernel. The PID
-   namespace's init is a small process of ours; when the program ends, or the wall-clock limit
-   kills the sandbox, the kernel kills every process in it, including children that called
-   setsid() or were double-forked.
-2. Filesystem: a fresh root (a read-only tmpfs) holding only /usr (and the /bin, /lib* links or
-   directories beside it), the interpreter's prefixes (sys.base_prefix, sys.prefix: a venv or
+   namespace's init is a small process of ours: when the program ends, or the time limit kills
+   the sandbox, the kernel kills every process in it, children that called setsid() or were
+   double-forked included.
+2. Filesystem: a fresh root, a read-only tmpfs holding only /usr (and the /bin, /lib* links or
+   directories beside it), the interpreter's prefixes (sys.base_prefix and sys.prefix: a venv or
    pyenv outside /usr), /etc/ld.so.cache and /etc/localtime, all bound read-only, nosuid and nodev;
-   a passwd and group naming the program's user; a minimal /dev (null, zero, full, random, urandom,
-   a 64 MB /dev/shm for multiprocessing's semaphores); a private 64 MB /tmp; a fresh /proc of the
-   sandbox's own processes (its /proc/sys and /proc/sysrq-trigger read-only). The program's
-   temporary directory, its cwd, HOME and TMPDIR, is the only writable place on disk, and it is
-   bound at the same path as outside. Everything else (the user's home, ~/.cache, /root, the
-   repository, other sandboxes' directories) does not exist in there.
-3. Identity: uid and gid 1000 inside the namespace with no capabilities (effective, permitted and
-   bounding sets empty) and no_new_privs. When phi3 runs as root the program is also not root
-   outside: it runs as host uid/gid 65534 (nobody/nogroup), whose ownership of the temporary
-   directory is the only write access it has. When phi3 runs as a normal user the program runs as
-   that user's uid outside (a nested user namespace maps it to 1000), which is all an
-   unprivileged process can do.
-4. seccomp (x86_64 and aarch64; skipped elsewhere): a BPF filter denies with EPERM mount,
+   a passwd and group naming the program's user; a minimal /dev (null, zero, full, random,
+   urandom, and a /dev/shm for multiprocessing's semaphores); a private /tmp; a fresh /proc that
+   shows only the sandbox's processes, with /proc/sys read-only. The program's temporary directory
+   (its cwd, HOME and TMPDIR, at the same path as outside) is the only writable place on disk.
+   Nothing else exists in there: not the user's home or ~/.cache, not /root beyond the
+   interpreter, not the repository, not other sandboxes' directories, not /run or /var.
+3. Identity: uid and gid SANDBOX_ID inside, no capabilities (effective, permitted, inheritable,
+   bounding and ambient sets all empty) and no_new_privs. With phi3 as root the program is not root
+   outside either: it is HOST_ID (nobody), which owns its temporary directory and nothing else.
+   With phi3 as a normal user, a nested user namespace maps SANDBOX_ID to that user's uid, as
+   much as an unprivileged process can do (set HOST_ID = None to get this mapping as root too;
+   the program is then uid 0 outside, still without capabilities).
+4. seccomp (x86_64 and aarch64; skipped elsewhere), a BPF filter that answers EPERM to mount,
    umount, pivot_root, chroot, unshare, setns, clone with namespace flags, ptrace,
-   process_vm_readv/writev, pidfd_getfd, keyctl/add_key/request_key, bpf, perf_event_open,
-   userfaultfd, io_uring, kexec, module loading, mknod/mknodat (so also mkfifo), every xattr
-   setter and remover, the new mount API, quotactl, swapon/off, reboot, acct, syslog,
-   open_by_handle_at, fanotify, iopl/ioperm, and socket() for any family but AF_UNIX. clone3 gets
-   ENOSYS (its flags sit in memory a filter cannot read; the C library then falls back to clone).
-   Other architectures' system calls (i386 on x86_64) kill the process; x32 calls get EPERM.
+   process_vm_readv/writev, pidfd_getfd, keyctl, add_key, request_key, bpf, perf_event_open,
+   userfaultfd, io_uring, kexec, module loading, mknod and mknodat (os.mkfifo too, even in the
+   program's own directory), every xattr setter and remover, the new mount API, quotactl,
+   swapon/swapoff, reboot, acct, syslog, open_by_handle_at, fanotify_init, iopl/ioperm, and to
+   socket() for any family but AF_UNIX. clone3 gets ENOSYS (its flags lie in memory a filter cannot
+   read; the C library then uses clone). A system call of another architecture (i386 on x86_64)
+   kills the process; x32 calls get EPERM.
 5. Resource limits, soft = hard so the program cannot raise them: RLIMIT_AS (memory_mb; a
    MemoryError becomes exit code MEMORY_EXIT and status "memory"), RLIMIT_FSIZE (no file over
-   FILE_LIMIT_MB), RLIMIT_CORE 0 and RLIMIT_NPROC (MAX_PROCESSES processes and threads; enforced
-   now that the program is not uid 0, so a fork bomb stops there).
-6. The audit hook of before (`sys.addaudithook`), as a second layer that gives ordinary mistakes
-   a readable PermissionError: no sockets but AF_UNIX, connect/bind/sendto and name lookups; no
-   subprocess, os.system, exec or spawn; no signals outside the program's process group; no
-   writes, removals, renames, links, chmod/chown, truncate, utime or mkdir outside its directory.
-   It is not a boundary (ctypes, `_posixsubprocess`, a 'spawn' child or `gc.get_objects()` go
-   around it); the layers above are.
-7. In the parent: a wall-clock limit after which the sandbox's process group is SIGKILLed (its
-   init with it, and so every process in the PID namespace); output (stdout and stderr merged)
-   is read as it comes, keeping the last OUTPUT_LIMIT bytes.
+   FILE_LIMIT_MB), RLIMIT_CORE 0 and RLIMIT_NPROC (MAX_PROCESSES processes and threads). The kernel
+   exempts uid 0 from RLIMIT_NPROC; now that the program is not root, a fork bomb stops there.
+6. The audit hook (`sys.addaudithook`), kept as a second layer because it turns ordinary mistakes
+   into a readable PermissionError: no sockets but AF_UNIX, no connect, bind, sendto or name
+   lookups; no subprocess, os.system, exec or spawn; no signals outside the program's process
+   group; no writes, removals, renames, links, chmod/chown, truncate, utime or mkdir outside its
+   directory. It is not a boundary; the layers above are.
+7. In the parent: a wall-clock limit, after which the sandbox's process group is SIGKILLed (its
+   init with it, and so everything in the PID namespace); output (stdout and stderr merged) is
+   read as it comes, keeping the last OUTPUT_LIMIT bytes.
 
-Each result says which layers were active (`SandboxResult.layers`); `active_layers()` runs one
-empty program and returns them, for the eval record. Startup costs about 10 ms more per program
-than the audit-hook-only sandbox (see BENCHMARKS or the test notes): a HumanEval run (164
-programs) takes seconds either way.
+Each SandboxResult lists the layers that were in place (`layers`); `active_layers()` runs one
+empty program and returns them, for eval records and the CLI.
 
-Fallbacks. Where the kernel refuses the namespaces (a container without user namespaces, or
-with seccomp forbidding unshare), the sandbox does what it did before and says so in `layers`:
-user + network namespaces with an identity uid map, else a network namespace alone (root with
-CAP_SYS_ADMIN), else none; then the limits, seccomp (which needs no namespace) and the audit
-hook. In that mode the program runs with phi3's own uid and sees the real filesystem, so the
-escapes above (ctypes, `_posixsubprocess`, spawn children, the hook's own state) can write
-wherever that uid can, and a setsid() child outlives the kill. Where a single step fails
-(no fresh /proc: mount refused; a kernel without mount_setattr falls back to a remount), the
-rest still applies and `layers` lacks that entry.
+Fallback. Where the kernel refuses the namespaces (a container without user namespaces, a
+seccomp profile that forbids unshare, a normal user under kernel.unprivileged_userns_clone=0
+or user.max_user_namespaces=0), the sandbox
+does what it did before and `layers` says so: user and network namespaces with an identity uid
+map, else a network namespace alone (root with CAP_SYS_ADMIN), else none; then the limits,
+seccomp (it needs no namespace) and the audit hook. There the program runs as phi3's own uid and
+sees the real filesystem: the routes around the hook (ctypes, `_posixsubprocess`, spawn
+children, the hook's own state) can write wherever that uid can, and a setsid() child outlives
+the kill. Where a single step fails (a kernel that refuses a fresh /proc or the private root; a
+user namespace without capabilities, as under Ubuntu's AppArmor restriction) the other layers
+still apply and `layers` lacks the missing ones. Without mount_setattr (Linux < 5.12) only the
+top of each read-only bind is remounted read-only.
 
-What it does not do: limit CPU time beyond the wall clock, disk use inside the temporary
-directory beyond FILE_LIMIT_MB per file, or memory in the two 64 MB tmpfs mounts (not counted
-in RLIMIT_AS); hide /usr, the interpreter's prefixes (site-packages included) or the kernel's
-view in /proc (cpuinfo, meminfo, the kernel version); stop side channels or attacks on kernel
-bugs through the system calls it allows. Programs run as "__main__" with stdin on /dev/null.
+What it does not do: limit CPU time beyond the wall clock; limit disk use in the temporary
+directory beyond FILE_LIMIT_MB per file; count the two FILE_LIMIT_MB tmpfs mounts (/tmp,
+/dev/shm) against the memory limit; hide /usr, the interpreter's prefixes (site-packages
+included) or what /proc tells about the machine (CPUs, memory, kernel version, uptime); stop
+timing side channels or attacks on kernel bugs through the system calls it allows. Programs run
+as "__main__" with stdin on /dev/null; the interpreter starts with -I -B -S (the bootstrap puts
+site-packages on sys.path, without running their .pth files).
+
+Cost: the layers add a few milliseconds of namespace and mount set-up per program, which the
+bootstrap wins back by being compiled once in the parent, skipping site's startup and skipping
+the interpreter's final teardown. Measured on the 2-core development VM (load ~4 from other
+jobs): one trivial program 48 ms median (31 ms best) against 43 (32) before; 50 trivial programs
+with 2 workers 21.4 programs/s median of 5 (best 24.3) against 22.9 (27.5); HumanEval's 164
+canonical solutions 6.4-8.2 s either way, all passing.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import marshal
 import os
@@ -86,8 +98,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 from phi3.errors import Phi3Error
@@ -106,7 +119,7 @@ _NAMESPACES = True  # tests turn it off to see the fallback of a kernel that ref
 # `python -I -B -S -c _LOADER CONFIG_JSON CODE` runs the bootstrap below, compiled by the parent.
 # -S: site's startup (the .pth files: an editable install's import finder alone took ~14 ms per
 # program) is skipped; the bootstrap adds site-packages to sys.path and site's exit()/quit() itself.
-_LOADER = "import marshal, sys; exec(marshal.loads(bytes.fromhex(sys.argv[2])))"
+_LOADER = "import binascii, marshal, sys, zlib; exec(marshal.loads(zlib.decompress(binascii.a2b_base64(sys.argv[2]))))"
 
 # The bootstrap runs with cwd = the temporary directory holding
 # program.py, as a single-threaded process ("S") that phi3 starts without preexec_fn (phi3 starts
@@ -635,9 +648,10 @@ class SandboxResult:
     output: str  # the tail of stdout and stderr, interleaved as written
     seconds: float  # wall clock from start to exit (or kill)
     # The isolation that was in place (see the module docstring): "user-ns", "mount-ns", "pid-ns",
-    # "net-ns", "ipc-ns", "private-root", "proc", "uid-nonroot", "host-uid-nonroot", "no-caps",
-    # "no-new-privs", "seccomp", "rlimits", "audit-hook"; empty when the sandbox did not start.
-    layers: tuple[str, ...] = field(default=())
+    # "net-ns", "ipc-ns", "uts-ns", "private-root", "proc", "uid-nonroot" (not uid 0 inside),
+    # "host-uid-nonroot" (nor outside), "no-caps", "no-new-privs", "seccomp", "rlimits",
+    # "audit-hook"; empty when the sandbox did not get as far as running the program.
+    layers: tuple[str, ...] = ()
 
 
 def _check(timeout_s: float, memory_mb: int) -> None:
@@ -673,8 +687,15 @@ def _child_env(tmp: str) -> dict[str, str]:
 @lru_cache(maxsize=4)
 def _compiled(source: str) -> str:
     """The bootstrap compiled once per phi3 process (compiling it in each child cost ~10 ms),
-    marshalled for the same interpreter, as hex for the command line."""
-    return marshal.dumps(compile(source, "<sandbox>", "exec")).hex()
+    marshalled for the same interpreter, compressed (72 KB of marshal data become ~20 KB; one
+    argument may hold at most 128 KB) and in base64 for the command line."""
+    return base64.b64encode(zlib.compress(marshal.dumps(compile(source, "<sandbox>", "exec")), 9)).decode()
+
+
+def _site_packages() -> list[str]:
+    """Where installed packages are (the venv's site-packages): the child runs with -S."""
+    getsitepackages = getattr(site, "getsitepackages", None)  # missing in some old virtualenvs
+    return list(getsitepackages()) if getsitepackages else [p for p in sys.path if p.endswith("-packages")]
 
 
 def _readonly_paths() -> list[str]:
@@ -785,7 +806,7 @@ def run_program(code: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> Sa
         # the program reports its layers on a pipe of their own, before it runs anything of its own
         report_r, report_w = os.pipe()
         config = {"memory": memory_mb * 2**20, "fsize": FILE_LIMIT_MB * 2**20, "nproc": MAX_PROCESSES,
-                  "dir": os.path.realpath(tmp), "ro": _readonly_paths(), "site": site.getsitepackages(),
+                  "dir": os.path.realpath(tmp), "ro": _readonly_paths(), "site": _site_packages(),
                   "host_id": HOST_ID, "report": report_w, "audit": _AUDIT_HOOK, "namespaces": _NAMESPACES}
         args = [sys.executable, "-I", "-B", "-S", "-c", _LOADER, json.dumps(config), _compiled(_BOOTSTRAP)]
         try:

@@ -540,7 +540,8 @@ def test_the_program_is_not_root_and_has_no_capabilities(kernel_sandbox, id_mapp
     code = ("import os\n"
             "print(os.getuid(), os.geteuid(), os.getgid(), os.getgroups(), os.getpid())\n"
             "status = dict(line.split(':', 1) for line in open('/proc/self/status'))\n"
-            "print(*(status[k].strip() for k in ('CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb', 'NoNewPrivs', 'Seccomp')))\n"
+            "keys = ('CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb', 'NoNewPrivs', 'Seccomp')\n"
+            "print(*(status[k].strip() for k in keys))\n"
             "print(os.stat('.').st_uid, sorted(os.listdir('/proc'))[:3])\n")
     r = run_program(code)
     assert r.status == "passed", r.output
