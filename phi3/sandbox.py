@@ -539,6 +539,7 @@ def init(mapping, status_fd):
     program = os.fork()
     if program == 0:
         os.close(status_fd)
+        libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # B's setting is inherited; it would make /proc/self ours, not the program's
         os.setpgid(0, 0)  # our own process group, so the audit hook's signal rule has a group to name
         drop_privileges(mapping)
         setup_program(True)
