@@ -6,9 +6,9 @@ ctypes, `_posixsubprocess`, a multiprocessing 'spawn' child or the interpreter's
 boundary is therefore the kernel, not Python: an in-process audit hook cannot stop code running in
 the same interpreter (each of those routes got around the hook this module used to rely on).
 
-What a program gets, where the kernel allows user namespaces (checked on Linux 6.18 x86_64 with
-phi3 as root, in both uid mappings below; aarch64 uses the same code with its own system call
-numbers, not run yet):
+What a program gets, where the kernel allows user namespaces (checked on Linux 6.18 x86_64, with
+phi3 as root in both uid mappings below and as an unprivileged user; aarch64 runs the same code
+with its own system call numbers, not tried yet):
 
 1. Namespaces: its own user, mount, PID, network, IPC and UTS namespaces. The network namespace
    has only a loopback device that is down, so every connection fails in the kernel. The PID
@@ -330,9 +330,9 @@ def build_root(directory):
             if os.path.exists(path):
                 mount(path, path, None, MS_BIND | MS_REC)
                 restrict(path)
-        layers.append("proc")
+        fresh_proc = True
     except OSError:
-        pass  # a kernel that refuses a fresh procfs (host /proc partly covered): /proc stays empty
+        fresh_proc = False  # a kernel that refuses a fresh procfs (host /proc partly covered): /proc stays empty
     restrict(root, recursive=False)
     os.chdir(root)
     if ARCH is not None:
@@ -343,7 +343,7 @@ def build_root(directory):
     for fd in held:
         os.close(fd)
     os.chdir(directory)
-    layers.append("private-root")
+    layers.extend(["private-root", "proc"] if fresh_proc else ["private-root"])
 
 
 def drop_privileges(mapping):
@@ -357,7 +357,7 @@ def drop_privileges(mapping):
         os.setresgid(ID, ID, ID)
         os.setresuid(ID, ID, ID)  # from 0 to non-zero: the kernel clears the capabilities
     else:
-        if mapping == "self" and "proc" in layers and libc.unshare(CLONE_NEWUSER) == 0:
+        if mapping == "self" and "proc" in layers and libc.unshare(CLONE_NEWUSER) == 0:  # proc: to write the maps
             write("/proc/self/setgroups", "deny")
             write("/proc/self/uid_map", f"{ID} 0 1")
             write("/proc/self/gid_map", f"{ID} 0 1")

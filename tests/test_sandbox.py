@@ -632,6 +632,18 @@ def test_fallback_where_the_kernel_refuses_the_namespaces(monkeypatch, tmp_path)
     assert not outside.exists()
 
 
+def test_a_refused_private_root_is_reported_and_the_rest_holds(monkeypatch, kernel_sandbox, tmp_path):
+    """Where the kernel takes the namespaces but refuses a step of the private root (here
+    pivot_root, made to fail), the program still runs, in the other layers, and says which."""
+    line = 'check(libc.syscall(ctypes.c_long(ARCH[1]), b".", b"."), "pivot_root")'
+    assert line in sandbox._BOOTSTRAP
+    monkeypatch.setattr(sandbox, "_BOOTSTRAP", sandbox._BOOTSTRAP.replace(line, 'raise OSError(1, "refused")'))
+    r = run_program("import os\nprint(os.getuid(), os.listdir('.'))\n")
+    assert r.status == "passed" and r.output == f"{SANDBOX_ID} ['program.py']\n", r.output
+    assert "private-root" not in r.layers and "proc" not in r.layers
+    assert {"pid-ns", "net-ns", "uid-nonroot", "no-caps", "seccomp", "audit-hook"} <= set(r.layers)
+
+
 # --- arguments ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, word", [({"timeout_s": 0}, "timeout_s"), ({"timeout_s": -1}, "timeout_s"),
