@@ -855,10 +855,14 @@ def _read_layers(fd: int) -> tuple[str, ...]:
         return ()
 
 
-@lru_cache(maxsize=1)
 def active_layers() -> tuple[str, ...]:
-    """The layers this machine gives a program (runs an empty one, once per process), for eval
-    records and the CLI: see SandboxResult.layers."""
+    """The layers this machine gives a program (runs an empty one, once per process and
+    setting), for eval records and the CLI: see SandboxResult.layers."""
+    return _probe(HOST_ID, _AUDIT_HOOK, _NAMESPACES)
+
+
+@lru_cache(maxsize=8)
+def _probe(*settings: object) -> tuple[str, ...]:
     return run_program("pass", timeout_s=30).layers
 
 
