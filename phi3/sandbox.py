@@ -30,8 +30,9 @@ with its own system call numbers, not tried yet):
    With phi3 as a normal user, a nested user namespace maps SANDBOX_ID to that user's uid, as
    much as an unprivileged process can do (set HOST_ID = None to get this mapping as root too;
    the program is then uid 0 outside, still without capabilities).
-4. seccomp (x86_64 and aarch64; skipped elsewhere), a BPF filter that answers EPERM to mount,
-   umount, pivot_root, chroot, unshare, setns, clone with namespace flags, ptrace,
+4. seccomp (a 64-bit interpreter on x86_64 or aarch64; skipped elsewhere): a BPF filter, built
+   by the parent (`_seccomp_filter`), that answers EPERM to mount, umount, pivot_root, chroot,
+   unshare, setns, clone with namespace flags, ptrace,
    process_vm_readv/writev, pidfd_getfd, keyctl, add_key, request_key, bpf, perf_event_open,
    userfaultfd, io_uring, kexec, module loading, mknod and mknodat (os.mkfifo too, even in the
    program's own directory), every xattr setter and remover, the new mount API, quotactl,
@@ -94,6 +95,7 @@ import select
 import shutil
 import signal
 import site
+import struct
 import subprocess
 import sys
 import tempfile
@@ -115,6 +117,82 @@ HOST_ID: int | None = 65534  # ...and outside it, when phi3 runs as root (nobody
 _MIN_MEMORY_MB = 64  # below this the interpreter itself cannot start its work
 _AUDIT_HOOK = True  # tests turn it off to show that the kernel layers hold on their own
 _NAMESPACES = True  # tests turn it off to see the fallback of a kernel that refuses them
+
+# System call numbers for the seccomp filter, per architecture. Numbers from 424 up are the same
+# everywhere; x86_64's are checked against <asm/unistd_64.h>, aarch64's against
+# <asm-generic/unistd.h> (tests/test_sandbox.py does so where the headers are installed).
+_NEW_SYSCALLS = {"pidfd_getfd": 438, "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
+                 "fsmount": 432, "fspick": 433, "mount_setattr": 442, "open_tree_attr": 467,
+                 "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "quotactl_fd": 443,
+                 "setxattrat": 463, "removexattrat": 466, "file_setattr": 469, "clone3": 435}
+_SYSCALLS = {
+    "x86_64": {"mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "unshare": 272, "setns": 308,
+               "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "keyctl": 250, "add_key": 248,
+               "request_key": 249, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323, "kexec_load": 246,
+               "kexec_file_load": 320, "init_module": 175, "finit_module": 313, "delete_module": 176,
+               "mknod": 133, "mknodat": 259, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190,
+               "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199, "swapon": 167, "swapoff": 168,
+               "reboot": 169, "acct": 163, "syslog": 103, "quotactl": 179, "name_to_handle_at": 303,
+               "open_by_handle_at": 304, "fanotify_init": 300, "iopl": 172, "ioperm": 173, "uselib": 134,
+               "vhangup": 153, "lookup_dcookie": 212, "socket": 41, "clone": 56, **_NEW_SYSCALLS},
+    "aarch64": {"mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "unshare": 97, "setns": 268,
+                "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "keyctl": 219, "add_key": 217,
+                "request_key": 218, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282, "kexec_load": 104,
+                "kexec_file_load": 294, "init_module": 105, "finit_module": 273, "delete_module": 106,
+                "mknodat": 33, "setxattr": 5, "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14,
+                "lremovexattr": 15, "fremovexattr": 16, "swapon": 224, "swapoff": 225, "reboot": 142, "acct": 89,
+                "syslog": 116, "quotactl": 60, "name_to_handle_at": 264, "open_by_handle_at": 265,
+                "fanotify_init": 262, "vhangup": 58, "lookup_dcookie": 18, "socket": 198, "clone": 220,
+                **_NEW_SYSCALLS},
+}
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+# Answered with EPERM: whatever changes mounts or namespaces, reaches into another process, loads
+# code into the kernel, makes device nodes or fifos, sets extended attributes, or opens a door the
+# rest of the filter cannot see (io_uring runs system calls of its own).
+_DENIED = ("mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "open_tree", "move_mount", "fsopen",
+           "fsconfig", "fsmount", "fspick", "mount_setattr", "open_tree_attr", "ptrace", "process_vm_readv",
+           "process_vm_writev", "pidfd_getfd", "keyctl", "add_key", "request_key", "bpf", "perf_event_open",
+           "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register", "kexec_load",
+           "kexec_file_load", "init_module", "finit_module", "delete_module", "mknod", "mknodat", "setxattr",
+           "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr", "setxattrat",
+           "removexattrat", "file_setattr", "swapon", "swapoff", "reboot", "acct", "syslog", "quotactl",
+           "quotactl_fd", "name_to_handle_at", "open_by_handle_at", "fanotify_init", "iopl", "ioperm", "uselib",
+           "vhangup", "lookup_dcookie")
+_NAMESPACE_FLAGS = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+_AF_UNIX = 1
+(_BPF_LD_ABS, _BPF_JEQ, _BPF_JGE, _BPF_JSET, _BPF_RET) = (0x20, 0x15, 0x35, 0x45, 0x06)  # with BPF_W / BPF_K
+_RET_KILL_PROCESS, _RET_ALLOW, _RET_EPERM, _RET_ENOSYS = 0x80000000, 0x7FFF0000, 0x50000 | 1, 0x50000 | 38
+
+
+def _machine() -> str | None:
+    """The architecture whose system calls this interpreter makes, where the filter knows it: a
+    32-bit interpreter on a 64-bit kernel makes the other architecture's calls."""
+    machine = os.uname().machine if hasattr(os, "uname") else ""
+    return machine if machine in _SYSCALLS and struct.calcsize("P") == 8 else None
+
+
+def _seccomp_filter(machine: str | None) -> bytes | None:
+    """The seccomp program of the module docstring, as the kernel's struct sock_filter array
+    (classic BPF over struct seccomp_data: nr at offset 0, arch at 4, args[i] at 16 + 8i, of which
+    the low 32 bits are read, enough for a socket family and clone's namespace flags); None for an
+    architecture without a table."""
+    if machine is None:
+        return None
+    nr = _SYSCALLS[machine]
+    prog = [(_BPF_LD_ABS, 0, 0, 4), (_BPF_JEQ, 1, 0, _AUDIT_ARCH[machine]), (_BPF_RET, 0, 0, _RET_KILL_PROCESS),
+            (_BPF_LD_ABS, 0, 0, 0)]
+    if machine == "x86_64":
+        prog += [(_BPF_JGE, 0, 1, 0x40000000), (_BPF_RET, 0, 0, _RET_EPERM)]  # the x32 ABI's calls
+    for number in sorted({nr[name] for name in _DENIED if name in nr}):
+        prog += [(_BPF_JEQ, 0, 1, number), (_BPF_RET, 0, 0, _RET_EPERM)]
+    prog += [(_BPF_JEQ, 0, 1, nr["clone3"]), (_BPF_RET, 0, 0, _RET_ENOSYS),
+             (_BPF_JEQ, 0, 4, nr["socket"]), (_BPF_LD_ABS, 0, 0, 16), (_BPF_JEQ, 0, 1, _AF_UNIX),
+             (_BPF_RET, 0, 0, _RET_ALLOW), (_BPF_RET, 0, 0, _RET_EPERM),
+             (_BPF_JEQ, 0, 4, nr["clone"]), (_BPF_LD_ABS, 0, 0, 16), (_BPF_JSET, 0, 1, _NAMESPACE_FLAGS),
+             (_BPF_RET, 0, 0, _RET_EPERM), (_BPF_RET, 0, 0, _RET_ALLOW),
+             (_BPF_RET, 0, 0, _RET_ALLOW)]
+    return b"".join(struct.pack("HBBI", *ins) for ins in prog)
+
 
 # `python -I -B -S -c _LOADER CONFIG_JSON CODE` runs the bootstrap below, compiled by the parent.
 # -S: site's startup (the .pth files: an editable install's import finder alone took ~14 ms per
@@ -149,38 +227,7 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWN
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
     1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 4, 24, 38, 22
-# System calls by number, per architecture: (AUDIT_ARCH, pivot_root, mount_setattr, socket, clone,
-# clone3, the ones the filter denies). Numbers from 424 up are the same on every architecture.
-NEW = [428, 429, 430, 431, 432, 433,  # open_tree move_mount fsopen fsconfig fsmount fspick
-       442, 467,  # mount_setattr open_tree_attr
-       425, 426, 427,  # io_uring_setup/enter/register
-       438, 443,  # pidfd_getfd quotactl_fd
-       463, 466, 469]  # setxattrat removexattrat file_setattr
-ARCHS = {
-    "x86_64": (0xC000003E, 155, 442, 41, 56, 435, NEW + [
-        165, 166, 155, 161,  # mount umount2 pivot_root chroot
-        272, 308,  # unshare setns
-        101, 310, 311,  # ptrace process_vm_readv process_vm_writev
-        250, 248, 249, 321, 298, 323,  # keyctl add_key request_key bpf perf_event_open userfaultfd
-        246, 320, 175, 313, 176,  # kexec_load kexec_file_load init_module finit_module delete_module
-        133, 259,  # mknod mknodat
-        188, 189, 190, 197, 198, 199,  # setxattr lsetxattr fsetxattr removexattr lremovexattr fremovexattr
-        167, 168, 169, 163, 103, 179,  # swapon swapoff reboot acct syslog quotactl
-        303, 304, 300,  # name_to_handle_at open_by_handle_at fanotify_init
-        172, 173, 134, 153, 212]),  # iopl ioperm uselib vhangup lookup_dcookie
-    "aarch64": (0xC00000B7, 41, 442, 198, 220, 435, NEW + [
-        40, 39, 41, 51,  # mount umount2 pivot_root chroot
-        97, 268,  # unshare setns
-        117, 270, 271,  # ptrace process_vm_readv process_vm_writev
-        219, 217, 218, 280, 241, 282,  # keyctl add_key request_key bpf perf_event_open userfaultfd
-        104, 294, 105, 273, 106,  # kexec_load kexec_file_load init_module finit_module delete_module
-        33,  # mknodat
-        5, 6, 7, 14, 15, 16,  # setxattr lsetxattr fsetxattr removexattr lremovexattr fremovexattr
-        224, 225, 142, 89, 116, 60,  # swapon swapoff reboot acct syslog quotactl
-        264, 265, 262,  # name_to_handle_at open_by_handle_at fanotify_init
-        58, 18]),  # vhangup lookup_dcookie
-}
-ARCH = ARCHS.get(os.uname().machine)
+SYSCALLS = cfg["syscalls"]  # {"pivot_root": nr, "mount_setattr": nr} on a known architecture, else None
 
 
 def check(ret, what):
@@ -202,9 +249,9 @@ def restrict(path, readonly=True, recursive=True):
     (Linux 5.12+), every mount under it; else a remount of its top keeping the flags the kernel
     locks in a user namespace (noexec; atime is kept by the kernel)."""
     attr = (1 if readonly else 0) | 2 | 4  # MOUNT_ATTR_RDONLY, NOSUID, NODEV
-    if ARCH is not None:
+    if SYSCALLS is not None:
         buf = ctypes.create_string_buffer(struct.pack("QQQQ", attr, 0, 0, 0))
-        if libc.syscall(ctypes.c_long(ARCH[2]), ctypes.c_int(-100), b(path), ctypes.c_uint(0x8000 if recursive else 0),
+        if libc.syscall(ctypes.c_long(SYSCALLS["mount_setattr"]), ctypes.c_int(-100), b(path), ctypes.c_uint(0x8000 if recursive else 0),
                         buf, ctypes.c_size_t(32)) == 0:
             return
     flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
@@ -335,8 +382,8 @@ def build_root(directory):
         fresh_proc = False  # a kernel that refuses a fresh procfs (host /proc partly covered): /proc stays empty
     restrict(root, recursive=False)
     os.chdir(root)
-    if ARCH is not None:
-        check(libc.syscall(ctypes.c_long(ARCH[1]), b".", b"."), "pivot_root")
+    if SYSCALLS is not None:
+        check(libc.syscall(ctypes.c_long(SYSCALLS["pivot_root"]), b".", b"."), "pivot_root")
         check(libc.umount2(b".", 2), "umount the old root")  # MNT_DETACH
     else:
         os.chroot(".")
@@ -369,28 +416,15 @@ def drop_privileges(mapping):
 
 
 def seccomp():
-    """The BPF filter of the module docstring; returns whether the kernel took it."""
-    if libc is None or ARCH is None:
+    """Installs the filter the parent built (see _seccomp_filter); returns whether the kernel took it."""
+    if libc is None or cfg["seccomp"] is None:
         return False
-    audit_arch, _, _, socket_nr, clone_nr, clone3_nr, denied = ARCH
-    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
-    KILL, ALLOW, EPERM, ENOSYS = 0x80000000, 0x7FFF0000, 0x50000 | 1, 0x50000 | 38
-    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, audit_arch), (RET, 0, 0, KILL), (LD, 0, 0, 0)]  # arch, then nr
-    if audit_arch == 0xC000003E:
-        prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, EPERM)]  # x32 system calls
-    for nr in sorted(set(denied)):
-        prog += [(JEQ, 0, 1, nr), (RET, 0, 0, EPERM)]
-    prog += [(JEQ, 0, 1, clone3_nr), (RET, 0, 0, ENOSYS),
-             (JEQ, 0, 4, socket_nr), (LD, 0, 0, 16), (JEQ, 0, 1, 1), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM),
-             (JEQ, 0, 4, clone_nr), (LD, 0, 0, 16), (JSET, 0, 1, 0x7E020000), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW),
-             (RET, 0, 0, ALLOW)]
-    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in prog))
-    fprog = struct.pack("HxxxxxxP", len(prog), ctypes.addressof(code))
-    fprog_buf = ctypes.create_string_buffer(fprog)
+    code = ctypes.create_string_buffer(bytes.fromhex(cfg["seccomp"]))
+    fprog = ctypes.create_string_buffer(struct.pack("HxxxxxxP", len(code.raw) // 8, ctypes.addressof(code)))
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         return False
     layers.append("no-new-privs")
-    return libc.prctl(PR_SET_SECCOMP, 2, ctypes.addressof(fprog_buf), 0, 0) == 0
+    return libc.prctl(PR_SET_SECCOMP, 2, ctypes.addressof(fprog), 0, 0) == 0  # SECCOMP_MODE_FILTER
 
 
 def limit(kind, value):
@@ -693,6 +727,18 @@ def _compiled(source: str) -> str:
     return base64.b64encode(zlib.compress(marshal.dumps(compile(source, "<sandbox>", "exec")), 9)).decode()
 
 
+@lru_cache(maxsize=1)
+def _seccomp_arg() -> str | None:
+    program = _seccomp_filter(_machine())
+    return None if program is None else program.hex()
+
+
+def _mount_syscalls() -> dict[str, int] | None:
+    """The system calls the C library has no wrapper for, by number, for the bootstrap."""
+    machine = _machine()
+    return None if machine is None else {k: _SYSCALLS[machine][k] for k in ("pivot_root", "mount_setattr")}
+
+
 def _site_packages() -> list[str]:
     """Where installed packages are (the venv's site-packages): the child runs with -S."""
     getsitepackages = getattr(site, "getsitepackages", None)  # missing in some old virtualenvs
@@ -808,7 +854,8 @@ def run_program(code: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> Sa
         report_r, report_w = os.pipe()
         config = {"memory": memory_mb * 2**20, "fsize": FILE_LIMIT_MB * 2**20, "nproc": MAX_PROCESSES,
                   "dir": os.path.realpath(tmp), "ro": _readonly_paths(), "site": _site_packages(),
-                  "host_id": HOST_ID, "report": report_w, "audit": _AUDIT_HOOK, "namespaces": _NAMESPACES}
+                  "host_id": HOST_ID, "report": report_w, "audit": _AUDIT_HOOK, "namespaces": _NAMESPACES,
+                  "seccomp": _seccomp_arg(), "syscalls": _mount_syscalls()}
         args = [sys.executable, "-I", "-B", "-S", "-c", _LOADER, json.dumps(config), _compiled(_BOOTSTRAP)]
         try:
             try:
