@@ -253,6 +253,82 @@ class LoglikelihoodScorer:
         return list(zip(out_ll, out_greedy))
 
 
+# --- prompt lengths -----------------------------------------------------------------------------
+# Every prompt is checked against the model's context before any model work: first by its length
+# in characters (no tokenizing: a prompt longer than the context times the longest token cannot
+# fit), then in tokens. The tokenizer costs about 170 bytes per character (16M characters of
+# English: 2.7 GB and 15 s), so a long text is counted in pieces and refused as soon as they pass
+# the context.
+
+PIECE_CHARS_PER_TOKEN = 8  # a piece of context x 8 characters is ~2 contexts of English (~4 characters a token)
+PIECE_SLACK = 16  # tokens a cut between two pieces may add to their sum (a word split in two)
+BYTES_SLACK = 8  # tokens beyond one per UTF-8 byte (BOS, SentencePiece's dummy prefix)
+
+
+def max_chars_per_token(tokenizer: Tokenizer) -> int:
+    """The most characters one token can stand for: the longest vocabulary entry (its byte-level
+    or SentencePiece spelling is never shorter than its text), or T.MAX_CHARS_PER_TOKEN."""
+    vocab = tokenizer.tk.get_vocab(with_added_tokens=True)
+    return max(T.MAX_CHARS_PER_TOKEN, max((len(t) for t in vocab), default=0))
+
+
+def count_tokens(tokenizer: Tokenizer, text: str, limit: int) -> tuple[int, bool]:
+    """(tokens, exact): the exact count where it is at most `limit` (or near it); above that
+    possibly only a count past `limit`, from tokenizing no more than one piece beyond it."""
+    piece = max(limit, 1) * PIECE_CHARS_PER_TOKEN
+    if len(text) > piece:
+        total = 0
+        for i, start in enumerate(range(0, len(text), piece)):
+            total += len(tokenizer.encode(text[start:start + piece], add_bos=None if i == 0 else False))
+            if total > limit + PIECE_SLACK * (i + 1):
+                return total - PIECE_SLACK * (i + 1), False
+    return len(tokenizer.encode(text)), True  # short, or close to the limit: counted whole
+
+
+def prompt_fits(tokenizer: Tokenizer, text: str, limit: int, per_token: int) -> tuple[bool, str]:
+    """Whether `text` fits in `limit` tokens, and (when it does not) its size, for a message."""
+    if len(text) > limit * per_token:
+        return False, f"{len(text):,} characters"
+    if len(text.encode("utf-8")) + BYTES_SLACK <= limit:
+        return True, ""  # every token covers at least one byte: nothing to count
+    n, exact = count_tokens(tokenizer, text, limit)
+    return n <= limit, f"{n:,} tokens" if exact else f"over {n:,} tokens"
+
+
+RECORD_FIX = "shorten or remove this record"
+
+
+def too_long(task: T.Task, ex: T.Example, shots: int, size: str, limit: int, fix: str,
+             alone_fits: bool, record_fix: str = RECORD_FIX) -> Phi3Error:
+    """One line: the record (file, number, id), its prompt's size, the room the context leaves, and
+    the fix: `fix` (fewer shots) where the record alone fits, else `record_fix`."""
+    remedy = fix if shots and alone_fits else record_fix
+    with_shots = f" with {shots} shots" if shots else ""
+    return Phi3Error(f"{ex.source or task.name + ' example ' + ex.id}: its prompt{with_shots} is {size}, more than "
+                     f"the {limit:,} tokens the model's context leaves for it; {remedy}")
+
+
+def check_prompts(tokenizer: Tokenizer, task: T.Task, data: T.TaskData, examples: list[T.Example], shots: int,
+                  limit: int, fix: str, texts: Callable[[T.Example, int], list[str]] | None = None,
+                  record_fix: str = RECORD_FIX) -> None:
+    """Refuse the first example whose prompt cannot fit in `limit` tokens: by characters, counted
+    without building any prompt; then, given `texts` (an example's prompts as built), by tokens."""
+    per_token = max_chars_per_token(tokenizer)
+    for ex in examples:
+        chars = max(T.prompt_chars(ex, data, shots))
+        if chars > limit * per_token:
+            alone = max(T.prompt_chars(ex, data, 0)) <= limit * per_token
+            raise too_long(task, ex, shots, f"{chars:,} characters", limit, fix, alone, record_fix)
+    if texts is None:
+        return
+    for ex in examples:
+        for text in texts(ex, shots):
+            ok, size = prompt_fits(tokenizer, text, limit, per_token)
+            if not ok:
+                alone = all(prompt_fits(tokenizer, t, limit, per_token)[0] for t in texts(ex, 0))
+                raise too_long(task, ex, shots, size, limit, fix, alone, record_fix)
+
+
 @dataclass
 class EvalSettings:
     shots: int | None = None  # None: each task's default (the report's k)
@@ -383,14 +459,19 @@ def run_choice(model: Transformer, tokenizer: Tokenizer, task: T.Task, data: T.T
                progress: bool) -> dict[str, str]:
     """Score every example not yet recorded; returns each example's record key."""
     keys: dict[str, str] = {}
-    scorer = LoglikelihoodScorer(model)
     metrics = task.choice_metrics or T.accuracy
+    limit = model.config.max_position_embeddings
+    check_prompts(tokenizer, task, data, examples, shots, limit, f"lower --shots (now {shots})")
     todo = []
     for ex in examples:
         reqs = T.requests(ex, data, shots)
         key = keys[ex.id] = _sha(ex.id, reqs)
         if key not in records.done or "lls" not in records.done[key]:
             todo.append((ex, reqs, key))
+    # Tokens too, for what is left to score: a long record fails now, not after hours of scoring.
+    check_prompts(tokenizer, task, data, [ex for ex, _, _ in todo], shots, limit, f"lower --shots (now {shots})",
+                  lambda ex, k: [c + x for c, x in T.requests(ex, data, k)])
+    scorer = LoglikelihoodScorer(model)
     bar = _progress(len(examples), task.name, progress, initial=len(examples) - len(todo))
     ctx_cache: dict[str, list[int]] = {}
     with torch.inference_mode():
@@ -463,6 +544,14 @@ def run_generation(model: Transformer, tokenizer: Tokenizer, task: T.Task, data:
     from phi3.generate import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, stop=task.stop)
+    limit = model.config.max_position_embeddings - max_tokens
+    fix = f"lower --shots (now {shots}) or --max-tokens (now {max_tokens})"
+    record_fix = f"{RECORD_FIX}, or lower --max-tokens (now {max_tokens})"
+    if limit < 1:
+        raise Phi3Error(f"--max-tokens {max_tokens} leaves no room in the model's context of "
+                        f"{model.config.max_position_embeddings}; lower --max-tokens")
+    check_prompts(tokenizer, task, data, examples, shots, limit, fix, record_fix=record_fix)  # by characters
+    per_token = max_chars_per_token(tokenizer)
     todo = []
     keys: dict[str, str] = {}
     for ex in examples:
@@ -490,11 +579,11 @@ def run_generation(model: Transformer, tokenizer: Tokenizer, task: T.Task, data:
 
     encoded = []
     for ex, prompt, key in todo:
-        ids = tokenizer.encode(prompt)
-        if len(ids) + max_tokens > model.config.max_position_embeddings:
-            raise Phi3Error(f"{task.name} example {ex.id}: a prompt of {len(ids)} tokens plus {max_tokens} new "
-                            f"tokens exceeds the model's context of {model.config.max_position_embeddings}; "
-                            "lower --shots or --max-tokens")
+        ok, size = prompt_fits(tokenizer, prompt, limit, per_token)
+        ids = tokenizer.encode(prompt) if ok else []
+        if not ok or len(ids) > limit:
+            alone = prompt_fits(tokenizer, T.context(ex, data, 0), limit, per_token)[0]
+            raise too_long(task, ex, shots, size or f"{len(ids):,} tokens", limit, fix, alone, record_fix)
         encoded.append(ids)
     # Group by group (BBH's subtasks, ...): one group's prefix in memory at a time.
     for group in dict.fromkeys(ex.group for ex, _, _ in todo):

@@ -188,10 +188,17 @@ def local_answerer(lm: Any, max_tokens: int) -> Answerer:
     then phi3.generate. Greedy below temperature 1e-4, as FastChat's gen_model_answer decides."""
     from phi3.generate import SamplingParams, generate
 
+    from phi3.eval import max_chars_per_token, prompt_fits
+
     ctx = lm.config.max_position_embeddings
+    per_token = max_chars_per_token(lm.tokenizer)
 
     def answer(messages: list[dict[str, str]], temperature: float, seed: int | None) -> Reply:
-        ids = lm.tokenizer.encode_chat(messages)
+        text = lm.tokenizer.apply_chat_template(messages)
+        # By length first: a conversation far past the context is never handed to the tokenizer whole.
+        if not prompt_fits(lm.tokenizer, text, ctx, per_token)[0]:
+            return Reply("ERROR", "context")
+        ids = lm.tokenizer.encode(text, add_bos=False)  # as encode_chat: the template writes BOS itself
         room = ctx - len(ids)
         if room < 1:  # FastChat writes "ERROR" where generation fails; we say why as well
             return Reply("ERROR", "context")
@@ -281,21 +288,35 @@ class MTBench:
     prompts: dict[str, dict]  # judge prompt name -> {"system_prompt", "prompt_template", ...}
 
 
-def _read_data_jsonl(path: Path) -> list[tuple[int, dict]]:
+def _jsonl_lines(path: Path, max_line_bytes: int | None = None) -> Iterable[tuple[int, str]]:
+    """(line number, text) of a data file, each line read with a size bound (phi3.tasks.read_lines:
+    a crafted line of 1 GiB is refused after 64 MiB instead of being read whole)."""
+    from phi3.tasks import MAX_LINE_BYTES, read_lines
+    return read_lines(path, max_line_bytes or MAX_LINE_BYTES)
+
+
+def _check_chars(where: str, texts: Iterable[str]) -> None:
+    """Refuse a record no model's context could hold, before anything tokenizes it."""
+    from phi3.tasks import MAX_CHARS_PER_TOKEN, MAX_CONTEXT_TOKENS, MAX_RECORD_CHARS
+    size = sum(len(t) for t in texts)
+    if size > MAX_RECORD_CHARS:
+        raise Phi3Error(f"{where}: {size:,} characters, more than any model's context holds ({MAX_CONTEXT_TOKENS:,} "
+                        f"tokens of at most {MAX_CHARS_PER_TOKEN} characters); shorten or remove this record")
+
+
+def _read_data_jsonl(path: Path, max_line_bytes: int | None = None) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise Phi3Error(f"missing {path}; {MT_BENCH_LAYOUT}")
     out = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise Phi3Error(f"{path} is not UTF-8 text; {MT_BENCH_LAYOUT}") from None
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in _jsonl_lines(path, max_line_bytes):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except ValueError as e:
             raise Phi3Error(f"{path}:{n}: not JSON ({e.args[0]}); {MT_BENCH_LAYOUT}") from None
+        except RecursionError:
+            raise Phi3Error(f"{path}:{n}: JSON nested too deeply; {MT_BENCH_LAYOUT}") from None
         if not isinstance(rec, dict):
             raise Phi3Error(f"{path}:{n}: not a JSON object; {MT_BENCH_LAYOUT}")
         out.append((n, rec))
@@ -330,6 +351,7 @@ def load_mt_bench(data_dir: str | Path) -> MTBench:
                             f"turns (strings); {MT_BENCH_LAYOUT}")
         if q["question_id"] in seen:
             raise Phi3Error(f"{qfile}:{n}: question_id {q['question_id']} appears twice")
+        _check_chars(f"{qfile}:{n}", q["turns"])
         seen.add(q["question_id"])
         questions.append(q)
 
@@ -343,6 +365,7 @@ def load_mt_bench(data_dir: str | Path) -> MTBench:
         if not ok:
             raise Phi3Error(f"{rfile}:{n}: a reference answer needs question_id and choices[0].turns (strings); "
                             f"{MT_BENCH_LAYOUT}")
+        _check_chars(f"{rfile}:{n}", turns)
         references[r["question_id"]] = turns
 
     prompts = {}
@@ -657,18 +680,14 @@ class SafetySeed:
         return self.document is not None
 
 
-def load_safety_prompts(path: str | Path) -> list[SafetySeed]:
+def load_safety_prompts(path: str | Path, max_line_bytes: int | None = None) -> list[SafetySeed]:
     """Seeds from a jsonl file (SAFETY_FORMAT); one Phi3Error naming file and line on bad input."""
     path = Path(path)
     if not path.is_file():
         raise Phi3Error(f"no such safety prompts file: {path}; {SAFETY_FORMAT}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise Phi3Error(f"{path} is not UTF-8 text") from None
     seeds: list[SafetySeed] = []
     ids: set[str] = set()
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in _jsonl_lines(path, max_line_bytes):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -676,6 +695,8 @@ def load_safety_prompts(path: str | Path) -> list[SafetySeed]:
             rec = json.loads(line)
         except ValueError as e:
             raise Phi3Error(f"{where}: not JSON ({e.args[0]}); {SAFETY_FORMAT}") from None
+        except RecursionError:
+            raise Phi3Error(f"{where}: JSON nested too deeply; {SAFETY_FORMAT}") from None
         if not isinstance(rec, dict):
             raise Phi3Error(f"{where}: not a JSON object; {SAFETY_FORMAT}")
         unknown = sorted(set(rec) - SEED_FIELDS)
@@ -691,6 +712,7 @@ def load_safety_prompts(path: str | Path) -> list[SafetySeed]:
             raise Phi3Error(f"{where}: id {rec['id']!r} appears twice; ids must be unique")
         if rec["category"] == "ungroundedness" and "document" not in rec:
             raise Phi3Error(f"{where}: an ungroundedness seed needs a 'document' to ground the task in")
+        _check_chars(where, [rec.get(k) or "" for k in ("goal", "document", "persona", "opening")])
         ids.add(rec["id"])
         seeds.append(SafetySeed(**rec))
     if not seeds:

@@ -230,3 +230,92 @@ def test_packed_scoring_with_longrope_and_a_sliding_window(kind, tmp_path):
             logits = model(torch.tensor([ctx + cont]))[0, len(ctx) - 1:-1]
             alone = torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).sum()
             assert ll == pytest.approx(float(alone), abs=1e-4)
+
+
+# --- hostile data: oversized records fail with one line, before any model work ---
+
+def _arc_file(path, stems: list[str]):
+    """An ARC-layout file of one record per question stem (ids t0, t1, ...)."""
+    choices = [{"text": "ice", "label": "A"}, {"text": "steam", "label": "B"}]
+    path.write_text("".join(json.dumps({"id": f"t{i}", "question": {"stem": s, "choices": choices}, "answerKey": "B"})
+                            + "\n" for i, s in enumerate(stems)))
+    return path
+
+
+def test_prompts_too_long_for_the_context_fail_before_any_scoring(tiny, tmp_path, monkeypatch):
+    """The tiny model's context is 128 tokens (its byte-level tokenizer: about one a character)."""
+    from phi3.eval import EvalSettings, evaluate_task
+    lm = tiny[2]
+    task = T.TASKS["arc_challenge"]
+    longest = []
+    encode = lm.tokenizer.encode
+    monkeypatch.setattr(lm.tokenizer, "encode", lambda text, *a, **k: longest.append(len(text)) or encode(text, *a, **k))
+    tail = " Which one?"
+    cases = [  # (questions, --shots, the error's size, its fix)
+        (["Is ice a gas?", "q" * 400], 0, "its prompt is 422 tokens", "shorten or remove this record"),
+        (["Is ice a gas?", "q" * 20_000], 0, "its prompt is 20,024 characters", "shorten or remove this record"),
+        ([f"Question number {i} of many.{tail * 3}" for i in range(6)], 3, "its prompt with 3 shots is",
+         "lower --shots (now 3)"),
+    ]
+    for n, (stems, shots, size, fix) in enumerate(cases):
+        path = _arc_file(tmp_path / f"ARC-{n}-Test.jsonl", stems)
+        longest.clear()
+        with pytest.raises(Phi3Error) as e:
+            evaluate_task(lm, task, [], path, ROOT, EvalSettings(shots=shots, limit=2), tmp_path / f"r{n}", "m", False)
+        message = str(e.value)
+        assert message.startswith(f"{path}: record ") and f"(id t" in message and size in message, message
+        assert message.endswith(f", more than the 128 tokens the model's context leaves for it; {fix}"), message
+        records = (tmp_path / f"r{n}" / f"arc_challenge-ARC-{n}-Test.jsonl").read_text().splitlines()
+        assert len(records) == 1  # the settings line only: nothing was scored
+        assert max(longest, default=0) < 2000  # the 20,000-character prompt never reached the tokenizer
+    # Generation: the room is the context less --max-tokens.
+    d = tmp_path / "data"
+    rows = [{"question": f"Tom has {i} apples and buys two more apples. How many apples does he have?",
+             "answer": f"#### {i + 2}"} for i in range(4)]
+    (d / "gsm8k").mkdir(parents=True)
+    (d / "gsm8k/test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (d / "gsm8k/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(Phi3Error, match=r"gsm8k/test.jsonl: record 1: its prompt with 2 shots is \d+ tokens, more than "
+                                        r"the 112 tokens the model's context leaves for it; lower --shots \(now 2\) "
+                                        r"or --max-tokens \(now 16\)$"):
+        evaluate_task(lm, T.TASKS["gsm8k"], [], None, d, EvalSettings(shots=2, limit=2, max_tokens=16),
+                      tmp_path / "g", "m", False)
+
+
+# The CLI in a fresh process, then its peak RSS in MB: VmHWM, which starts afresh at exec (ru_maxrss
+# would carry over the forking pytest's own).
+MEASURE_RSS = ("import re, sys\nfrom phi3.cli import main\nrc = main(sys.argv[1:])\n"
+               "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) // 1024)\n"
+               "sys.exit(rc)\n")
+
+
+def test_cli_oversized_records_are_one_line_and_exit_2_with_memory_bounded(tiny, tmp_path):
+    """Through `phi3 eval`, at the real bounds: a line over 64 MiB, a record over 16 Mi characters
+    (a line that once made the tokenizer panic), and a prompt over the model's context. Each: one
+    line naming file and record, exit 2; the first two before the model loads, with the process's
+    peak RSS within ~350 MB of an idle `import phi3.cli` (~230 MB)."""
+    import subprocess
+    import sys
+    _, folder, _ = tiny
+    cases = [
+        ("q" * (64 * 2**20), ["line 2 is longer than 64 MiB", "remove or shorten that line"]),
+        ("q" * 17_000_000, ["record 2 (id t1): 17,000,024 characters, more than any model's context holds",
+                            "shorten or remove this record"]),
+        ("q" * 400, ["record 2 (id t1): its prompt is 422 tokens, more than the 128 tokens the model's context "
+                     "leaves for it; shorten or remove this record"]),
+    ]
+    for n, (stem, fragments) in enumerate(cases):
+        path = _arc_file(tmp_path / f"ARC-{n}-Test.jsonl", ["Is ice a gas?", stem])
+        del stem
+        out = tmp_path / f"res{n}.json"
+        r = subprocess.run([sys.executable, "-c", MEASURE_RSS, "eval", "--model", str(folder), "--tasks",
+                            f"arc_challenge={path}", "--limit", "2", "--shots", "0", "--output", str(out)],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+        # (Lines about building the CPU kernels, when a test is their first use, are not errors.)
+        r.stderr = "".join(line for line in r.stderr.splitlines(True) if not line.startswith("phi3: compiling"))
+        assert_one_line_error(r, str(path), *fragments)
+        if n < 2:  # measured: 355 MB for the 64 MiB line, 276 MB for the 17 M-character record
+            assert int(r.stdout.split()[-1]) < 600, r.stdout  # MB
+        path.unlink()
+    records = out.with_suffix(".records") / "arc_challenge-ARC-2-Test.jsonl"
+    assert len(records.read_text().splitlines()) == 1  # nothing scored

@@ -578,3 +578,54 @@ def test_fastchat_temperatures_option(fake_api, tmp_path):
     J.run_mt_bench(bench, J.select_questions(bench, question_ids=[81, 111, 141]), model.make,
                    J.Endpoint(api.url, "j"), tmp_path, "t", J.FASTCHAT_TEMPERATURES, progress=False)
     assert [t for _, t in model.calls] == [0.7, 0.7, 0.0, 0.0, 0.1, 0.1]  # writing, math, stem
+
+
+# --- hostile data files: bounded lines, records no context could hold --------------------------------------
+
+def test_data_files_are_read_with_bounds(tmp_path, monkeypatch):
+    """A line past the bound (lowered here from 64 MiB) is refused without being read whole, and a
+    record longer than any context (lowered from 16 Mi characters) before anything tokenizes it;
+    each error names the file and line."""
+    from phi3 import tasks as T
+    monkeypatch.setattr(T, "MAX_LINE_BYTES", 4096)
+    q = tmp_path / "question.jsonl"
+    q.write_text('{"question_id": 1, "category": "writing", "turns": ["a"]}\n'
+                 + json.dumps({"question_id": 2, "category": "writing", "turns": ["x" * 5000]}) + "\n")
+    with pytest.raises(Phi3Error, match=f"^{re.escape(str(q))}: line 2 is longer than 4,096 bytes, more than any "
+                                        "benchmark record needs; remove or shorten that line$"):
+        J.load_mt_bench(tmp_path)
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"id": "a", "category": "jailbreak", "goal": "g"}\n'
+                     + json.dumps({"id": "b", "category": "jailbreak", "goal": "x" * 5000}) + "\n")
+    with pytest.raises(Phi3Error, match=f"^{re.escape(str(seeds))}: line 2 is longer than 4,096 bytes"):
+        J.load_safety_prompts(seeds)
+    monkeypatch.setattr(T, "MAX_LINE_BYTES", 2**20)
+    monkeypatch.setattr(T, "MAX_RECORD_CHARS", 3000)
+    tail = ("characters, more than any model's context holds (131,072 tokens of at most 128 characters); "
+            "shorten or remove this record")
+    with pytest.raises(Phi3Error, match=f"^{re.escape(str(q))}:2: 5,000 {re.escape(tail)}$"):
+        J.load_mt_bench(tmp_path)
+    with pytest.raises(Phi3Error, match=f"^{re.escape(str(seeds))}:2: 5,000 {re.escape(tail)}$"):
+        J.load_safety_prompts(seeds)
+
+
+def test_local_answerer_refuses_a_conversation_past_the_context_by_length_first(monkeypatch):
+    """A conversation longer than the context is 'ERROR' (finish reason 'context') without the
+    model; one many contexts long never reaches the tokenizer at all."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from phi3.tokenizer import Tokenizer
+    from tests.conftest import tiny_tokenizer_json
+    tok = Tokenizer(HFTokenizer.from_str(tiny_tokenizer_json(320)))
+    seen: list[int] = []
+    encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text, *a, **k: seen.append(len(text)) or encode(text, *a, **k))
+    lm = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=128), tokenizer=tok, model=None)
+    answer = J.local_answerer(lm, 16)
+    assert answer([{"role": "user", "content": "x" * 300}], 0.0, None) == J.Reply("ERROR", "context")
+    assert seen and max(seen) > 300  # counted in tokens: 300 characters might have fit
+    seen.clear()
+    assert answer([{"role": "user", "content": "x" * 100_000}], 0.0, None) == J.Reply("ERROR", "context")
+    assert seen == []  # 100,000 characters cannot fit 128 tokens of at most 128 characters each
