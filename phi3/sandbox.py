@@ -404,7 +404,8 @@ def drop_privileges(mapping):
         os.setresgid(ID, ID, ID)
         os.setresuid(ID, ID, ID)  # from 0 to non-zero: the kernel clears the capabilities
     else:
-        if mapping == "self" and "proc" in layers and libc.unshare(CLONE_NEWUSER) == 0:  # proc: to write the maps
+        # the maps are written through /proc, absent where the kernel refused a fresh one
+        if mapping == "self" and os.path.exists("/proc/self/uid_map") and libc.unshare(CLONE_NEWUSER) == 0:
             write("/proc/self/setgroups", "deny")
             write("/proc/self/uid_map", f"{ID} 0 1")
             write("/proc/self/gid_map", f"{ID} 0 1")
