@@ -77,12 +77,13 @@ timing side channels or attacks on kernel bugs through the system calls it allow
 as "__main__" with stdin on /dev/null; the interpreter starts with -I -B -S (the bootstrap puts
 site-packages on sys.path, without running their .pth files).
 
-Cost: the layers add a few milliseconds of namespace and mount set-up per program, which the
-bootstrap wins back by being compiled once in the parent, skipping site's startup and skipping
-the interpreter's final teardown. Measured on the 2-core development VM (load ~4 from other
-jobs): one trivial program 48 ms median (31 ms best) against 43 (32) before; 50 trivial programs
-with 2 workers 21.4 programs/s median of 5 (best 24.3) against 22.9 (27.5); HumanEval's 164
-canonical solutions 6.4-8.2 s either way, all passing.
+Cost: the layers add a few milliseconds of namespace and mount set-up per program (and three
+forks); the bootstrap wins that back by being compiled once in the parent, skipping site's
+startup (an editable install's .pth import finder alone took ~14 ms) and skipping the
+interpreter's final teardown (5-30 ms). Measured on the 2-core development VM, alternating with
+the audit-hook-only sandbox of before, under a load of 4-7 from other jobs: 50 trivial programs
+with 2 workers ran at 21.4 / 10.4 / 14.1 programs/s (medians of three sessions) against 22.9 /
+12.0 / 13.5 before; HumanEval's 164 canonical solutions took 6.4-8.2 s either way, all passing.
 """
 
 from __future__ import annotations
@@ -199,13 +200,13 @@ def _seccomp_filter(machine: str | None) -> bytes | None:
 # program) is skipped; the bootstrap adds site-packages to sys.path and site's exit()/quit() itself.
 _LOADER = "import binascii, marshal, sys, zlib; exec(marshal.loads(zlib.decompress(binascii.a2b_base64(sys.argv[2]))))"
 
-# The bootstrap runs with cwd = the temporary directory holding
-# program.py, as a single-threaded process ("S") that phi3 starts without preexec_fn (phi3 starts
-# sandboxes from several threads, where preexec_fn can deadlock). S enters the namespaces, then
-# forks B, the PID namespace's init, which builds the private root and forks C, which drops its
-# privileges, sets the limits and the seccomp filter and runs the program in this same
-# interpreter (no second interpreter start: that would cost ~20 ms per program). The standard
-# library only.
+# The bootstrap runs with cwd = the temporary directory holding program.py, as a single-threaded
+# process ("S") that phi3 starts without preexec_fn (phi3 starts sandboxes from several threads,
+# where preexec_fn can deadlock). S enters the namespaces (as root, a forked helper that stays
+# outside writes its uid map) and forks B, the PID namespace's init, which builds the private root
+# and forks C, which drops its privileges, sets the limits and the seccomp filter and runs the
+# program in this same interpreter (a second interpreter start would cost ~20 ms per program).
+# S and B end the way C did. The standard library only.
 _BOOTSTRAP = r'''
 import _socket, json, os, resource, signal, stat, struct, sys, traceback
 MEMORY_EXIT, SETUP_EXIT, ID = @MEMORY_EXIT@, @SETUP_EXIT@, @SANDBOX_ID@
