@@ -90,7 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every API request")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every API request (visible to other users in `ps`: "
+                          "prefer --api-key-file or the PHI3_API_KEY environment variable)")
+    srv.add_argument("--api-key-file", default=None, metavar="PATH",
+                     help="read the API key from this file (its first line)")
+    srv.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                     help="without an API key, also accept requests whose Host header is NAME (a reverse proxy's "
+                          "name; localhost, the --host address and IP addresses are always accepted). Repeatable")
+    srv.add_argument("--max-connections", type=int, default=256,
+                     help="open connections; more get HTTP 503 and are closed at once (default 256)")
+    srv.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds for a request head to arrive, after connecting or after the previous response; "
+                          "slower clients get 408 and are disconnected (default 10)")
+    srv.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                     help="seconds an idle keep-alive connection stays open (default 5)")
+    srv.add_argument("--body-timeout", type=float, default=60.0,
+                     help="seconds for a request body to arrive; slower ones get 408 (default 60)")
     srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     srv.add_argument("--max-queue", type=int, default=64,
                      help="requests allowed to wait beyond those; more get HTTP 429 (default 64)")
@@ -443,10 +459,60 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+API_KEY_ENV = "PHI3_API_KEY"
+
+
+def serve_api_key(api_key: str | None, api_key_file: str | None, environ: dict | None = None) -> str | None:
+    """The key `phi3 serve` requires: --api-key, else the first line of --api-key-file, else
+    $PHI3_API_KEY, else none. A key on the command line shows in `ps` to every user of the
+    machine; a file or the environment does not."""
+    environ = os.environ if environ is None else environ
+    if api_key is not None and api_key_file is not None:
+        raise Phi3Error("give the API key once: --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        try:
+            lines = Path(api_key_file).expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise Phi3Error(f"--api-key-file {api_key_file}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        api_key = lines[0].strip() if lines else ""
+        where = f"--api-key-file {api_key_file}"
+    elif api_key is not None:
+        where = "--api-key"
+    else:
+        api_key, where = environ.get(API_KEY_ENV), API_KEY_ENV
+    if api_key is None:
+        return None
+    api_key = api_key.strip()
+    if not api_key or not api_key.isprintable() or not api_key.isascii() or " " in api_key:
+        raise Phi3Error(f"the API key from {where} is empty or holds spaces or non-ASCII characters; "
+                        "use a random printable ASCII string (e.g. `openssl rand -hex 32`)")
+    return api_key
+
+
+def exposure_warning(host: str, has_key: bool) -> str | None:
+    """One line for stderr when the server is reachable from other machines without a key."""
+    import ipaddress
+    if has_key:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host.lower() == "localhost"
+    if loopback:
+        return None
+    return (f"phi3: warning: --host {host} accepts connections from other machines and there is no API key: anyone "
+            f"who can reach it can use the model (set {API_KEY_ENV} or --api-key-file)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from phi3.server import check_port, serve
+    from phi3.server import Limits, check_port, serve
     if not 0 < args.port < 65536:
         raise Phi3Error(f"--port {args.port} is out of range (1 to 65535)")
+    api_key = serve_api_key(args.api_key, args.api_key_file)
+    limits = Limits(max_connections=args.max_connections, header_timeout=args.header_timeout,
+                    keep_alive_timeout=args.keep_alive_timeout, body_timeout=args.body_timeout)
+    limits.check()
+    _check_fd_limit(args.max_connections)
     check_port(args.host, args.port)
     if args.max_batch < 1 or args.max_queue < 0 or args.search_k < 1:
         raise Phi3Error("--max-batch and --search-k must be at least 1, --max-queue at least 0")
@@ -454,14 +520,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.search:  # before loading the model: a wrong index path should fail in a second
         from phi3.search import open_searcher
         searcher = open_searcher(args.search)
+    warning = exposure_warning(args.host, api_key is not None)
+    if warning:
+        print(warning, file=sys.stderr)
     lm = _load(args)
     name = args.name or lm.path.name
-    auth = "; API key required" if args.api_key else ""
+    auth = "; API key required" if api_key else ""
     print(f"phi3: serving {name} on http://{args.host}:{args.port}/ (OpenAI API under /v1{auth}); Ctrl-C stops",
           file=sys.stderr)
-    serve(lm, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_queue=args.max_queue, searcher=searcher, search_k=args.search_k, model_id=name)
+    serve(lm, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
+          max_queue=args.max_queue, searcher=searcher, search_k=args.search_k, model_id=name, limits=limits,
+          allowed_hosts=args.allow_host)
     return 0
+
+
+def _check_fd_limit(max_connections: int) -> None:
+    """Each connection is a file descriptor: raise the soft limit to fit --max-connections (plus
+    64 for model files and the like) where the hard limit allows, else refuse with the fix."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    need = max_connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    raise Phi3Error(f"--max-connections {max_connections} needs {need} file descriptors but this process may open "
+                    f"{hard} (ulimit -n); lower --max-connections or raise the limit")
 
 
 def cmd_index(args: argparse.Namespace) -> int:
