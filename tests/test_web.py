@@ -237,3 +237,55 @@ def test_stop_errors_and_api_key(chat, search_server):
     assert chat.bodies[-1]["messages"][-1] == {"role": "user", "content": "third"}
     assert page.evaluate("localStorage.getItem('phi3.apiKey')") == json.dumps("KEY123")
     chat.check_clean()
+
+
+API_KEY = "right-key-123"
+
+
+@pytest.fixture(scope="module")
+def key_server(smollm_gguf, tmp_path_factory):
+    """The default model behind `--api-key`: every request but GET / needs the key."""
+    from conftest import LiveServer
+    s = LiveServer("--model", str(smollm_gguf), "--api-key", API_KEY, "--threads", "1",
+                   log=tmp_path_factory.mktemp("serve") / "log")
+    yield s
+    s.close()
+
+
+def test_a_wrong_saved_key_is_reported_and_another_can_be_entered(browser, key_server):
+    """Issue 14 item 7: a wrong key in localStorage left the settings at "Checking…" with the
+    JavaScript error `err is not defined`. Now the page says the key was refused, opens the key
+    field, and a right key entered there works."""
+    context = browser.new_context()
+    try:
+        chat = Chat(context.new_page(), key_server.url)
+        page = chat.page
+        status = page.locator("#key-status")
+        expect(status).to_contain_text("This server needs an API key.")  # no key saved yet
+        page.evaluate(f"localStorage.setItem('phi3.apiKey', {json.dumps(json.dumps('wrong-key'))})")
+        page.reload()
+        expect(status).to_contain_text("The server refused the saved API key (401).")
+        expect(status).to_have_class(re.compile(r"\bwarn\b"))
+        expect(page.locator("#model-name")).to_have_text("(API key needed)")
+        expect(page.locator("#settings")).to_have_attribute("open", "")
+        expect(page.locator("#api-key")).to_be_focused()
+        expect(page.locator("#api-key")).to_have_value("wrong-key")
+        assert chat.errors == [], f"JavaScript errors: {chat.errors}"
+
+        page.fill("#api-key", "still-wrong")  # saving another wrong key: refused again, not "Checking…"
+        page.press("#api-key", "Enter")
+        expect(status).to_contain_text("The server refused the saved API key (401).")
+        expect(status).not_to_contain_text("Checking")
+
+        page.fill("#api-key", API_KEY)
+        page.press("#api-key", "Enter")
+        expect(status).to_contain_text("Key accepted and saved in this browser.")
+        health = httpx.get(key_server.url + "/health", headers={"Authorization": "Bearer " + API_KEY}, timeout=10).json()
+        expect(page.locator("#model-name")).to_have_text(health["model"])
+        assert page.evaluate("localStorage.getItem('phi3.apiKey')") == json.dumps(API_KEY)
+        chat.settings(temperature="0", max_tokens="4")
+        answer = chat.ask("Hi")
+        assert answer.locator(".error").count() == 0 and chat.auth[-1] == "Bearer " + API_KEY
+        chat.check_clean()
+    finally:
+        context.close()
