@@ -3,11 +3,12 @@ read-only memory map.
 
 Why phi3 has its own reader instead of gguf-py's `GGUFReader` (whose constants it uses):
 - Memory bombs. gguf-py loops once per array element and its reads past the end of the file
-  return empty arrays instead of failing, so a 72-byte file whose one metadata key claims a
+  return empty arrays instead of failing, so a 49-byte file whose one metadata key claims a
   UINT8 array of 2^24 elements (or 2^40, or a tensor count of 2^60) ran until the kernel killed
   it (7.6 GB after 120 s). Here every count and length is checked against the bytes left in the
-  file *before* anything is read or allocated, so a crafted file costs at most a few times its
-  own size and fails with one line (`Phi3Error`).
+  file *before* anything is read or allocated, and the numbers of tensors and keys are capped
+  (MAX_TENSORS, MAX_KEYS), so a crafted file costs little more memory than its own size and
+  fails with one line (`Phi3Error`).
 - Speed. gguf-py builds several numpy objects per array element: SmolLM2's 49k-token vocabulary
   and 48k merges took 2.3 s to parse (0.9 s for phi-3-mini's 32k vocabulary). Numeric arrays here
   are numpy views over the map, and string arrays are one pass of struct reads.
@@ -51,13 +52,15 @@ _ELEMENT_DTYPES = {
     GGMLQuantizationType.I16: np.dtype("<i2"), GGMLQuantizationType.I32: np.dtype("<i4"),
     GGMLQuantizationType.I64: np.dtype("<i8"),
 }
-# Caps on the number of tensors and metadata keys. Each one becomes a few hundred bytes of Python
-# objects, ~17x the 24 bytes its description can take in the file, so a file of nothing but tensor
-# descriptions would cost ~17x its size; with the caps it costs at most ~50 MB. Real files are far
-# below them: Llama 3.1 405B has 1,138 tensors, DeepSeek-V3 1,025 (llama.cpp merges experts), and
-# files carry 20-60 metadata keys.
-MAX_TENSORS = 2**17
+# Caps on the number of tensors and metadata keys. Each costs a few hundred bytes of Python
+# objects and tens of microseconds to parse, ~10x its bytes in the file: 131,072 minimal tensor
+# infos (4.6 MiB of file) took 46 MiB and 2.1 s on a busy 2-core machine. Real files are far below
+# the caps: Llama 3.1 405B has 1,138 tensors, SmolLM2 33 metadata keys.
+MAX_TENSORS = 2**16
 MAX_KEYS = 2**16
+_U32, _U64, _TYPE_OFFSET = (struct.Struct(f).unpack_from for f in ("<I", "<Q", "<IQ"))
+# Tensor type ids gguf knows with a block size (a dict: the Enum call costs ~3 us per tensor).
+_GGML_TYPES = {t.value: t for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
 # Fewest bytes one tensor info can take: name length (8), n_dims (4), type (4), offset (8).
 _MIN_TENSOR_INFO = 24
 # Fewest bytes one metadata pair can take: key length (8), value type (4), a 1-byte value.
@@ -105,14 +108,30 @@ class Field:
 class Tensor:
     """One tensor: `shape` in GGUF order (fastest-varying dimension first), `data` a read-only
     view of its bytes (typed elements for F32/F16/..., else uint8 rows of blocks, as gguf-py
-    shapes them), `data_offset` its absolute position in the file."""
+    shapes them), `data_offset` its absolute position in the file. The view is made on first
+    use: two numpy objects per tensor were most of the ~900 bytes each tensor cost to parse."""
 
-    __slots__ = ("name", "tensor_type", "shape", "n_elements", "n_bytes", "data_offset", "data")
+    __slots__ = ("name", "tensor_type", "shape", "n_elements", "n_bytes", "data_offset", "_mm", "_data")
 
     def __init__(self, name: str, tensor_type: GGMLQuantizationType, shape: tuple[int, ...], n_elements: int,
-                 n_bytes: int, data_offset: int, data: np.ndarray) -> None:
+                 n_bytes: int, data_offset: int, mm: mmap.mmap) -> None:
         self.name, self.tensor_type, self.shape = name, tensor_type, shape
-        self.n_elements, self.n_bytes, self.data_offset, self.data = n_elements, n_bytes, data_offset, data
+        self.n_elements, self.n_bytes, self.data_offset = n_elements, n_bytes, data_offset
+        self._mm, self._data = mm, None
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            np_shape = tuple(reversed(self.shape))
+            dt = _ELEMENT_DTYPES.get(self.tensor_type)
+            if dt is not None:
+                data = np.frombuffer(self._mm, dt, self.n_elements, self.data_offset).reshape(np_shape)
+            else:
+                block, type_size = GGML_QUANT_SIZES[self.tensor_type]
+                byte_shape = (*np_shape[:-1], np_shape[-1] // block * type_size) if np_shape else (self.n_bytes,)
+                data = np.frombuffer(self._mm, np.uint8, self.n_bytes, self.data_offset).reshape(byte_shape)
+            self._data = data
+        return self._data
 
     def __repr__(self) -> str:
         return f"Tensor({self.name!r}, {self.tensor_type.name}, shape={self.shape})"
@@ -197,7 +216,7 @@ class GGUFFile:
         left = self.size - self._pos
         if n_kv > MAX_KEYS:
             raise self._bad(f"header declares {n_kv:,} metadata keys; phi3 reads at most {MAX_KEYS:,} "
-                            f"(real files have 20-60)")
+                            f"(SmolLM2 has 33)")
         if n_kv > left // _MIN_KV:
             raise self._bad(f"header declares {n_kv:,} metadata keys but {left:,} bytes remain "
                             f"(the file is truncated or corrupt)")
@@ -269,22 +288,38 @@ class GGUFFile:
         return f
 
     def _tensor_info(self, i: int) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int]:
-        name = self._str(f"tensor #{i} name")
-        n_dims = self._u32(f"tensor {name!r} dimension count")
+        # Inline reads (error text built only on failure): with the generic helpers this loop was
+        # most of the time a 65,536-tensor file takes to refuse or parse.
+        mm, end, pos = self.mmap, self.size, self._pos
+        if end - pos < 8:
+            self._need(8, f"tensor #{i} name length")
+        (n,) = _U64(mm, pos)
+        pos += 8
+        if n > end - pos:
+            self._pos = pos
+            self._need(n, f"tensor #{i} name ({n:,}-byte string)")
+        try:
+            name = str(mm[pos:pos + n], "utf-8")
+        except UnicodeDecodeError:
+            raise self._bad(f"tensor #{i} name is not valid UTF-8 (the file is corrupt)") from None
+        pos += n
+        if end - pos < 4:
+            self._pos = pos
+            self._need(4, f"tensor {name!r} dimension count")
+        (n_dims,) = _U32(mm, pos)
+        pos += 4
         if n_dims > MAX_DIMS:
             raise self._bad(f"tensor {name!r} has {n_dims:,} dimensions; GGUF tensors have at most {MAX_DIMS}")
-        self._need(8 * n_dims, f"tensor {name!r} dimensions")
-        dims = struct.unpack_from(f"<{n_dims}Q", self.mmap, self._pos)
-        self._pos += 8 * n_dims
-        raw = self._u32(f"tensor {name!r} type")
-        try:
-            ggml_type = GGMLQuantizationType(raw)
-        except ValueError:
+        if end - pos < 8 * n_dims + 12:
+            self._pos = pos
+            self._need(8 * n_dims + 12, f"tensor {name!r} dimensions, type and offset")
+        dims = struct.unpack_from(f"<{n_dims}Q", mm, pos)
+        raw, offset = _TYPE_OFFSET(mm, pos + 8 * n_dims)
+        self._pos = pos + 8 * n_dims + 12
+        ggml_type = _GGML_TYPES.get(raw)
+        if ggml_type is None:
             raise self._bad(f"tensor {name!r} has unknown type id {raw} (the file is corrupt, or made by a "
-                            f"newer llama.cpp than the installed gguf package knows)") from None
-        if ggml_type not in GGML_QUANT_SIZES:
-            raise self._bad(f"tensor {name!r} has type {ggml_type.name}, whose block size gguf does not know")
-        offset = self._u64(f"tensor {name!r} offset")
+                            f"newer llama.cpp than the installed gguf package knows)")
         return name, dims, ggml_type, offset
 
     def _alignment(self) -> int:
@@ -300,7 +335,7 @@ class GGUFFile:
 
     def _tensor(self, name: str, dims: tuple[int, ...], ggml_type: GGMLQuantizationType, offset: int) -> Tensor:
         n_elements = math.prod(dims)  # Python ints: no overflow before the check
-        if any(d > INT64_MAX for d in dims) or n_elements > INT64_MAX:
+        if n_elements > INT64_MAX or (n_elements == 0 and max(dims) > INT64_MAX):
             raise self._bad(f"tensor {name!r} has dimensions {list(dims)} whose product overflows int64")
         block, type_size = GGML_QUANT_SIZES[ggml_type]
         row = dims[0] if dims else 1
@@ -315,14 +350,7 @@ class GGUFFile:
         if start + n_bytes > self.size:
             raise Phi3Error(f"{self.path} is truncated: tensor {name!r} ({n_bytes:,} bytes at offset {start:,}) "
                             f"ends past the end of the file ({self.size:,} bytes)")
-        np_shape = tuple(reversed(dims))
-        dt = _ELEMENT_DTYPES.get(ggml_type)
-        if dt is not None:
-            data = np.frombuffer(self.mmap, dt, n_elements, start).reshape(np_shape)
-        else:
-            byte_shape = (*np_shape[:-1], np_shape[-1] // block * type_size) if np_shape else (n_bytes,)
-            data = np.frombuffer(self.mmap, np.uint8, n_bytes, start).reshape(byte_shape)
-        return Tensor(name, ggml_type, tuple(dims), n_elements, n_bytes, start, data)
+        return Tensor(name, ggml_type, tuple(dims), n_elements, n_bytes, start, self.mmap)
 
     # --- access ---
 

@@ -66,7 +66,7 @@ CRAFTED = {
     "tensor_count_2e60": (crafted(n_tensors=2**60), "1,152,921,504,606,846,976 tensors"),
     "kv_count_2e60": (crafted(n_kv=2**60), "1,152,921,504,606,846,976 metadata keys"),
     # counts the file could hold, each a few hundred bytes of Python objects: capped
-    "tensor_count_past_cap": (crafted(n_tensors=2**17 + 1) + b"\0" * (24 << 17), "at most 131,072"),
+    "tensor_count_past_cap": (crafted(n_tensors=2**16 + 1) + b"\0" * (24 << 17), "at most 65,536"),
     "tensor_count_past_bytes": (crafted(n_tensors=1000) + b"\0" * 1000, "1,000 tensors but only 1,000 bytes"),
     # lengths and sizes past the end
     "string_past_end": (crafted([s("k") + u32(V.STRING) + u64(1000) + b"abc"]), "1,000-byte string"),
