@@ -67,6 +67,8 @@ CRAFTED = {
     "kv_count_2e60": (crafted(n_kv=2**60), "1,152,921,504,606,846,976 metadata keys"),
     # counts the file could hold, each a few hundred bytes of Python objects: capped
     "tensor_count_past_cap": (crafted(n_tensors=2**16 + 1) + b"\0" * (24 << 17), "at most 65,536"),
+    "strings_past_cap": (crafted([array_kv("a", V.STRING, 2**20, u64(0) * 2**20),
+                                  array_kv("b", V.STRING, 2**20 + 1, u64(0) * (2**20 + 1))]), "at most 2,097,152"),
     "tensor_count_past_bytes": (crafted(n_tensors=1000) + b"\0" * 1000, "1,000 tensors but only 1,000 bytes"),
     # lengths and sizes past the end
     "string_past_end": (crafted([s("k") + u32(V.STRING) + u64(1000) + b"abc"]), "1,000-byte string"),
