@@ -363,6 +363,7 @@ class TaskResult:
     seconds: float
     examples_per_s: float
     files: list[str]
+    sandbox: tuple[str, ...] = ()  # code tasks: the sandbox layers that were active (phi3.sandbox)
 
     @property
     def primary(self) -> str:
@@ -627,18 +628,24 @@ def code_program(task: T.Task, ex: T.Example, completion: str) -> str:
 
 
 def run_code(task: T.Task, examples: list[T.Example], records: Records, keys: dict[str, str],
-             settings: EvalSettings, progress: bool) -> None:
-    """Run every recorded completion not yet tested in the sandbox; pass@1 (greedy, one sample)."""
+             settings: EvalSettings, progress: bool) -> tuple[str, ...]:
+    """Run every recorded completion not yet tested in the sandbox; pass@1 (greedy, one sample).
+    Returns the sandbox layers that were active, and warns when the kernel ones are missing."""
     from phi3 import sandbox
     todo = [ex for ex in examples if "passed" not in records.done.get(keys[ex.id], {})]
-    if not todo:
-        return
     programs = [code_program(task, ex, records.done[keys[ex.id]]["completion"]) for ex in todo]
     results = sandbox.run_programs(programs, timeout_s=settings.timeout_s, memory_mb=settings.memory_mb,
-                                   workers=min(2, os.cpu_count() or 1), progress=progress)
+                                   workers=min(2, os.cpu_count() or 1), progress=progress) if todo else []
+    # Not in the records header: a header must match exactly to resume, and the layers are a
+    # property of this machine, not of the results.
+    layers = tuple(results[0].layers) if results else tuple(sandbox.active_layers())
+    if "private-root" not in layers:
+        print(f"phi3: warning: the code sandbox runs without its kernel layers here ({' '.join(layers)}): "
+              "model-written code can read and write what this user can; see SECURITY.md", file=sys.stderr)
     for ex, res in zip(todo, results):
         records.add({"key": keys[ex.id], "id": ex.id, "status": res.status, "passed": res.status == "passed",
                      "pass@1": float(res.status == "passed"), "output": res.output[-2000:]})
+    return layers
 
 
 def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path | None, data_dir: Path,
@@ -666,6 +673,7 @@ def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path 
     name = task.name + (":" + "+".join(subsets) if subsets else "") + (f"={file.stem}" if file is not None else "")
     records = Records(records_dir / records_name(name), header)
     started = time.perf_counter()
+    layers: tuple[str, ...] = ()
     try:
         if task.kind == "choice":
             keys = run_choice(lm.model, lm.tokenizer, task, data, examples, shots, records, settings.batch_size,
@@ -675,7 +683,7 @@ def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path 
             keys = run_generation(lm.model, lm.tokenizer, task, data, examples, shots, records, max_tokens,
                                   progress, settings.batch_size, on_done)
             if task.kind == "code":
-                run_code(task, examples, records, keys, settings, progress)
+                layers = run_code(task, examples, records, keys, settings, progress)
     finally:
         records.close()
     seconds = time.perf_counter() - started
@@ -696,7 +704,7 @@ def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path 
     # Examples/s of what this run computed: resumed records took no time now.
     rate = records.added / seconds if records.added and seconds > 0 else float("nan")
     return TaskResult(name, title, task.kind, shots, len(examples), metrics, groups, seconds, rate,
-                      [str(p) for p in data.files])
+                      [str(p) for p in data.files], layers)
 
 
 def records_name(name: str) -> str:
@@ -738,6 +746,7 @@ def write_outputs(output: Path, model_id: str, settings: EvalSettings, results: 
            "tasks": {r.name: {"title": r.title, "kind": r.kind, "shots": r.shots, "n": r.n,
                               "metrics": _no_nan(r.metrics), "groups": r.groups, "seconds": round(r.seconds, 2),
                               "examples_per_s": _no_nan(round(r.examples_per_s, 3)), "files": r.files}
+                             | ({"sandbox": list(r.sandbox)} if r.sandbox else {})
                      for r in results},
            "records": str(output.with_suffix(".records"))}
     tmp = output.with_suffix(".json.tmp")

@@ -191,6 +191,14 @@ def test_code_task_runs_completions_in_the_sandbox(lm, tmp_path):
     for rec in recs.values():
         assert rec["status"] in ("passed", "failed", "timeout", "memory") and "completion" in rec
     assert res.metrics["pass@1"]["value"] == sum(r["passed"] for r in recs.values()) / 2
+    # The result names the sandbox layers that held (SECURITY.md): here, the kernel's.
+    from phi3 import sandbox
+    assert res.sandbox == sandbox.active_layers()
+    if "user-ns" in res.sandbox:
+        assert {"private-root", "pid-ns", "seccomp"} <= set(res.sandbox)
+    from phi3.eval import write_outputs
+    write_outputs(tmp_path / "out.json", "m", EvalSettings(limit=2), [res])
+    assert json.loads((tmp_path / "out.json").read_text())["tasks"]["humaneval"]["sandbox"] == list(res.sandbox)
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
