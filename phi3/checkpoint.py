@@ -395,7 +395,7 @@ def config_from_gguf(fields: dict[str, Any], tensors: dict[str, Any]) -> ModelCo
                             f"or hand-edited: re-convert the model")
         return v
 
-    def number(key: str, default: float) -> float:
+    def number(key: str, default: float | None) -> float:
         v = get(key, default)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise Phi3Error(f"GGUF metadata: {arch}.{key} is {shown(v)}, not a number; the file is corrupt "
@@ -414,10 +414,11 @@ def config_from_gguf(fields: dict[str, Any], tensors: dict[str, Any]) -> ModelCo
     ctx = size("context_length", 4096)
     rope_scaling = None
     if "rope_factors_long.weight" in tensors and "rope_factors_short.weight" in tensors:
+        attention = get("rope.scaling.attn_factor")
         rope_scaling = RopeScaling(
             short_factor=tuple(float(x) for x in _tensor_numpy(tensors["rope_factors_short.weight"]).ravel()),
             long_factor=tuple(float(x) for x in _tensor_numpy(tensors["rope_factors_long.weight"]).ravel()),
-            attention_factor=get("rope.scaling.attn_factor"))
+            attention_factor=None if attention is None else number("rope.scaling.attn_factor", None))
     eos = fields.get("tokenizer.ggml.eos_token_id")
     keys = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
             "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",

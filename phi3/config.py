@@ -97,6 +97,9 @@ class ModelConfig:
             raise Phi3Error(f"{where}: these sizes make {n:,} parameters ({n / 1e12:,.1f} T), beyond phi3's bound of "
                             f"{MAX_PARAMETERS / 1e12:.1f} T (5x the largest dense model published); {fix}")
         if self.rope_scaling is not None:
+            a = self.rope_scaling.attention_factor
+            if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a)):
+                raise Phi3Error(f"{where}: the rope attention factor is {shown(a)}, not a finite number; {fix}")
             half = self.dim_per_head // 2
             for which in ("short_factor", "long_factor"):
                 n = len(getattr(self.rope_scaling, which))
@@ -197,32 +200,48 @@ def _eos_tuple(value: Any) -> tuple[int, ...]:
 
 def config_from_hf_dict(d: dict[str, Any], name: str = "custom") -> ModelConfig:
     """Read a Hugging Face config.json (model_type phi3, llama or mistral)."""
+    if not isinstance(d, dict):
+        raise Phi3Error(f"config.json holds a JSON {type(d).__name__}, not an object; correct config.json")
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise Phi3Error(
-            f"unknown architecture: model_type {model_type!r}; phi3 supports "
+            f"unknown architecture: model_type {shown(model_type)}; phi3 supports "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
         if key not in d:
             raise Phi3Error(f"config.json is missing {key!r}")
     if d.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise Phi3Error(f"unsupported hidden_act {d.get('hidden_act')!r}: phi3 implements SwiGLU (silu)")
+        raise Phi3Error(f"unsupported hidden_act {shown(d.get('hidden_act'))}: phi3 implements SwiGLU (silu)")
     if d.get("attention_bias") or d.get("mlp_bias"):
         raise Phi3Error("unsupported config: attention_bias/mlp_bias are not implemented")
+
+    def number(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise Phi3Error(f"config.json: {key} is {shown(value)}, not a number; correct config.json")
+        return float(value)
+
     scaling_dict = d.get("rope_scaling") or d.get("rope_parameters")
+    if scaling_dict is not None and not isinstance(scaling_dict, dict):
+        raise Phi3Error(f"config.json: rope_scaling is {shown(scaling_dict)}, not an object; correct config.json")
     rope_scaling = None
-    rope_theta = float(d.get("rope_theta", (scaling_dict or {}).get("rope_theta", 10000.0)))
+    rope_theta = number("rope_theta", d.get("rope_theta", (scaling_dict or {}).get("rope_theta", 10000.0)))
     if scaling_dict:
         kind = scaling_dict.get("type", scaling_dict.get("rope_type"))
         if kind in ("longrope", "su"):
-            rope_scaling = RopeScaling(
-                short_factor=tuple(float(x) for x in scaling_dict["short_factor"]),
-                long_factor=tuple(float(x) for x in scaling_dict["long_factor"]),
-                attention_factor=scaling_dict.get("attention_factor"),
-            )
+            factors = {}
+            for which in ("short_factor", "long_factor"):
+                values = scaling_dict.get(which)
+                if not isinstance(values, (list, tuple)):
+                    raise Phi3Error(f"config.json: rope_scaling.{which} is {shown(values)}, not a list of numbers; "
+                                    f"correct config.json")
+                factors[which] = tuple(number(f"rope_scaling.{which}[{i}]", x) for i, x in enumerate(values))
+            attention = scaling_dict.get("attention_factor")
+            if attention is not None:
+                attention = number("rope_scaling.attention_factor", attention)
+            rope_scaling = RopeScaling(**factors, attention_factor=attention)
         elif kind not in (None, "default"):
-            raise Phi3Error(f"unsupported rope_scaling type {kind!r}: phi3 implements default and longrope")
+            raise Phi3Error(f"unsupported rope_scaling type {shown(kind)}: phi3 implements default and longrope")
 
     def size(key: str, default: Any = None) -> Any:
         """An integer from config.json as it is: 3.0 is 3, but 3.5 or "3" are not silently made 3
@@ -249,7 +268,7 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "custom") -> ModelConfig:
         original_max_position_embeddings=size("original_max_position_embeddings", max_pos),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+        rms_norm_eps=number("rms_norm_eps", d.get("rms_norm_eps", 1e-5)),
         sliding_window=size("sliding_window") or None,  # 0 means none, as in GGUF
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         model_type=model_type,

@@ -278,6 +278,9 @@ _CRAFTED_CONFIGS = {
     "too_many_parameters": ({"hidden_size": 2**20, "vocab_size": 2**20, "intermediate_size": 2**20},
                             {"embedding_length": 2**20, "vocab_size": 2**20, "feed_forward_length": 2**20},
                             ("parameters", "parameters")),
+    "not_numbers": ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": "x"}},
+                    {"rope.freq_base": "big"},
+                    ("rope_scaling.long_factor is 'x', not a list", "llama.rope.freq_base is 'big', not a number")),
     "odd_head_dim": ({"hidden_size": 60}, {"embedding_length": 60}, ("head dimension 15 is odd", "head dimension 15")),
 }
 
