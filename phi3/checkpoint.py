@@ -378,6 +378,40 @@ def gguf_fields(reader: Any) -> dict[str, Any]:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
+def check_gguf_tokenizer(reader: GGUFFile) -> None:
+    """The tokenizer keys have the GGUF types llama.cpp writes, and the per-token arrays one entry
+    per token: a crafted file fails here with one line instead of a TypeError or a silently
+    shortened zip in the tokenizer builders."""
+    from gguf.constants import GGUFValueType as V
+    ints = {V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64}
+    expected: list[tuple[Any, str, list[set[Any]]]] = [
+        (lambda k: k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"), "an array of strings",
+         [{V.ARRAY}, {V.STRING}]),
+        (lambda k: k == "tokenizer.ggml.token_type", "an array of integers", [{V.ARRAY}, ints]),
+        (lambda k: k == "tokenizer.ggml.scores", "an array of numbers", [{V.ARRAY}, ints | {V.FLOAT32, V.FLOAT64}]),
+        (lambda k: k.endswith("_token_id"), "an integer", [ints]),
+        (lambda k: k.startswith("tokenizer.ggml.add_"), "a bool", [{V.BOOL}]),
+        (lambda k: k in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"), "a string",
+         [{V.STRING}]),
+    ]
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        for applies, what, types in expected:
+            if applies(key):
+                if len(field.types) != len(types) or any(t not in allowed for t, allowed in zip(field.types, types)):
+                    got = "/".join(t.name for t in field.types)
+                    raise Phi3Error(f"{reader.path}: GGUF metadata {key} is {got}, not {what}; the file is corrupt "
+                                    f"or hand-edited: re-convert the model")
+                break
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        field = reader.fields.get(key)
+        if tokens is not None and field is not None and len(field) != len(tokens):
+            raise Phi3Error(f"{reader.path}: GGUF metadata {key} has {len(field):,} entries for {len(tokens):,} "
+                            f"tokens; the file is corrupt or hand-edited: re-convert the model")
+
+
 def config_from_gguf(fields: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig:
     arch = fields.get("general.architecture")
     if arch not in ("phi3", "llama"):
@@ -592,6 +626,7 @@ def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str 
     float activations instead of int8 ones (slower; equal to the dequantized model up to float
     rounding)."""
     reader = open_gguf(path)
+    check_gguf_tokenizer(reader)
     fields = gguf_fields(reader)
     tensors = {t.name: t for t in reader.tensors}
     cfg = config_from_gguf(fields, tensors)
@@ -712,6 +747,7 @@ def describe(path: Path) -> dict[str, Any]:
         if not _is_gguf(path):
             raise Phi3Error(f"{path} is neither a Hugging Face folder nor a GGUF file")
         reader = open_gguf(path)
+        check_gguf_tokenizer(reader)
         fields = gguf_fields(reader)
         tensors = {t.name: t for t in reader.tensors}
         cfg = config_from_gguf(fields, tensors)

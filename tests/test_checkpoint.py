@@ -285,8 +285,9 @@ _CRAFTED_CONFIGS = {
 }
 
 
-def _gguf_config(path, changes: dict) -> None:
-    """A metadata-only GGUF (no tensors: describe reads the config first)."""
+def _gguf_config(path, changes: dict, extra: dict | None = None) -> None:
+    """A metadata-only GGUF (no tensors: describe reads the config first); `extra`: more keys as
+    key -> (value, type, element type)."""
     import gguf
     V = gguf.GGUFValueType
     meta = {"embedding_length": 64, "block_count": 2, "attention.head_count": 4, "feed_forward_length": 128,
@@ -295,6 +296,8 @@ def _gguf_config(path, changes: dict) -> None:
     for key, value in meta.items():
         vtype = V.STRING if isinstance(value, str) else V.INT64 if value < 0 or value >= 2**32 else V.UINT32
         w.add_key_value(f"llama.{key}", value, vtype)
+    for key, (value, vtype, sub) in (extra or {}).items():
+        w.add_key_value(key, value, vtype, sub)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -332,3 +335,29 @@ def test_config_bounds_keep_real_models():
                                "num_hidden_layers": 126, "num_attention_heads": 128, "num_key_value_heads": 8,
                                "vocab_size": 128256, "max_position_embeddings": 131072})
     assert round(big.num_parameters() / 1e9) == 406
+
+
+def test_crafted_tokenizer_metadata_gives_one_line(tmp_path):
+    """Tokenizer keys of the wrong GGUF type or length: one line from `phi3 info` (and load),
+    not a TypeError inside the tokenizer builders."""
+    import gguf
+    from tests.test_gguf_file import assert_one_line, phi3_info_many
+    V = gguf.GGUFValueType
+    tokens = ("tokenizer.ggml.tokens", (["a", "b", "c"], V.ARRAY, V.STRING))
+    cases = {
+        "tokens_scalar": ({"tokenizer.ggml.tokens": (5, V.UINT32, None)},
+                          "tokenizer.ggml.tokens is UINT32, not an array of strings"),
+        "types_strings": (dict([tokens, ("tokenizer.ggml.token_type", (["x", "y", "z"], V.ARRAY, V.STRING))]),
+                          "tokenizer.ggml.token_type is ARRAY/STRING, not an array of integers"),
+        "scores_short": (dict([tokens, ("tokenizer.ggml.scores", ([0.0, 1.0], V.ARRAY, V.FLOAT32))]),
+                         "tokenizer.ggml.scores has 2 entries for 3 tokens"),
+        "eos_text": (dict([tokens, ("tokenizer.ggml.eos_token_id", ("2", V.STRING, None))]),
+                     "tokenizer.ggml.eos_token_id is STRING, not an integer"),
+    }
+    paths = {}
+    for name, (extra, _) in cases.items():
+        paths[name] = tmp_path / f"{name}.gguf"
+        _gguf_config(paths[name], {}, {"tokenizer.ggml.model": ("gpt2", V.STRING, None), **extra})
+    results, _ = phi3_info_many(list(paths.values()))
+    for name, path in paths.items():
+        assert_one_line(*results[str(path)], cases[name][1])
