@@ -558,6 +558,9 @@ def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, k
         for src in sources:
             if src not in tensors:
                 raise Phi3Error(f"GGUF file is missing tensor {src}")
+            if len(tensors[src].shape) != 2:  # blocks are repacked by (rows, cols): a 3rd dim would be misread
+                raise Phi3Error(f"GGUF tensor {src} has shape {list(tensors[src].shape)}; a weight matrix has 2 "
+                                f"dimensions (the file is corrupt)")
         if packable(sources):
             parts = []
             for src, h in zip(sources, heads):

@@ -361,3 +361,22 @@ def test_crafted_tokenizer_metadata_gives_one_line(tmp_path):
     results, _ = phi3_info_many(list(paths.values()))
     for name, path in paths.items():
         assert_one_line(*results[str(path)], cases[name][1])
+
+
+def test_a_weight_matrix_with_three_dimensions_is_refused(tmp_path):
+    """Packed blocks are repacked by (rows, cols): a 3-D tensor in a matrix's place would be
+    misread without a word, so it is refused."""
+    from types import SimpleNamespace
+
+    from phi3.checkpoint import _gguf_state, config_from_gguf, gguf_fields, open_gguf
+    from phi3.errors import Phi3Error
+    cfg = tiny_config("mini-4k")
+    path = write_tiny_gguf(tmp_path / "q.gguf", cfg, hf_reference(cfg).state_dict(), "phi3", qtype="Q8_0")
+    reader = open_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = config_from_gguf(gguf_fields(reader), tensors)
+    t = tensors["blk.0.attn_output.weight"]
+    cols, rows = t.shape
+    tensors[t.name] = SimpleNamespace(name=t.name, tensor_type=t.tensor_type, shape=(cols, rows // 2, 2), data=t.data)
+    with pytest.raises(Phi3Error, match=r"blk.0.attn_output.weight has shape \[64, 32, 2\]; a weight matrix has 2"):
+        _gguf_state(tensors, cfg, torch.float32, keep_quantized=True)
