@@ -211,9 +211,8 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
     # Weights come from the checkpoint, so their random initialization is skipped (as
     # transformers' no_init_weights does): on the meta device nn.Embedding's normal_ runs a
     # Python decomposition that imports torch._dynamo and sympy, 76 MiB of modules that count in
-    # every load's peak memory. (rope_inv_freq's division on meta imports them too until it
-    # computes on the CPU; with both, phi-3-mini Q4_0's `phi3 generate` peaked at 2364 MiB
-    # instead of 2436.)
+    # every load's peak memory. (Transformer computes its rotary frequencies on the CPU for the
+    # same reason; with both, phi-3-mini Q4_0's `phi3 generate` peaked at 2364 MiB instead of 2436.)
     skip = lambda tensor, *args, **kwargs: tensor  # noqa: E731
     saved = {name: getattr(torch.nn.init, name) for name in _INITS}
     try:

@@ -256,7 +256,12 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        short, long = rope_inv_freq(cfg)
+        # Computed on the CPU, then moved: the same float32 values on every device, and on the meta
+        # device (the loaders' empty model) the division would import torch._dynamo and sympy,
+        # 76 MiB that counted in every load's peak memory.
+        with torch.device("cpu"):
+            short, long = rope_inv_freq(cfg)
+        short, long = short.to(torch.get_default_device()), long.to(torch.get_default_device())
         self.register_buffer("inv_freq_short", short, persistent=False)
         self.register_buffer("inv_freq_long", long, persistent=False)
         self.rope_scale = cfg.rope_attention_factor
