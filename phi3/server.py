@@ -398,7 +398,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str) -> dict:
         if name != model_id:
-            raise APIError(404, f"model '{name}' does not exist; this server serves '{model_id}'",
+            raise APIError(404, f"model '{name[:100]}' does not exist; this server serves '{model_id}'",
                            "model", "model_not_found")
         return model_card()
 
