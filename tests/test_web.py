@@ -186,7 +186,9 @@ def test_stop_errors_and_api_key(chat, search_server):
     assert counts["running"] == 0 and counts["waiting"] == 0, counts
 
     # At temperature 0 the stopped answer is the start of the full one, and much shorter.
-    full = httpx.post(search_server.url + "/v1/chat/completions", timeout=60, json={
+    # A hang guard only: 400 tokens take ~4 s on an idle 2-core machine, over 60 s when another
+    # process keeps a core busy (2 PyTorch threads on 1 free core wait on each other).
+    full = httpx.post(search_server.url + "/v1/chat/completions", timeout=300, json={
         "model": chat.bodies[-1]["model"], "messages": [{"role": "user", "content": STORY}],
         "temperature": 0, "max_tokens": 400, "search": False}).json()["choices"][0]["message"]["content"]
     assert full.startswith(stopped), (stopped, full[:200])
