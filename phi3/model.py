@@ -15,6 +15,11 @@ RMSNorm and one-token attention (fastpath.py).
 Positions and padding: every row of a batch has its own positions (left padding shifts them), and
 a KVCache remembers which of its slots hold real tokens, so batched prompts of different lengths
 decode together.
+
+Training: `forward(ids, document_ids=...)` runs rows packed with several documents (positions
+restart per document, no token attends across a boundary); dropout follows the config and acts
+only in train mode; `init_weights` initialises as transformers does. Activation checkpointing is
+applied from outside (phi3/train/parallel.py).
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ from torch import nn
 
 from phi3.config import ModelConfig
 from phi3.errors import Phi3Error
+
+
+def training_setting(cfg: ModelConfig, name: str, default: float) -> float:
+    """A training hyperparameter of config.json (attention_dropout, resid_pdrop, embd_pdrop,
+    initializer_range): a ModelConfig field when it has one, else from `cfg.extra`, else `default`."""
+    value = getattr(cfg, name, None)
+    if value is None:
+        value = cfg.extra.get(name)
+    return float(default if value is None else value)
 
 
 class RMSNorm(nn.Module):
@@ -155,6 +169,8 @@ class Attention(nn.Module):
         self.head_dim = cfg.dim_per_head
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        # On the attention probabilities, in train mode only (transformers' Phi3/LlamaAttention).
+        self.attention_dropout = training_setting(cfg, "attention_dropout", 0.0)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, is_causal: bool,
@@ -182,7 +198,9 @@ class Attention(nn.Module):
         if cache is not None:
             cache.store(layer, cache.length, k, v)
             k, v = cache.load(layer, cache.length + T, q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != KV)
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
+                                             enable_gqa=H != KV)
         return out.transpose(1, 2).reshape(B, T, H * self.head_dim)
 
 
@@ -204,11 +222,20 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        # Phi-3 drops each branch's output before the residual add (resid_pdrop; Llama has none).
+        # A float and F.dropout rather than nn.Dropout modules: in eval mode the path is unchanged.
+        self.resid_pdrop = training_setting(cfg, "resid_pdrop", 0.0)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool, cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, layer)
+        if self.training and self.resid_pdrop:
+            h = F.dropout(h, self.resid_pdrop, training=True)
+        x = x + h
+        h = self.mlp(self.post_attention_layernorm(x))
+        if self.training and self.resid_pdrop:
+            h = F.dropout(h, self.resid_pdrop, training=True)
+        return x + h
 
     def decode_rows(self, x: torch.Tensor, rows: DecodeRows, layer: int) -> torch.Tensor:
         """forward for one new token of each of M independent sequences (x [M, 1, hidden])."""
@@ -265,6 +292,9 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq_short", short, persistent=False)
         self.register_buffer("inv_freq_long", long, persistent=False)
         self.rope_scale = cfg.rope_attention_factor
+        # Phi-3's config has embd_pdrop; transformers' Phi3Model reads but never applies it. Here it
+        # drops the token embeddings in train mode, as Phi-1/2 (and the name) do.
+        self.embd_pdrop = training_setting(cfg, "embd_pdrop", 0.0)
         # The KV cache's element type (a float dtype or Q8_0); None: the activations'. A GGUF model
         # with int8 activations caches float16, as llama.cpp does: half the memory (1.6 GB instead
         # of 3.2 GB for phi-3-mini's 4K context) for a rounding no coarser than its matmuls'.
@@ -298,12 +328,14 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len, self.kv_dtype or self.dtype, self.device)
 
     def rotary(self, positions: torch.Tensor, long: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [B, T, 1, head_dim] for positions [B, T]; `long` [B] picks each row's factors
-        (None: no LongRoPE)."""
+        """cos/sin [B, T, 1, head_dim] for positions [B, T]; `long` [B] picks each row's factors,
+        [B, T] each token's (None: no LongRoPE)."""
         if long is None or not bool(long.any()):
             inv_freq = self.inv_freq_short[None, None, :]
         else:
-            inv_freq = torch.where(long[:, None], self.inv_freq_long, self.inv_freq_short)[:, None, :]
+            inv_freq = torch.where(long[..., None], self.inv_freq_long, self.inv_freq_short)
+            if long.dim() == 1:  # one choice per row (a [B, T] `long` chooses per token: packed documents)
+                inv_freq = inv_freq[:, None, :]
         freqs = positions[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
@@ -317,7 +349,8 @@ class Transformer(nn.Module):
                 positions: torch.Tensor | None = None,
                 last_only: bool = False,
                 allowed: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T]; attention_mask [B, T] with 0 at (left) padding; returns logits
         [B, T, vocab] (or [B, 1, vocab] with last_only) in float32.
 
@@ -325,8 +358,17 @@ class Transformer(nn.Module):
         sees, for several sequences packed into one (the evaluator scores a shared context once
         and every answer after it); give `positions` with it. `rows` [R] returns logits
         [B, R, vocab] for those positions only: the head is the largest matmul of a small model
-        and most positions' logits are not wanted."""
-        if allowed is not None:
+        and most positions' logits are not wanted.
+
+        `document_ids` [B, T] (training): each row is several documents packed end to end, a run of
+        equal ids being one document. Each document gets the logits it would get alone: positions
+        restart at 0, attention stays within it, and LongRoPE picks factors by its own length."""
+        if document_ids is not None:
+            if cache is not None or attention_mask is not None or positions is not None or allowed is not None:
+                raise Phi3Error("forward: document_ids set positions and the mask themselves; "
+                                "pass no cache, attention_mask, positions or allowed with them")
+            cos, sin, mask, is_causal = self._prepare_documents(document_ids)
+        elif allowed is not None:
             if positions is None:
                 raise Phi3Error("forward: a custom attention mask needs explicit positions")
             cos, sin, _, _ = self._prepare(input_ids, cache, None, positions)
@@ -334,6 +376,8 @@ class Transformer(nn.Module):
         else:
             cos, sin, mask, is_causal = self._prepare(input_ids, cache, attention_mask, positions)
         x = self.model.embed_tokens(input_ids)
+        if self.training and self.embd_pdrop:
+            x = F.dropout(x, self.embd_pdrop, training=True)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, is_causal, cache, i)
         if cache is not None:
@@ -414,6 +458,60 @@ class Transformer(nn.Module):
             is_causal = True
         cos, sin = self.rotary(positions, long)
         return cos, sin, mask, is_causal
+
+    def _prepare_documents(self, document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """Rotary tables and a block-diagonal causal mask [B, 1, T, T] for packed documents.
+
+        Document ids rather than position_ids that restart at 0 or flash-attn's cu_seqlens: the
+        packer knows them, a padding tail is just one more document, and the mask is a comparison
+        of ids; SDPA takes no cu_seqlens. A document is a run of equal ids, so an id that recurs
+        later in the row starts a new document. (flex_attention would skip the masked blocks, but
+        it is fast only under torch.compile; SDPA with a boolean mask runs everywhere as it is.)"""
+        B, T = document_ids.shape
+        device = document_ids.device
+        idx = torch.arange(T, device=device)
+        starts = torch.ones(B, T, dtype=torch.bool, device=device)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        run = starts.long().cumsum(-1)  # [B, T]: which document (1-based) each token is in
+        first = torch.where(starts, idx, 0).cummax(-1).values  # index of each token's first token
+        positions = idx - first
+        long = None
+        if self.config.rope_scaling is not None:
+            lengths = torch.zeros(B, T + 1, dtype=torch.long, device=device).scatter_add_(1, run, torch.ones_like(run))
+            long = self.uses_long_rope(lengths.gather(1, run))
+        q_idx, k_idx = idx[:, None], idx[None, :]
+        allowed = (k_idx <= q_idx)[None] & (run[:, :, None] == run[:, None, :])
+        window = self.config.sliding_window
+        if window is not None and T > window:
+            allowed = allowed & (k_idx > q_idx - window)[None]
+        cos, sin = self.rotary(positions, long)
+        return cos, sin, allowed[:, None], False
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random weights as transformers' Phi3/LlamaPreTrainedModel._init_weights: normal(0,
+        initializer_range) for linears and the embedding, the padding token's row zero, norms one.
+        Draws from torch's global generator (seed it first). Also recomputes the rotary buffers, so
+        a model built on the meta device and then `to_empty`'d (as FSDP2 does) is complete."""
+        std = training_setting(self.config, "initializer_range", 0.02) or 0.02
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                if module.weight is not self.model.embed_tokens.weight:  # a tied head is drawn once
+                    nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+                # transformers builds the embedding with padding_idx=pad_token_id and zeroes its row.
+                pad = self.config.pad_token_id
+                if pad is not None and 0 <= pad < module.num_embeddings:
+                    module.weight[pad].zero_()
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        with torch.device("cpu"):
+            short, long = rope_inv_freq(self.config)
+        self.inv_freq_short.copy_(short)
+        self.inv_freq_long.copy_(long)
 
     @staticmethod
     def _mask(key_valid: torch.Tensor, start: int, T: int, window: int | None) -> torch.Tensor:

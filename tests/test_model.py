@@ -189,3 +189,158 @@ def test_q8_0_kv_cache_rounds_per_block_and_decodes_close_to_float():
     assert torch.allclose(out[Q8_0], out[torch.float32], atol=0.05), (out[Q8_0] - out[torch.float32]).abs().max()
     with pytest.raises(Exception, match="multiple of 32"):
         KVCache(tiny_config("mini-4k"), 1, 8, Q8_0)  # head dim 16
+
+
+# --- Training: packed documents, dropout, initialisation -----------------------------------------
+
+from dataclasses import fields  # noqa: E402
+
+from phi3.errors import Phi3Error  # noqa: E402
+from phi3.model import Transformer  # noqa: E402
+
+PACK_KINDS = ["mini-4k", "mini-128k", "medium", "llama"]
+
+
+def with_training(cfg, **settings):
+    """cfg with training hyperparameters of config.json set, as ModelConfig fields where it has
+    them, else in `extra` (model.training_setting reads either)."""
+    names = {f.name for f in fields(cfg)}
+    direct = {k: v for k, v in settings.items() if k in names}
+    extra = {k: v for k, v in settings.items() if k not in names}
+    return cfg.with_(**direct, extra={**cfg.extra, **extra})
+
+
+def packing_config(kind):
+    if kind == "llama":  # SmolLM2's shape: grouped-query attention, tied embeddings, no window
+        return tiny_config("medium").with_(model_type="llama", tie_word_embeddings=True)
+    return tiny_config(kind)
+
+
+def random_model(cfg, seed=0):
+    """A Transformer with weights large enough that logits differ from position to position."""
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", PACK_KINDS)
+def test_packed_documents_give_each_documents_own_logits(kind):
+    cfg = packing_config(kind)
+    model = random_model(cfg)
+    # mini-4k: documents longer than its sliding window (7). mini-128k: 10 and 31 within its
+    # original context (32, short factors) and 40 beyond it (long factors), in one row.
+    lengths = [[10, 31, 40], [40, 1, 24, 16]] if kind == "mini-128k" else [[5, 20, 40], [1, 30, 23, 11]]
+    torch.manual_seed(3)
+    docs = [[torch.randint(0, cfg.vocab_size, (n,)) for n in row] for row in lengths]
+    ids = torch.stack([torch.cat(row) for row in docs])
+    # Ids as a packer would write them; row 1 reuses id 7 for two documents in a row's non-adjacent runs.
+    doc_ids = torch.stack([torch.cat([torch.full((n,), d) for d, n in zip(ids_, row)])
+                           for ids_, row in zip([[0, 1, 2], [7, 3, 7, 4]], lengths)])
+    with torch.no_grad():
+        packed = model(ids, document_ids=doc_ids)
+        alone = torch.stack([torch.cat([model(d[None])[0] for d in row]) for row in docs])
+    # Float32: the same arithmetic but SDPA blocks a masked T x T differently from a short causal
+    # one (measured max difference 4.2e-6 on logits up to 4.8).
+    assert (packed - alone).abs().max().item() <= 1e-5
+    if kind == "mini-128k":  # the test means something: long factors differ from short ones
+        with torch.no_grad():
+            short = model(docs[0][2][None, :32])
+        assert (short[0] - alone[0, 41:73]).abs().max().item() > 1e-3
+
+
+def test_packed_documents_refuse_a_cache_or_positions():
+    cfg = tiny_config("medium")
+    model = random_model(cfg)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(Phi3Error, match="document_ids"):
+        model(ids, cache=model.new_cache(1, 8), document_ids=torch.zeros_like(ids))
+    with pytest.raises(Phi3Error, match="document_ids"):
+        model(ids, positions=torch.arange(4)[None], document_ids=torch.zeros_like(ids))
+
+
+DROPOUTS = {"attention_dropout": 0.3, "resid_pdrop": 0.3, "embd_pdrop": 0.3}
+
+
+@pytest.mark.parametrize("setting", list(DROPOUTS))
+def test_dropout_acts_only_in_train_mode(setting):
+    base = tiny_config("mini-4k")
+    plain = random_model(base)
+    dropped = Transformer(with_training(base, **{setting: 0.5}))
+    dropped.load_state_dict(plain.state_dict())
+    zero = Transformer(with_training(base, **{setting: 0.0}))
+    zero.load_state_dict(plain.state_dict())
+    torch.manual_seed(4)
+    ids = torch.randint(0, base.vocab_size, (2, 24))
+    with torch.no_grad():
+        reference = plain(ids)
+        assert torch.equal(dropped.eval()(ids), reference)  # eval mode: bit for bit unchanged
+        torch.manual_seed(5)
+        assert torch.equal(zero.train()(ids), reference)  # p = 0: train mode is eval mode
+        torch.manual_seed(5)
+        a = dropped.train()(ids)
+        torch.manual_seed(5)
+        b = dropped(ids)
+        torch.manual_seed(6)
+        c = dropped(ids)
+    assert (a - reference).abs().max().item() > 1e-2
+    assert torch.equal(a, b) and not torch.equal(a, c)  # masks come from torch's seeded generator
+
+
+def test_dropout_reads_phi3_config_json(tmp_path):
+    from phi3.config import config_from_hf_dict
+    d = tiny_config("mini-4k").to_hf_dict() | {"attention_dropout": 0.1, "resid_pdrop": 0.2, "embd_pdrop": 0.3}
+    cfg = config_from_hf_dict(d)
+    if not all(hasattr(cfg, k) or k in cfg.extra for k in DROPOUTS):
+        pytest.skip("phi3.config does not read dropout from config.json yet")
+    model = Transformer(cfg)
+    assert (model.embd_pdrop, model.model.layers[0].resid_pdrop,
+            model.model.layers[0].self_attn.attention_dropout) == (0.3, 0.2, 0.1)
+
+
+@pytest.mark.parametrize("kind", ["medium", "llama"])
+def test_init_weights_as_transformers(kind):
+    cfg = with_training(packing_config(kind), initializer_range=0.05)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights()
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+            continue
+        w = p.detach().clone()
+        if name == "model.embed_tokens.weight":
+            assert torch.equal(w[cfg.pad_token_id], torch.zeros_like(w[cfg.pad_token_id]))
+            w = torch.cat([w[:cfg.pad_token_id], w[cfg.pad_token_id + 1:]])
+        # >= 16,384 draws each: the sample std is within 1.1% of 0.05 (2 sigma); 3% is generous.
+        assert w.std().item() == pytest.approx(0.05, rel=0.03), name
+        assert abs(w.mean().item()) < 3 * 0.05 / w.numel() ** 0.5, name
+    if cfg.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    torch.manual_seed(0)
+    again = Transformer(cfg)
+    again.init_weights()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    # The default initializer_range is transformers' 0.02.
+    torch.manual_seed(0)
+    default = Transformer(packing_config(kind))
+    default.init_weights()
+    assert default.model.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(0.02, rel=0.03)
+
+
+def test_init_weights_completes_a_meta_device_model():
+    """FSDP2's flow: build on meta, to_empty, init_weights; the rotary buffers must be real too."""
+    cfg = tiny_config("mini-128k")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    reference = Transformer(cfg)
+    assert torch.equal(model.inv_freq_short, reference.inv_freq_short)
+    assert torch.equal(model.inv_freq_long, reference.inv_freq_long)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(torch.zeros(1, 40, dtype=torch.long))).all()
