@@ -73,3 +73,31 @@ def test_activation_checkpointing_keeps_state_dict_keys_and_inference():
         assert torch.equal(step, plain.decode_step(torch.tensor([5]), [cache2]))
     with pytest.raises(Phi3Error, match="already applied"):
         apply_activation_checkpointing(fresh)
+
+
+def test_fully_shard_over_checkpointed_layers(tmp_path):
+    """The order a training loop uses (torchtitan's): checkpointing, then FSDP2 per layer and on the
+    whole model. One gloo process: loss, gradients and state_dict keys are the plain model's."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    cfg = tiny_config("mini-128k")
+    torch.manual_seed(0)
+    plain = Transformer(cfg)
+    plain.init_weights()
+    sharded = apply_activation_checkpointing(copy.deepcopy(plain))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for layer in sharded.model.layers:
+            fully_shard(layer)
+        fully_shard(sharded)
+        torch.manual_seed(1)
+        ids = torch.randint(0, cfg.vocab_size, (2, 41))
+        doc_ids = torch.tensor([[0] * 35 + [1] * 6, [0] * 41])  # a 35-token document (> 32): LongRoPE's long factors
+        loss, grads = loss_and_grads(plain.train(), ids, doc_ids, seed=2)
+        loss_fsdp, grads_fsdp = loss_and_grads(sharded.train(), ids, doc_ids, seed=2)
+        assert list(sharded.state_dict()) == list(plain.state_dict())
+        assert torch.allclose(loss, loss_fsdp, rtol=0, atol=1e-6)
+        for name, g in grads.items():
+            assert torch.allclose(g, grads_fsdp[name].full_tensor(), rtol=0, atol=1e-6), name
+    finally:
+        dist.destroy_process_group()
