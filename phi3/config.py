@@ -55,6 +55,11 @@ class ModelConfig:
     pad_token_id: int | None = 32000
     torch_dtype: str = "bfloat16"
     name: str = "custom"
+    # Training only (phi3/model.py applies them in train mode; inference never reads them).
+    attention_dropout: float = 0.0
+    resid_pdrop: float = 0.0
+    embd_pdrop: float = 0.0
+    initializer_range: float = 0.02
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +84,12 @@ class ModelConfig:
             least = "positive" if name == "rope_theta" else "non-negative"
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (least == "positive" and v == 0):
                 raise Phi3Error(f"{where}: {key(name)} is {shown(v)}, not a {least} finite number; {fix}")
+        for name in ("attention_dropout", "resid_pdrop", "embd_pdrop", "initializer_range"):
+            v = getattr(self, name)
+            bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+            if bad or (name != "initializer_range" and v >= 1):
+                span = "a finite number >= 0" if name == "initializer_range" else "a probability in [0, 1)"
+                raise Phi3Error(f"{where}: {key(name)} is {shown(v)}, not {span}; {fix}")
         if self.hidden_size % self.num_attention_heads and self.head_dim is None:
             raise Phi3Error(
                 f"{where}: {key('hidden_size')} {self.hidden_size} is not divisible by "
@@ -164,12 +175,15 @@ class ModelConfig:
             "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) > 1 else self.eos_token_id[0],
             "pad_token_id": self.pad_token_id,
             "torch_dtype": self.torch_dtype,
+            "attention_dropout": self.attention_dropout,
+            "initializer_range": self.initializer_range,
         }
         if self.head_dim is not None:
             out["head_dim"] = self.head_dim
         if is_phi3:
             out["original_max_position_embeddings"] = self.original_max_position_embeddings
             out["sliding_window"] = self.sliding_window
+            out["resid_pdrop"], out["embd_pdrop"] = self.resid_pdrop, self.embd_pdrop
             out["rope_scaling"] = None
             if self.rope_scaling is not None:
                 out["rope_scaling"] = {
@@ -277,6 +291,11 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "custom") -> ModelConfig:
         pad_token_id=d.get("pad_token_id"),
         torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
         name=name,
+        attention_dropout=number("attention_dropout", d.get("attention_dropout") or 0.0),
+        resid_pdrop=number("resid_pdrop", d.get("resid_pdrop") or 0.0),
+        embd_pdrop=number("embd_pdrop", d.get("embd_pdrop") or 0.0),
+        # transformers falls back to 0.02 when it is 0 too
+        initializer_range=number("initializer_range", d.get("initializer_range") or 0.02),
         extra={"source": "config.json", "fix": "correct config.json"},
     )
 

@@ -294,11 +294,12 @@ def test_dropout_reads_phi3_config_json(tmp_path):
     from phi3.config import config_from_hf_dict
     d = tiny_config("mini-4k").to_hf_dict() | {"attention_dropout": 0.1, "resid_pdrop": 0.2, "embd_pdrop": 0.3}
     cfg = config_from_hf_dict(d)
-    if not all(hasattr(cfg, k) or k in cfg.extra for k in DROPOUTS):
-        pytest.skip("phi3.config does not read dropout from config.json yet")
     model = Transformer(cfg)
     assert (model.embd_pdrop, model.model.layers[0].resid_pdrop,
             model.model.layers[0].self_attn.attention_dropout) == (0.3, 0.2, 0.1)
+    assert config_from_hf_dict(cfg.to_hf_dict()) == cfg  # written back as read
+    with pytest.raises(Phi3Error, match="resid_pdrop is 1.5, not a probability"):
+        config_from_hf_dict(d | {"resid_pdrop": 1.5})
 
 
 @pytest.mark.parametrize("kind", ["medium", "llama"])
