@@ -1352,17 +1352,6 @@ struct Group {
   const uint8_t* rows[kGroupRows];
   const uint8_t* qhs[kGroupRows];
   std::vector<float> s, mw, S;  // per row: sp scales, nbp mins; per unit 8 scales
-  // Decoding prefetches each row's stream at the same place in the next group's row: one group
-  // ahead. (kPrefetchAhead bytes ahead in the same row, as the one-row kernels do, lands in this
-  // group's own rows once rows are shorter than that: q4_0 3072x8192 decoded in 0.96 ms against
-  // the one-row kernel's 0.60, one thread.)
-  int64_t ahead = 0, qh_ahead = 0;
-  void prefetch(int r, int64_t b) const {  // wide formats: qs every 4 blocks, qh every 64 bytes
-    constexpr int64_t qb = Weight::qh_bytes_of(F);
-    if (b % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + b * 16 + ahead), _MM_HINT_T1);
-    if constexpr (qb != 0)
-      if (b % (64 / qb) == 0) _mm_prefetch(reinterpret_cast<const char*>(qhs[r] + b * qb + qh_ahead), _MM_HINT_T1);
-  }
   explicit Group(const Weight& wt) : w(wt) {
     nb = w.nb; nbp = round_up(nb, 8);
     units = q4 ? (nb + 1) / 2 : nb;
@@ -1370,8 +1359,6 @@ struct Group {
     s.assign(kGroupRows * sp, 0.f);
     mw.assign(kGroupRows * nbp, 0.f);
     S.assign(8 * (q4 ? nbp / 2 : round_up(nb, 8)), 0.f);
-    ahead = kGroupRows * w.row_bytes();
-    qh_ahead = kGroupRows * nb * w.qh_bytes();
   }
   // Rows n0 .. n0 + 3; past `last` the last row repeats (its results are not stored).
   void load(int64_t n0, int64_t last) {
@@ -1435,7 +1422,7 @@ inline void group_tile(const Group<F>& g, const QuantizedRows& xr, int64_t m0, b
         const __m256i packed = load_q4_pair(g.rows[r], u, nb);
         lo[r] = _mm256_and_si256(packed, low);
         hi[r] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-        if (prefetch && !(u & 1)) _mm_prefetch(reinterpret_cast<const char*>(g.rows[r] + u * 32 + g.ahead), _MM_HINT_T1);
+        if (prefetch && !(u & 1)) _mm_prefetch(reinterpret_cast<const char*>(g.rows[r] + u * 32 + kPrefetchAhead), _MM_HINT_T1);
       }
 #pragma GCC unroll 4
       for (int m = 0; m < R; ++m) {
@@ -1451,7 +1438,7 @@ inline void group_tile(const Group<F>& g, const QuantizedRows& xr, int64_t m0, b
       for (int r = 0; r < kGroupRows; ++r) {
         c[r] = WideBlock::codes<F>(g.rows[r], g.qhs[r], u);
         a[r] = _mm256_sign_epi8(c[r], c[r]);
-        if (prefetch) g.prefetch(r, u);
+        if (prefetch) wide_prefetch(g.w, g.rows[r], g.qhs[r], u);
       }
 #pragma GCC unroll 8
       for (int m = 0; m < R; ++m) {
@@ -1468,7 +1455,7 @@ inline void group_tile(const Group<F>& g, const QuantizedRows& xr, int64_t m0, b
       __m256i q[kGroupRows];
       for (int r = 0; r < kGroupRows; ++r) {
         q[r] = WideBlock::codes<F, true>(g.rows[r], g.qhs[r], u);
-        if (prefetch) g.prefetch(r, u);
+        if (prefetch) wide_prefetch(g.w, g.rows[r], g.qhs[r], u);
       }
 #pragma GCC unroll 8
       for (int m = 0; m < R; ++m) {
