@@ -15,7 +15,7 @@ picks; with several, their rounds alternate on each shape and the medians are re
 a shared machine memory bandwidth drifts by tens of percent within minutes.
 
 --rows M multiplies M activation rows at once (a prompt: 512 is a phi-3 prefill) and reports
-rows per second (tok/s of that one matrix) instead of GB/s.
+rows per second (tok/s of that one matrix) next to the weight GB/s.
 
 --baseline DIR also builds each --build from the kernel sources in DIR (a copy of an older
 phi3/kernels/, e.g. `git show REV:phi3/kernels/quant_core.h`), named `<build>-base`, and alternates
@@ -94,11 +94,9 @@ def measure(label: str, kind: str, n: int, k: int, builds: dict[str, Any], round
     for _ in range(rounds):
         for name, ext in builds.items():
             results[name].append(gb_per_s(layers, ext, seconds, rows))
-    if rows > 1:  # a prompt: compute-bound, so rows (tokens) per second of this one matrix
-        per_row = rows / (layers[0].weight_bytes / 1e9)  # GB/s -> rows per second
-        results = {name: [g * per_row for g in v] for name, v in results.items()}
-    unit = "rows/s" if rows > 1 else "GB/s"
-    cells = [f"{name} {statistics.median(v):6.1f} {unit}" + (f" ({min(v):.1f}-{max(v):.1f})" if len(v) > 1 else "")
+    per_row = rows / (layers[0].weight_bytes / 1e9)  # GB/s -> rows per second
+    cells = [f"{name} {statistics.median(v):6.1f} GB/s" + (f" ({min(v):.1f}-{max(v):.1f})" if len(v) > 1 else "")
+             + (f" {statistics.median(v) * per_row:7.1f} rows/s" if rows > 1 else "")
              for name, v in results.items()]
     print(f"{label}  " + "  ".join(cells), flush=True)
 

@@ -1007,9 +1007,7 @@ void attend_head(const T* q, const C* kb, const C* vb, const bool* allowed, T* o
 // --- AVX2 + FMA + F16C (AVX-VNNI where enabled) -----------------------------------------------------
 // Decoding q4_0 on our 2-core Zen 5 test machine (bench_gemv.py, A/B in one process, 2026-12-02):
 // 34-38 GB/s on 2 threads where the AVX-512 build streams 29-32, and 20-24 GB/s on one thread
-// against 16; without AVX-VNNI (vpmaddubsw + vpmaddwd) 5-10% below that. Every format but q8_0
-// multiplies int8 activations four weight rows at a time, tiled against several activation rows
-// (see "Four weight rows at a time" below): prompts reuse each unpacked weight block.
+// against 16; without AVX-VNNI (vpmaddubsw + vpmaddwd) 5-10% below that.
 
 #if defined(PHI3_AVX2)
 namespace avx2 {
@@ -1262,12 +1260,10 @@ struct WideBlock {
 // that order once per group. Per row the float sum is: sum over units of part 0 (one chain) plus
 // part 1, plus the mins (mw . xs) in 8 partial sums.
 constexpr int64_t kGroupRows = 4;
-// Activation rows per tile. The wide formats hold 4 registers of unpacked weights, which leaves
-// room for 8 accumulators (q6_k 3072x3072 times 64 rows, one thread: 14.2 ms with tiles of 4
-// rows, 11.6 with 6, 11.1-11.6 with 8; q5_k 11.0, 10.1, 9.3). q4 formats hold 8, and 6 rows spill
-// a little but still win (q4_0 3072x3072 times 96 rows: 9.4 ms with 4 in chunks of 16, 8.4 with 6
-// in chunks of 24, quant_cpu.cpp's kRowChunk).
-constexpr int tile_rows(int64_t fmt) { return fmt == Q4_0 || fmt == Q4_1 || fmt == Q4_K ? 6 : 8; }
+// Activation rows per tile: q4 formats hold 8 registers of unpacked weights, the others 4, which
+// leaves room for 8 accumulators (q6_k 3072x3072 times 64 rows, one thread: 14.2 ms with tiles of
+// 4 rows, 11.6 with 6, 11.1-11.6 with 8; q5_k 11.0, 10.1, 9.3).
+constexpr int tile_rows(int64_t fmt) { return fmt == Q4_0 || fmt == Q4_1 || fmt == Q4_K ? 4 : 8; }
 
 constexpr bool q4_format(int64_t fmt) { return fmt == Q4_0 || fmt == Q4_1 || fmt == Q4_K; }
 

@@ -221,7 +221,7 @@ void check_format(Format fmt, const char* name, int64_t N, int64_t K, Random& rn
   const phi3::Weight& w = t.w;
   const std::string shape = std::string(name) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
                             " (" + std::to_string(w.nb) + " blocks)";
-  // M = 10: full tiles of activation rows and a remainder (AVX2: q4 formats 6 + 4, the others
+  // M = 10: full tiles of activation rows and a remainder (AVX2: q4 formats 4 + 4 + 2, the others
   // 8 + 2). Its inputs come from a
   // generator of its own, so that the other checks keep their draws (the 1e-2 bound against the
   // dense product is statistical: some draws of q5_k put the reference's own int8 error past it).
