@@ -203,6 +203,8 @@ struct QuantizedRows {
   std::vector<uint8_t> q;      // per row: row_q bytes
   std::vector<float> dx;       // per row: nbp block scales (zero-padded)
   std::vector<float> xs;       // per row: nbp block sums, dx * sum(q)
+  std::vector<int32_t> hs;     // AVX2, natural order: per row and block 8 int32, -sum(q) of codes 0..15,
+                               // 0, 0, 0, -sum(q) of codes 16..31, 0, 0, 0 (see group_tile)
 };
 
 // Float activations [M, K] for the exact path, with their block sums.
@@ -1062,7 +1064,7 @@ inline void row_scales(const Weight& w, int64_t n, float* sw, float* mw) {
 }
 
 // One block of activations to 32 int8 codes in natural order, with its rounded scale and code sum.
-inline __m256i quantize_block(const float* xb, float& d_rounded, int32_t& code_sum) {
+inline __m256i quantize_block(const float* xb, float& d_rounded, int32_t& code_sum, int32_t* half_sums = nullptr) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 v[4], amax = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
@@ -1075,6 +1077,10 @@ inline __m256i quantize_block(const float* xb, float& d_rounded, int32_t& code_s
   for (int i = 0; i < 4; ++i)
     c[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   code_sum = hsum(_mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3])));
+  if (half_sums) {
+    half_sums[0] = hsum(_mm256_add_epi32(c[0], c[1]));
+    half_sums[1] = hsum(_mm256_add_epi32(c[2], c[3]));
+  }
   d_rounded = _cvtsh_ss(_cvtss_sh(d, 0));
   // The packs interleave 128-bit lanes: 4-byte groups come out as 0 2 4 6 1 3 5 7.
   const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
@@ -1091,11 +1097,16 @@ inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, Format 
   r.q.assign(M * r.row_q, 0);
   r.dx.assign(M * r.nbp, 0.f);
   r.xs.assign(M * r.nbp, 0.f);
+  if (fmt > Q8_0) r.hs.assign(M * r.nb * 8, 0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < r.nb; ++b) {
       float dr;
-      int32_t code_sum;
-      const __m256i codes = quantize_block(x + m * K + b * kBlock, dr, code_sum);
+      int32_t code_sum, half_sums[2];
+      const __m256i codes = quantize_block(x + m * K + b * kBlock, dr, code_sum, half_sums);
+      if (fmt > Q8_0) {
+        r.hs[(m * r.nb + b) * 8] = -half_sums[0];
+        r.hs[(m * r.nb + b) * 8 + 4] = -half_sums[1];
+      }
       r.dx[m * r.nbp + b] = dr;
       r.xs[m * r.nbp + b] = dr * static_cast<float>(code_sum);
       uint8_t* out = r.q.data() + m * r.row_q;
@@ -1401,9 +1412,11 @@ template <int64_t F, int R>
 inline void group_tile(const Group<F>& g, const QuantizedRows& xr, int64_t m0, bool prefetch, __m256 out[R]) {
   const uint8_t* xq[R];
   const float* dx[R];
+  const int32_t* hs[R];
   __m256 acc[R];  // local, so that they live in registers
   for (int m = 0; m < R; ++m) {
     xq[m] = xr.q.data() + (m0 + m) * xr.row_q;
+    hs[m] = xr.hs.empty() ? nullptr : xr.hs.data() + (m0 + m) * xr.nb * 8;
     dx[m] = xr.dx.data() + (m0 + m) * xr.nbp;
     acc[m] = _mm256_setzero_ps();
   }
@@ -1444,10 +1457,9 @@ inline void group_tile(const Group<F>& g, const QuantizedRows& xr, int64_t m0, b
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(su, _mm256_broadcast_ss(dx[m] + u)), acc[m]);
       }
     } else {
-      // q5_*, q6_k: the raw codes (unsigned, before the offset o) times x, with -o * x's 4-code
-      // sums as each row's starting value, so the reduced sums are sum((q - o) x) exactly: two
-      // operations per activation row instead of a sign flip per weight row. (Reading those sums
-      // precomputed, 32 bytes per block, was slower: q6_k is bound by loads from L2.)
+      // q5_*, q6_k: the raw codes (unsigned, before the offset o) times x, and o * -sum(x) per half
+      // (hs, lanes 0 and 4) as the integer sums' starting value: sum((q - o) x) exactly, with no
+      // sign juggling per activation row.
       __m256i q[kGroupRows];
       for (int r = 0; r < kGroupRows; ++r) {
         q[r] = WideBlock::codes<F, true>(g.rows[r], g.qhs[r], u);
@@ -1457,7 +1469,8 @@ inline void group_tile(const Group<F>& g, const QuantizedRows& xr, int64_t m0, b
       for (int m = 0; m < R; ++m) {
         const __m256i x = load256(xq[m] + u * kBlock);
         __m256i z = _mm256_setzero_si256();
-        if constexpr (wide_offset(F) != 0) z = _mm256_sub_epi32(z, dot_u8s8(_mm256_set1_epi8(wide_offset(F)), x));
+        if constexpr (wide_offset(F) == 32) z = _mm256_slli_epi32(load256(hs[m] + 8 * u), 5);
+        if constexpr (wide_offset(F) == 16) z = _mm256_slli_epi32(load256(hs[m] + 8 * u), 4);
         const __m256i h = reduce4(dot_u8s8(z, q[0], x), dot_u8s8(z, q[1], x), dot_u8s8(z, q[2], x), dot_u8s8(z, q[3], x));
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(su, _mm256_broadcast_ss(dx[m] + u)), acc[m]);
       }
