@@ -1685,15 +1685,7 @@ inline FloatRows prepare_float_rows(const float* x, int64_t M, int64_t K) {
 
 // Block b of a row widened to float: elements 4i..4i+3 in f[i] (codes, before scale).
 inline void widen_block(bool q4, const uint8_t* row, int64_t b, float32x4_t f[8]) {
-  const Codes codes = load_codes(q4, row, b);
-  const int8x16_t halves[2] = {codes.lo, codes.hi};
-  for (int h = 0; h < 2; ++h) {
-    const int16x8_t lo = vmovl_s8(vget_low_s8(halves[h])), hi = vmovl_high_s8(halves[h]);
-    f[4 * h] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
-    f[4 * h + 1] = vcvtq_f32_s32(vmovl_high_s16(lo));
-    f[4 * h + 2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
-    f[4 * h + 3] = vcvtq_f32_s32(vmovl_high_s16(hi));
-  }
+  WideBlock::widen(load_codes(q4, row, b), f);
 }
 
 inline float32x4_t block_dot(const float32x4_t f[8], const float* xb) {
