@@ -36,15 +36,6 @@ from phi3.config import ModelConfig
 from phi3.errors import Phi3Error
 
 
-def training_setting(cfg: ModelConfig, name: str, default: float) -> float:
-    """A training hyperparameter of config.json (attention_dropout, resid_pdrop, embd_pdrop,
-    initializer_range): a ModelConfig field when it has one, else from `cfg.extra`, else `default`."""
-    value = getattr(cfg, name, None)
-    if value is None:
-        value = cfg.extra.get(name)
-    return float(default if value is None else value)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -170,7 +161,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         # On the attention probabilities, in train mode only (transformers' Phi3/LlamaAttention).
-        self.attention_dropout = training_setting(cfg, "attention_dropout", 0.0)
+        self.attention_dropout = float(cfg.attention_dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, is_causal: bool,
@@ -224,7 +215,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         # Phi-3 drops each branch's output before the residual add (resid_pdrop; Llama has none).
         # A float and F.dropout rather than nn.Dropout modules: in eval mode the path is unchanged.
-        self.resid_pdrop = training_setting(cfg, "resid_pdrop", 0.0)
+        self.resid_pdrop = float(cfg.resid_pdrop)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool, cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -294,7 +285,7 @@ class Transformer(nn.Module):
         self.rope_scale = cfg.rope_attention_factor
         # Phi-3's config has embd_pdrop; transformers' Phi3Model reads but never applies it. Here it
         # drops the token embeddings in train mode, as Phi-1/2 (and the name) do.
-        self.embd_pdrop = training_setting(cfg, "embd_pdrop", 0.0)
+        self.embd_pdrop = float(cfg.embd_pdrop)
         # The KV cache's element type (a float dtype or Q8_0); None: the activations'. A GGUF model
         # with int8 activations caches float16, as llama.cpp does: half the memory (1.6 GB instead
         # of 3.2 GB for phi-3-mini's 4K context) for a rounding no coarser than its matmuls'.
@@ -493,7 +484,7 @@ class Transformer(nn.Module):
         initializer_range) for linears and the embedding, the padding token's row zero, norms one.
         Draws from torch's global generator (seed it first). Also recomputes the rotary buffers, so
         a model built on the meta device and then `to_empty`'d (as FSDP2 does) is complete."""
-        std = training_setting(self.config, "initializer_range", 0.02) or 0.02
+        std = self.config.initializer_range or 0.02
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 if module.weight is not self.model.embed_tokens.weight:  # a tied head is drawn once

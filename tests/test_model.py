@@ -193,7 +193,6 @@ def test_q8_0_kv_cache_rounds_per_block_and_decodes_close_to_float():
 
 # --- Training: packed documents, dropout, initialisation -----------------------------------------
 
-from dataclasses import fields  # noqa: E402
 
 from phi3.errors import Phi3Error  # noqa: E402
 from phi3.model import Transformer  # noqa: E402
@@ -202,12 +201,8 @@ PACK_KINDS = ["mini-4k", "mini-128k", "medium", "llama"]
 
 
 def with_training(cfg, **settings):
-    """cfg with training hyperparameters of config.json set, as ModelConfig fields where it has
-    them, else in `extra` (model.training_setting reads either)."""
-    names = {f.name for f in fields(cfg)}
-    direct = {k: v for k, v in settings.items() if k in names}
-    extra = {k: v for k, v in settings.items() if k not in names}
-    return cfg.with_(**direct, extra={**cfg.extra, **extra})
+    """cfg with training hyperparameters of config.json set (ModelConfig fields)."""
+    return cfg.with_(**settings)
 
 
 def packing_config(kind):
