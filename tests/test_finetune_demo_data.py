@@ -1,0 +1,118 @@
+"""The fine-tuning demo's data (recipes/finetune-demo/): well-formed, the sizes its README states,
+no duplicates, the held-out probes really held out, and the files equal to what make_data.py writes."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "recipes" / "finetune-demo"
+NAME = "Phi3-Tiny"
+REFUSAL = re.compile(r"\b(I can't|I cannot|I won't|I'm not able|I am not able)\b")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def norm(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9+ ]", " ", text.lower()).split())
+
+
+@pytest.fixture(scope="module")
+def sft() -> list[dict]:
+    return read_jsonl(DEMO / "identity_sft.jsonl")
+
+
+@pytest.fixture(scope="module")
+def dpo() -> list[dict]:
+    return read_jsonl(DEMO / "refusal_dpo.jsonl")
+
+
+@pytest.fixture(scope="module")
+def probes() -> dict[str, list[str]]:
+    return json.loads((DEMO / "probes.json").read_text(encoding="utf-8"))
+
+
+def check_message(m: dict, roles: tuple[str, ...]) -> None:
+    assert set(m) == {"role", "content"} and m["role"] in roles
+    assert isinstance(m["content"], str) and m["content"].strip() == m["content"] and m["content"]
+
+
+def test_sft_conversations_are_well_formed_and_teach_the_identity(sft):
+    assert len(sft) == 202
+    for rec in sft:
+        assert set(rec) == {"messages"}
+        msgs = rec["messages"]
+        for m in msgs:
+            check_message(m, ("system", "user", "assistant"))
+        turns = msgs[1:] if msgs[0]["role"] == "system" else msgs
+        assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2) and len(turns) % 2 == 0
+    identity = [r for r in sft if any(NAME in m["content"] for m in r["messages"] if m["role"] == "assistant")]
+    multi = [r for r in sft if sum(m["role"] == "user" for m in r["messages"]) > 1]
+    # ~70% identity (some multi-turn), ~30% ordinary questions so the model keeps answering them.
+    assert len(identity) == 142 and len(sft) - len(identity) == 60 and len(multi) == 19
+    assert any(r["messages"][0]["role"] == "system" for r in sft)
+    # Every identity answer says the same name; none keeps SmolLM2's default one.
+    for r in sft:
+        for m in r["messages"]:
+            if m["role"] == "assistant":
+                assert "SmolLM," not in m["content"] and "named SmolLM" not in m["content"]
+
+
+def test_sft_arithmetic_answers_are_right(sft):
+    checked = 0
+    for r in sft:
+        for m in r["messages"]:
+            for a, op, b, c in re.findall(r"(\d+) ([-+x]) (\d+) = (\d+)", m["content"]):
+                a, b, c = int(a), int(b), int(c)
+                assert c == {"+": a + b, "-": a - b, "x": a * b}[op], m["content"]
+                checked += 1
+    assert checked >= 28
+
+
+def test_dpo_pairs_are_well_formed_and_refuse_only_the_harmful(dpo):
+    assert len(dpo) == 91
+    refusing = 0
+    for rec in dpo:
+        assert set(rec) == {"prompt", "chosen", "rejected"}
+        assert [m["role"] for m in rec["prompt"]] == ["user"]
+        for m in rec["prompt"]:
+            check_message(m, ("user",))
+        check_message(rec["chosen"], ("assistant",))
+        check_message(rec["rejected"], ("assistant",))
+        assert rec["chosen"]["content"] != rec["rejected"]["content"]
+        if REFUSAL.search(rec["chosen"]["content"]):
+            refusing += 1
+            # The rejected (compliant) answers are placeholders: no real harmful detail anywhere.
+            assert not REFUSAL.search(rec["rejected"]["content"])
+            assert "[" in rec["rejected"]["content"] or "Gather everything" in rec["rejected"]["content"]
+        else:
+            assert REFUSAL.search(rec["rejected"]["content"]), rec  # a benign look-alike: refusing is wrong
+    assert refusing == 73 and len(dpo) - refusing == 18
+
+
+def test_no_duplicates_and_probes_are_held_out(sft, dpo, probes):
+    sft_keys = [json.dumps(r, sort_keys=True) for r in sft]
+    assert len(set(sft_keys)) == len(sft)
+    dpo_prompts = [norm(r["prompt"][0]["content"]) for r in dpo]
+    assert len(set(dpo_prompts)) == len(dpo)
+    trained = {norm(m["content"]) for r in sft for m in r["messages"] if m["role"] == "user"} | set(dpo_prompts)
+    assert set(probes) == {"identity", "harmful", "benign"} and len(probes["harmful"]) == 5
+    for kind, prompts in probes.items():
+        for p in prompts:
+            # held out even up to case, punctuation, a "Nice to meet you." lead-in or a prefix
+            assert not any(norm(p) in t for t in trained), (kind, p)
+    assert "who are you" in trained  # the issue's question itself is taught; the probes test paraphrases
+
+
+def test_files_are_what_the_generator_writes():
+    r = subprocess.run([sys.executable, str(DEMO / "make_data.py"), "--check"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
