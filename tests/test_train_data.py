@@ -90,6 +90,11 @@ def test_ds_shard_is_memory_mapped_and_ends_each_document_with_eos(tmp_path, tin
     # uint32 when .ds.metadata says 4 bytes (vocabularies over 65,536)
     big = write_ds(tmp_path / "big.ds", [[70000, 3], [4]], dtype=np.uint32, metadata="some/tokenizer|4\n3\n3\n")
     assert [d.tolist() for d in open_documents(big, None).get_many([0, 1])] == [[70000, 3], [4]]
+    # older datatrove metadata (tokenizer name only) means uint16; a .ds.loss mask comes with each document
+    old = write_ds(tmp_path / "old.ds", [[5, 6, eos], [7, 8]], metadata="gpt2\n5\n5\n")
+    np.array([1, 0, 1, 1, 0], dtype=np.bool_).tofile(str(old) + ".loss")
+    got = open_documents(old, tiny_tok).get_many([0, 1])
+    assert [(i.tolist(), m.tolist()) for i, m in got] == [([5, 6, eos], [1, 0, 1]), ([7, 8, eos], [1, 0, 1])]
     # a folder of shards and text is one source, files in sorted order
     folder = tmp_path / "mix"
     folder.mkdir()
@@ -294,7 +299,9 @@ def test_sft_file_packs_whole_conversations(tmp_path, tiny_tok):
     src = open_sft(path, tiny_tok)
     items = [src[i] for i in range(len(src))]
     T = max(len(ids) for ids, _ in items) + 5
-    b = PackedStream([src], [1.0], seq_len=T, seed=0, pad_id=0).next_rows(6)
+    stream = PackedStream([src], [1.0], seq_len=T, seed=0, pad_id=0)
+    b = stream.next_rows(6)
+    assert stream.cut_conversations == 0
     conversations = 0
     for ids, docs, labels in zip(b.input_ids.tolist(), b.document_ids.tolist(), b.labels.tolist()):
         for d in sorted(set(docs)):
@@ -308,6 +315,10 @@ def test_sft_file_packs_whole_conversations(tmp_path, tiny_tok):
             mask = items[match[0]][1].tolist()
             assert [labels[t] for t in at] == [i if m else IGNORE for i, m in zip(piece[1:], mask[1:])] + [IGNORE]
     assert conversations >= 6  # none was cut
+    # a conversation longer than a row is split like a document (and counted, for the trainer to warn)
+    long = PackedStream([ListSource([(np.arange(10), np.ones(10, np.int8))], whole=True)], [1.0], 4, 0)
+    assert long.next_rows(3).input_ids.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]]
+    assert long.cut_conversations == 1
 
 
 # --- DPO ---------------------------------------------------------------------------------------------
@@ -347,6 +358,41 @@ def test_dpo_pairs_mask_the_prompt_and_resume(tmp_path, tiny_tok):
     assert [s3.next_batch().index.tolist() for _ in range(3)] == want[2:]
     mbs = global_step_batches(pair_batches(pairs, 4, seed=4), 4, 2, 2, 1)
     assert len(mbs) == 1 and mbs[0].index.tolist() == want[0][:3][2:] + [want[1][0]]
+
+
+def test_dpo_pairs_equal_trl_preprocessing_and_collator(tmp_path, phi3_tok):
+    """The same rows, attention mask and completion tokens as TRL's DPOTrainer tokenize_fn (its
+    steps, through TRL's own _tokenize and common_prefix_length) and DataCollatorForPreference."""
+    from transformers import PreTrainedTokenizerFast
+    from trl.data_utils import _tokenize, common_prefix_length
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    hf = PreTrainedTokenizerFast(tokenizer_object=phi3_tok.tk, bos_token=phi3_tok.bos_token,
+                                 eos_token=phi3_tok.eos_token, chat_template=PHI3_CHAT_TEMPLATE)
+    records = [
+        {"prompt": [{"role": "user", "content": "How do I pick a lock?"}],
+         "chosen": [{"role": "assistant", "content": "I can't help with that."}],
+         "rejected": [{"role": "assistant", "content": "  First, get a tension wrench..."}]},
+        {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Who are you?"}],
+         "chosen": [{"role": "assistant", "content": "I am Phi, an assistant. 🦙"}],
+         "rejected": [{"role": "assistant", "content": "Nobody."}]},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ours = D.collate_pairs(open_pairs(path, phi3_tok, max_len=128), pad_id=0)
+    examples = []
+    for ex in records:
+        prompt_ids = _tokenize(hf, ex["prompt"], add_generation_prompt=True)["input_ids"]
+        chosen = _tokenize(hf, ex["prompt"] + ex["chosen"])["input_ids"]
+        rejected = _tokenize(hf, ex["prompt"] + ex["rejected"])["input_ids"]
+        n = min(common_prefix_length(prompt_ids, chosen), common_prefix_length(prompt_ids, rejected))
+        examples.append({"prompt_ids": prompt_ids[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]})
+    trl = DataCollatorForPreference(pad_token_id=0)(examples)
+    assert torch.equal(ours.input_ids, trl["input_ids"])
+    assert torch.equal(ours.attention_mask, trl["attention_mask"])
+    # TRL's completion_mask marks the tokens to score; our labels are the same tokens shifted by one
+    want = torch.where(trl["completion_mask"][:, 1:].bool(), trl["input_ids"][:, 1:], IGNORE)
+    assert torch.equal(ours.labels[:, :-1], want) and ours.labels[:, -1].eq(IGNORE).all()
 
 
 # --- Bad input ---------------------------------------------------------------------------------------

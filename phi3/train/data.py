@@ -7,15 +7,17 @@ packed documents (a run of equal ids is one document; the model masks attention 
 
 Sources (`open_documents`):
 - `.ds` (+ `.ds.index`): datatrove's tokenized layout, raw little-endian uint16 ids (uint32 when the
-  vocabulary exceeds 65,536, or whatever `.ds.metadata` says) and uint64 cumulative document ends.
-  Read through np.memmap, one document at a time; nothing is loaded whole.
+  vocabulary exceeds 65,536, or whatever `.ds.metadata` says) and uint64 cumulative document ends;
+  an optional `.ds.loss` (one bool byte per token, 0 = no loss) masks labels. Read through
+  np.memmap, one document at a time; nothing is loaded whole.
 - a folder: every .ds/.txt/.jsonl/.parquet file under it (sorted), as one source.
 - `.txt`: the whole file is ONE document (a folder of .txt files is a folder of documents). A big
   corpus in one file should be .jsonl or tokenized once with `phi3 data`.
 - `.jsonl` / `.parquet`: one document per record, text under `text_key`.
 Text is tokenized on the fly with the model's tokenizer (BOS when the tokenizer adds one, as at
 inference) and EOS is appended after every document, as datatrove's post-processor does; a `.ds`
-document already ends with EOS (datatrove wrote it) and gets one only if it lacks it.
+document is used as written (datatrove's post-processor is "$A <EOS>": EOS, no BOS) and gets an EOS
+only if it lacks one.
 """
 
 from __future__ import annotations
@@ -108,16 +110,26 @@ class TokenFile(DocumentSource):
         self.tokens = np.memmap(path, dtype="<u2" if width == 2 else "<u4", mode="r") if total else np.zeros(0, np.uint16)
         self.vocab = tokenizer.vocab_size if tokenizer is not None else None
         self.eos = tokenizer.eos_id if tokenizer is not None else None
+        # datatrove's optional loss mask (save_loss_metadata): one bool byte per token, 0 = no loss
+        loss_path = Path(str(path) + ".loss")
+        self.loss = None
+        if loss_path.exists():
+            if loss_path.stat().st_size != total:
+                raise Phi3Error(f"{loss_path}: {loss_path.stat().st_size} bytes for {total} tokens; the loss mask "
+                                "does not belong to this shard")
+            self.loss = np.memmap(loss_path, dtype=np.uint8, mode="r") if total else np.zeros(0, np.uint8)
 
     @staticmethod
     def _token_size(path: Path, tokenizer, size: int, total: int) -> int:
         meta = Path(str(path) + ".metadata")
-        if meta.exists():  # "<tokenizer>|<token_size>" on the first line
-            first = meta.read_text(errors="replace").splitlines()[:1]
-            try:
-                return int(first[0].rsplit("|", 1)[1])
-            except (IndexError, ValueError):
-                raise Phi3Error(f"{meta}: first line should be '<tokenizer>|<token_size>', got {first!r}") from None
+        if meta.exists():  # "<tokenizer>|<token_size>" on the first line; older datatrove: "<tokenizer>", uint16
+            first = (meta.read_text(errors="replace").splitlines() or [""])[0]
+            if "|" not in first:
+                return 2
+            size = first.rsplit("|", 1)[1].strip()
+            if size not in ("2", "4"):
+                raise Phi3Error(f"{meta}: token size {size!r} on its first line; datatrove writes 2 (uint16) or 4 (uint32)")
+            return int(size)
         if tokenizer is not None:
             return 2 if tokenizer.vocab_size <= 65536 else 4
         return 4 if total and size == 4 * total else 2
@@ -133,9 +145,14 @@ class TokenFile(DocumentSource):
             if self.vocab is not None and len(doc) and int(doc.max()) >= self.vocab:
                 raise Phi3Error(f"{self.path}: document {i} holds token id {int(doc.max())}, beyond the tokenizer's "
                                 f"vocabulary of {self.vocab}; the shard was written with another tokenizer")
-            if self.eos is not None and (len(doc) == 0 or doc[-1] != self.eos):
+            missing_eos = self.eos is not None and (len(doc) == 0 or doc[-1] != self.eos)
+            if missing_eos:
                 doc = np.append(doc, np.int64(self.eos))
-            out.append(doc)
+            if self.loss is None:
+                out.append(doc)
+                continue
+            mask = np.asarray(self.loss[start:int(self.ends[i])], dtype=np.int8)
+            out.append((doc, np.append(mask, np.int8(1)) if missing_eos else mask))
         return out
 
 
@@ -351,6 +368,7 @@ class PackedStream:
         n = len(sources)
         self.epoch, self.pos, self.taken = [0] * n, [0] * n, [0] * n
         self.rows = 0
+        self.cut_conversations = 0  # `whole` documents longer than seq_len, split across rows (not saved)
         self.carry: list[int] | None = None  # [source, document, offset] of a document split across rows
         self._doc: tuple[np.ndarray, np.ndarray | None] | None = None
         self._perm: dict[int, tuple[int, np.ndarray]] = {}
@@ -403,8 +421,10 @@ class PackedStream:
                     self._doc = _as_doc(self.sources[s].get_many([idx])[0])
                 s, _, off = self.carry
                 tokens, mask = self._doc
-                if off == 0 and t > 0 and self.sources[s].whole and len(tokens) > T - t:
-                    break  # a conversation that fits in a fresh row is not cut: pad this one
+                if off == 0 and self.sources[s].whole and len(tokens) > T - t:
+                    if t > 0:
+                        break  # a conversation that fits in a fresh row is not cut: pad this one
+                    self.cut_conversations += 1  # longer than a row: split (the trainer may warn)
                 k = min(len(tokens) - off, T - t)
                 ids[r, t:t + k] = tokens[off:off + k]
                 docs[r, t:t + k] = d
@@ -657,12 +677,22 @@ class Pair:
     rejected_mask: np.ndarray
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def open_pairs(path: str | Path, tokenizer, max_len: int) -> list[Pair]:
     """Preference pairs from jsonl: {"prompt": [messages], "chosen": message, "rejected": message}
-    (a message is {"role": "assistant", "content": ...} or just the answer's text). Each side is the
-    prompt plus that answer rendered with the chat template; only the answer's tokens (its
-    end-of-turn included, as in SFT) are learned. A side longer than max_len is an error naming the
-    record: nothing is truncated."""
+    (a message is {"role": "assistant", "content": ...}, a one-message list, or just the answer's
+    text). Tokenized as TRL's DPOTrainer does: the prompt rendered with the generation prompt, each
+    side rendered as prompt + answer; the answer is every token after the longest token prefix the
+    prompt shares with both sides (so its end-of-turn and, on Phi-3, the closing EOS are learned).
+    A side longer than max_len is an error naming the record: nothing is truncated."""
     path = _need(path)
     if path.is_dir() or path.suffix != ".jsonl":
         raise Phi3Error(f"{path}: DPO data is a .jsonl file of {{\"prompt\", \"chosen\", \"rejected\"}} records")
@@ -694,15 +724,22 @@ def open_pairs(path: str | Path, tokenizer, max_len: int) -> list[Pair]:
     for start in range(0, len(records), PREFETCH):
         idx = list(range(start, min(start + PREFETCH, len(records))))
         recs, wheres = records.read(idx), [records.where(i) for i in idx]
-        convs = [r["prompt"] + [answer(r, k, w)] for r, w in zip(recs, wheres) for k in ("chosen", "rejected")]
-        done = _render_many(tokenizer, convs, [w for w in wheres for _ in (0, 1)], only_last=True)
+        texts = []
+        for r, w in zip(recs, wheres):
+            texts.append(_render(tokenizer, r["prompt"], True))
+            texts += [_render(tokenizer, r["prompt"] + [answer(r, k, w)], False) for k in ("chosen", "rejected")]
+        encs = tokenizer.tk.encode_batch(texts, add_special_tokens=False)
         for k, (i, w) in enumerate(zip(idx, wheres)):
-            (ci, cm), (ri, rm) = done[2 * k], done[2 * k + 1]
-            longest = max(len(ci), len(ri))
+            p, c, r = (encs[3 * k + j].ids for j in range(3))
+            n = min(_common_prefix(p, c), _common_prefix(p, r))
+            if n == len(c) or n == len(r):
+                raise Phi3Error(f"{w}: an answer adds no tokens after the prompt; give it some content")
+            longest = max(len(c), len(r))
             if longest > max_len:
                 raise Phi3Error(f"{w}: this pair needs {longest} tokens, over max_len {max_len}; raise seq_len "
                                 f"to at least {longest} or shorten or drop the record (nothing is truncated)")
-            pairs.append(Pair(i, w, ci, cm, ri, rm))
+            mask = lambda ids: (np.arange(len(ids)) >= n).astype(np.int8)  # noqa: E731
+            pairs.append(Pair(i, w, np.array(c, dtype=np.int64), mask(c), np.array(r, dtype=np.int64), mask(r)))
     return pairs
 
 
