@@ -451,3 +451,10 @@ def test_over_long_dpo_pair_is_an_error_naming_the_record(tmp_path, tiny_tok):
                                 "rejected": "b"}) + "\n")
     with pytest.raises(Phi3Error, match=r"p.jsonl:1: 'chosen' should be an assistant message"):
         open_pairs(path, tiny_tok, max_len=64)
+
+
+def test_a_mixture_of_empty_documents_is_an_error():
+    with pytest.raises(Phi3Error, match="every document in the mixture is empty"):
+        PackedStream([ListSource([[], []])], [1.0], 4, 0).next_rows(1)
+    b = PackedStream([ListSource([[], [7, 8]])], [1.0], 4, 0).next_rows(1)  # empty ones are skipped
+    assert b.input_ids.tolist() == [[7, 8, 7, 8]] and b.document_ids.tolist() == [[0, 0, 1, 1]]

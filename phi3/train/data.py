@@ -362,6 +362,8 @@ class PackedStream:
                 raise Phi3Error(f"{s.name}: holds no documents")
         if seq_len < 2:
             raise Phi3Error(f"seq_len {seq_len} is too short; give at least 2")
+        if not isinstance(seed, int) or seed < 0:
+            raise Phi3Error(f"seed {seed!r}: give a non-negative integer")
         self.sources, self.seq_len, self.seed, self.pad_id = sources, int(seq_len), int(seed), int(pad_id)
         total = float(sum(weights))
         self.weights = [float(w) / total for w in weights]
@@ -373,6 +375,7 @@ class PackedStream:
         self._doc: tuple[np.ndarray, np.ndarray | None] | None = None
         self._perm: dict[int, tuple[int, np.ndarray]] = {}
         self._buf: dict[int, dict[int, Any]] = {}
+        self._empty = 0  # empty documents in a row (all empty would loop forever)
 
     # -- order --
     def _order(self, s: int) -> np.ndarray:
@@ -398,6 +401,9 @@ class PackedStream:
         idx = int(self._order(s)[pos])
         self._doc = _as_doc(self._fetch(s, pos))
         self.taken[s] += len(self._doc[0])
+        self._empty = self._empty + 1 if len(self._doc[0]) == 0 else 0
+        if self._empty > sum(len(src) for src in self.sources):
+            raise Phi3Error("every document in the mixture is empty; check the data (and that the tokenizer has an EOS)")
         self.pos[s] += 1
         if self.pos[s] == len(self.sources[s]):
             self.epoch[s] += 1
@@ -432,7 +438,7 @@ class PackedStream:
                 if mask is not None:
                     nxt = np.where(mask[off + 1:off + k + 1] > 0, nxt, IGNORE)
                 labels[r, t:t + len(nxt)] = nxt
-                t, d = t + k, d + 1
+                t, d = t + k, d + (k > 0)
                 if off + k == len(tokens):
                     self.carry, self._doc = None, None
                 else:
