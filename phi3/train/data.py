@@ -13,7 +13,9 @@ Sources (`open_documents`):
 - a folder: every .ds/.txt/.jsonl/.parquet file under it (sorted), as one source.
 - `.txt`: the whole file is ONE document (a folder of .txt files is a folder of documents). A big
   corpus in one file should be .jsonl or tokenized once with `phi3 data`.
-- `.jsonl` / `.parquet`: one document per record, text under `text_key`.
+- `.jsonl` / `.parquet`: one document per record, text under `text_key`. A .jsonl file is parsed
+  line by line when opened (79 MB/s measured here), so a bad line fails before training starts;
+  only line offsets are kept.
 Text is tokenized on the fly with the model's tokenizer (BOS when the tokenizer adds one, as at
 inference) and EOS is appended after every document, as datatrove's post-processor does; a `.ds`
 document is used as written (datatrove's post-processor is "$A <EOS>": EOS, no BOS) and gets an EOS
