@@ -378,16 +378,22 @@ def long_windows(source: Sequence, length: int, count: int, seed: int = 0) -> li
     [i] -> tokens, e.g. phi3.train.data's DocumentSource): the first `length` tokens of documents
     that long, in a seeded order; when too few documents are that long, the rest are cut from the
     other documents laid end to end (each already ends with EOS), as LongRoPE's fine-tuning chunks
-    RedPajama."""
+    RedPajama. Reading stops once `count` long documents are found, or once at least 8 x count
+    documents are read and the short ones make up the difference: a large corpus is not read
+    whole for a handful of windows."""
     rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(source))
-    out, rest = [], []
-    for i in idx:
-        doc = np.asarray(source[int(i)], dtype=np.int64)
-        if len(out) < count and doc.size >= length:
+    out: list[np.ndarray] = []
+    rest: list[np.ndarray] = []
+    spare = 0  # tokens in `rest`
+    for n, i in enumerate(rng.permutation(len(source))):
+        doc = np.asarray(source[int(i)], dtype=np.int64).ravel()
+        if doc.size >= length:
             out.append(doc[:length])
         elif doc.size:
             rest.append(doc)
+            spare += doc.size
+        if len(out) == count or (n + 1 >= 8 * count and len(out) + spare // length >= count):
+            break
     if len(out) < count and rest:
         stream = np.concatenate(rest)
         for start in range(0, stream.size - length + 1, length):
