@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from phi3.errors import Phi3Error
 from phi3.model import Transformer
-from phi3.train.losses import (IGNORE, dpo_loss, dpo_metrics, lm_loss_sum, pair_logps, sequence_logps,
-                               token_losses)
+from phi3.train.losses import (IGNORE, dpo_loss, dpo_metrics, lm_loss_sum, pair_logps, reference_logps,
+                               sequence_logps, token_losses)
 from tests.conftest import tiny_config
 
 
@@ -222,3 +222,25 @@ def test_dpo_equals_trl(tmp_path, kind):
     assert compared == len(list(policy.parameters()))
     assert worst <= 1e-5, worst  # measured 2.1e-6 (medium), 2.3e-6 (llama); largest gradient 1.3 / 2.6
     assert max(p.grad.abs().max().item() for p in policy.parameters()) > 1e-2  # gradients are not ~0
+
+
+def test_reference_logps_cache_every_pair_by_index():
+    from types import SimpleNamespace
+    cfg = tiny_config("medium")
+    model = random_model(cfg).train()
+    torch.manual_seed(3)
+    ids = torch.randint(0, cfg.vocab_size, (4, 12))  # pairs 5 and 2: rows chosen 5, chosen 2, rejected 5, rejected 2
+    attn = torch.ones_like(ids)
+    attn[1, 9:] = attn[3, 7:] = 0
+    labels = torch.roll(ids, -1, 1)
+    labels[:, :4] = IGNORE  # the prompt
+    labels[attn == 0] = IGNORE
+    labels[:, -1] = IGNORE
+    labels[1, 8] = labels[3, 6] = IGNORE
+    batch = SimpleNamespace(input_ids=ids, labels=labels, attention_mask=attn, index=torch.tensor([5, 2]))
+    cache = reference_logps(model, [batch], num_pairs=6)
+    assert model.training  # restored
+    with torch.no_grad():
+        want = sequence_logps(model(ids, attention_mask=attn), labels)
+    assert torch.equal(cache[5], torch.stack([want[0], want[2]])) and torch.equal(cache[2], torch.stack([want[1], want[3]]))
+    assert cache[[0, 1, 3, 4]].isnan().all()

@@ -172,3 +172,25 @@ def pair_logps(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
         raise Phi3Error(f"dpo: a pair batch has an even number of rows (chosen then rejected); got {input_ids.shape[0]}")
     logits = model(input_ids, attention_mask=attention_mask)
     return sequence_logps(logits, labels).chunk(2)
+
+
+@torch.no_grad()
+def reference_logps(model: torch.nn.Module, batches, num_pairs: int) -> Tensor:
+    """The frozen reference's log pi(chosen), log pi(rejected) for every pair, computed once
+    before training: float32 [num_pairs, 2], row i for the pair whose PairBatch.index is i.
+    `model` is the policy before its first step (TRL's precompute_ref_log_probs with no ref model:
+    no second copy of the weights is ever held; with LoRA, B = 0 makes it the base model). Eval
+    mode (no dropout) for the pass; the caller wraps it in the same autocast as training steps.
+    Pairs no batch covered stay NaN, so a gap is loud rather than a silent zero."""
+    out = torch.full((num_pairs, 2), float("nan"), dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            if batch.index is None:
+                raise Phi3Error("reference_logps: the pair batch carries no pair index; build it with pair_batches")
+            chosen, rejected = pair_logps(model, batch.input_ids, batch.labels, batch.attention_mask)
+            out[batch.index.long().cpu()] = torch.stack([chosen, rejected], dim=1).float().cpu()
+    finally:
+        model.train(was_training)
+    return out
