@@ -223,3 +223,23 @@ def test_lora_under_fsdp2_trains_only_adapters_and_merges_from_a_full_state_dict
 
 def test_default_targets_are_the_fused_projections():
     assert DEFAULT_TARGETS == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def test_adapters_disabled_gives_the_base_model_and_restores_training_flags():
+    from phi3.train.lora import adapters_disabled
+    cfg = tiny_config("medium")
+    base = random_model(cfg).eval()
+    model = random_model(cfg)
+    apply_lora(model, r=R, alpha=ALPHA)
+    move_adapters(model)
+    model.eval()
+    ids = packed_batch(cfg.vocab_size)[0]
+    flags = [p.requires_grad for p in model.parameters()]
+    with torch.no_grad():
+        with_lora = model(ids)
+        with adapters_disabled(model):
+            off = model(ids)
+        again = model(ids)
+        assert torch.equal(off, base(ids))
+        assert torch.equal(again, with_lora) and not torch.equal(off, with_lora)
+    assert [p.requires_grad for p in model.parameters()] == flags

@@ -17,7 +17,8 @@ peft is optional (`pip install 'phi3[train]'`) and imported only when LoRA is as
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -82,6 +83,30 @@ def apply_lora(model: Transformer, r: int, alpha: float, dropout: float = 0.0,
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
     return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model with the adapters bypassed (peft's PeftModel.disable_adapter, for a
+    model whose adapters were injected in place): e.g. a DPO reference pass after training has
+    moved the adapters. Before the first step it is not needed (B = 0: the outputs are the base
+    model's already). A model without adapters is yielded unchanged."""
+    layers = []
+    if is_lora(model):
+        _peft()
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    # peft's enable_adapters also flips the adapters' requires_grad: put the caller's flags back.
+    flags = {p: p.requires_grad for m in layers for p in m.parameters()}
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        yield model
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def lora_parameter_count(model: nn.Module) -> int:
