@@ -315,7 +315,7 @@ def search_longrope_factors(model: Transformer, documents: Sequence[torch.Tensor
                             *, original_len: int | None = None, population: int = POPULATION,
                             iterations: int = ITERATIONS, parents: int = PARENTS, mutations: int = MUTATIONS,
                             crossovers: int = CROSSOVERS, short_iterations: int | None = None,
-                            min_short_gain: float = 1e-3, batch_size: int = 4, seed: int = 0,
+                            min_short_gain: float = 1e-3, batch_size: int | None = None, seed: int = 0,
                             progress: bool = True, report: dict | None = None) -> tuple[list[float], list[float]]:
     """(short_factor, long_factor) for extending `model` from its context C to `target_len`.
 
@@ -330,6 +330,9 @@ def search_longrope_factors(model: Transformer, documents: Sequence[torch.Tensor
     cfg = model.config
     C = _check_lengths(cfg, target_len, original_len)
     half = cfg.dim_per_head // 2
+    # rows per forward (None: 4, fewer past 2048 tokens, one past 8192: the logits alone are
+    # rows x target_len x vocab floats, 4 GiB for one row of 32k tokens of Phi-3's vocabulary)
+    batch_size = batch_size or max(1, min(4, 8192 // target_len))
     s = target_len / C
     long_rows = _as_rows(documents, target_len)
     short_rows = long_rows[:, :C]
