@@ -51,6 +51,20 @@ def test_token_losses_equal_torch_cross_entropy(dtype, vocab):
     assert torch.allclose(sequence_logps(x, y), -ref.sum(-1), rtol=1e-6, atol=1e-5)
 
 
+def test_token_losses_stay_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    x = (3 * torch.randn(2, 50, 300)).requires_grad_(True)
+    y = torch.randint(0, 300, (2, 50))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = token_losses(x, y)
+        ours.sum().backward()
+    ours_grad, x.grad = x.grad.clone(), None
+    ref = F.cross_entropy(x.flatten(0, 1), y.flatten(), reduction="none").view(2, 50)
+    ref.sum().backward()
+    assert ours.dtype == torch.float32
+    assert (ours - ref).abs().max().item() <= 1e-6 and (ours_grad - x.grad).abs().max().item() <= 1e-6
+
+
 def test_bad_shapes_give_one_line():
     with pytest.raises(Phi3Error, match="do not match"):
         token_losses(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
