@@ -26,6 +26,7 @@ def records(n=20, dpo=False):
         if dpo:
             r.update({"rewards/chosen": 0.01 * s, "rewards/rejected": -0.01 * s,
                       "rewards/margins": 0.02 * s, "rewards/accuracies": min(1.0, s / 10)})
+        r["phase"] = "phase1" if s <= n // 2 else "phase2"
         out.append(r)
     return out
 
@@ -43,6 +44,12 @@ def test_png_written(tmp_path, dpo):
     import struct
     height = struct.unpack(">I", data[20:24])[0]
     assert height == (4 if dpo else 3) * 220
+
+
+def test_phase_starts():
+    rs = [{"step": s, "loss": 1.0, "phase": "web" if s <= 3 else "web+synthetic"} for s in range(1, 6)]
+    assert report.phase_starts(rs) == [(1, "web"), (4, "web+synthetic")]
+    assert report.phase_starts([{"step": 1, "loss": 2.0}]) == []
 
 
 def test_read_keeps_last_record_of_a_step_and_sorts(tmp_path):

@@ -113,6 +113,7 @@ class Longctx:
     original_len: int | None = None  # None: the model's current context
     population: int = 16         # LongRoPE's evolutionary search (the paper uses 64 x 40 at scale)
     iterations: int = 8
+    search_documents: int = 4    # long windows the search scores perplexity on (the paper: 5 PG19 samples)
     short_fraction: float = 0.5  # share of rows packed at the original context in the long/short mix
 
 
@@ -563,9 +564,10 @@ def _check(r: Recipe, world: int, need_out: bool, where: Any) -> None:
                                    "(e.g. --set longctx.target_len=256)")
     if lc.original_len is not None and lc.original_len < 1:
         fail("longctx.original_len", f"is {lc.original_len}; it must be positive")
-    if lc.population < 2 or lc.iterations < 1:
-        fail("longctx.population" if lc.population < 2 else "longctx.iterations",
-             "is too small (population >= 2, iterations >= 1)")
+    if lc.population < 2 or lc.iterations < 1 or lc.search_documents < 1:
+        key = "population" if lc.population < 2 else "iterations" if lc.iterations < 1 else "search_documents"
+        fail(f"longctx.{key}", f"is {getattr(lc, key)}, too small (population >= 2, iterations >= 1, "
+                               f"search_documents >= 1)")
     if not 0 <= lc.short_fraction <= 1:
         fail("longctx.short_fraction", f"is {lc.short_fraction}; it must be in [0, 1]")
 

@@ -4,7 +4,7 @@ optional TensorBoard writer.
 
 metrics.jsonl holds one JSON object per logged optimizer step, written by rank 0 of the trainer:
 `step` (int, required), and numbers such as `loss`, `lr`, `tokens` (tokens seen so far),
-`tokens_per_s`, `grad_norm`, `elapsed` (seconds), plus TRL's DPO names (`rewards/chosen`,
+`tokens_per_s`, `grad_norm`, `elapsed` (seconds), `phase` (its name), plus TRL's DPO names (`rewards/chosen`,
 `rewards/rejected`, `rewards/margins`, `rewards/accuracies`) in the dpo stage. Other keys are kept
 and ignored by the plot.
 
@@ -73,6 +73,16 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return xs, ys
 
 
+def phase_starts(records: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(first step, phase name) of each run of equal `phase` values, in step order."""
+    out: list[tuple[int, str]] = []
+    for r in records:
+        name = r.get("phase")
+        if isinstance(name, str) and (not out or out[-1][1] != name):
+            out.append((r["step"], name))
+    return out
+
+
 def plot_metrics(metrics: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
     """Draw metrics.jsonl (`metrics`) as a PNG (default: metrics.png beside it) with panels for the
     loss, the learning rate and the throughput (tokens/s), plus a DPO rewards panel when the run
@@ -115,6 +125,13 @@ def plot_metrics(metrics: str | Path, out: str | Path | None = None, title: str 
     axes[-1].set_xlabel("optimizer step")
     for ax in axes:
         ax.grid(True, alpha=0.3)
+    # Where a pretraining phase starts (records carry "phase" when the recipe has several): the
+    # loss often jumps there as the new mixture arrives.
+    for step, name in phase_starts(records)[1:]:
+        for ax in axes:
+            ax.axvline(step - 0.5, color="gray", linestyle="--", linewidth=0.8)
+        axes[0].annotate(name, (step - 0.5, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                         textcoords="offset points", va="top", fontsize="small", color="gray")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".metrics-", suffix=".png", dir=out.parent)
