@@ -1,4 +1,4 @@
-"""The `phi3` command: chat, generate, serve, index, info, convert, quantize, perplexity, eval, mt-bench, safety, bench, fetch.
+"""The `phi3` command: chat, generate, serve, index, info, convert, quantize, perplexity, eval, mt-bench, safety, bench, fetch, train.
 
 Bad input of any kind ends in one line `phi3: error: ...` on stderr and exit code 2.
 """
@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
         "mt-bench", help="MT-bench: a local model's answers graded 1-10 by an OpenAI-compatible judge (FastChat's prompts)"))
     judge.add_safety_args(sub.add_parser(
         "safety", help="multi-turn safety benchmark: simulated users, judged harm severity (DR-x) and ungroundedness"))
+
+    # `phi3 train ...` is handed whole to phi3.train.trainer.main (its own parser; see main below).
+    sub.add_parser("train", help="train or fine-tune: pretrain, sft, dpo, longctx (alone or under torchrun; "
+                                 "`phi3 train --help`)", add_help=False)
 
     sub.add_parser("fetch", help="download the default model (SmolLM2-135M-Instruct) into the cache "
                                  "and build the quantized CPU kernel")
@@ -584,6 +588,10 @@ COMMANDS = {"chat": cmd_chat, "serve": cmd_serve, "index": cmd_index, "generate"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # a verb module with its own parser (and torchrun's process group)
+        from phi3.train.trainer import main as train_main
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

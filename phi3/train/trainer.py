@@ -1,0 +1,630 @@
+"""`phi3 train STAGE`: one training loop for pretrain, sft, dpo and longctx.
+
+    phi3 train pretrain --model phi-3-mini:layers=4,hidden=256,heads=4 --tokenizer TOK --data a.txt --out runs/a
+    torchrun --nproc-per-node 2 -m phi3.cli train pretrain ... (same command: RANK/WORLD_SIZE come from torchrun)
+
+The loop, in order (nanoGPT's loop with torchtitan's pieces):
+  1. process group (torchrun's env; gloo on the CPU, nccl on CUDA), seeded full model on the CPU;
+  2. activation checkpointing, then DDP or FSDP2 (`fully_shard` per layer + root), then AdamW
+     (created after wrapping: FSDP2 replaces the parameters by DTensors);
+  3. per optimizer step: the global rows [s*G, (s+1)*G) of the deterministic data stream; this
+     rank's micro-batches; forward/backward with gradient sync only on the last micro-batch; the
+     loss is the sum of per-token losses divided by the label tokens of the WHOLE step (all
+     micro-batches, all ranks), so 2 processes x 1 micro-batch equal 1 process x 2 micro-batches;
+     clip, step, schedule;
+  4. metrics.jsonl + tqdm on rank 0; numbered DCP checkpoints; at the end `final/` (a Hugging
+     Face folder) and metrics.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from phi3.errors import Phi3Error
+from phi3.train import ckpt
+from phi3.train.parallel import (
+    DistContext,
+    apply_activation_checkpointing,
+    apply_ddp,
+    apply_fsdp,
+    init_distributed,
+    resolve_parallel,
+    unwrapped_name,
+)
+
+STAGES = ("pretrain", "sft", "dpo", "longctx")
+IGNORE = -100
+
+
+# --- What the loop runs ---------------------------------------------------------------------------
+
+@dataclass
+class PhasePlan:
+    """One phase of the data mixture: its number of optimizer steps and how to open its stream
+    (a fresh, seeded PackedStream-like object: next_rows(n) -> Batch, state_dict, load_state_dict)."""
+
+    name: str
+    steps: int
+    make_stream: Callable[[], Any]
+    describe: Any = None  # JSON-able description (sources, weights, budget) a resume must match
+
+
+@dataclass
+class Job:
+    """Everything `run` needs, built by `main` from a Recipe (tests build it directly)."""
+
+    stage: str
+    recipe: Any  # phi3.train.recipe.Recipe (or an object with the same attributes)
+    model: nn.Module  # full model on the CPU, seeded; a peft model under LoRA
+    config: Any  # phi3.config.ModelConfig of the model being trained (after longctx's rope change)
+    tokenizer: Any
+    phases: list[PhasePlan]
+    lora: dict | None = None
+    # DPO: reference log-probs, computed once before training (pair index -> (chosen, rejected)).
+    dpo_reference: Any = None
+    extra_state: dict = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+
+# --- Optimizer ------------------------------------------------------------------------------------
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on the matrices of attention and MLP only; none on norms, biases
+    and the embedding (and the head tied to it): decaying the embedding pulls rare tokens' rows to
+    zero (as in litgpt/OLMo; nanoGPT decays every 2-D tensor). Names come from the wrapper-free
+    names (phi3.train.parallel.unwrapped_name), so DDP/AC/compile do not change the grouping."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = unwrapped_name(name).removeprefix("module.")
+        if p.dim() >= 2 and "embed_tokens" not in n and not n.endswith("lm_head.weight") or \
+                (n.endswith("lm_head.weight") and p.dim() >= 2 and not _tied(model)):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _tied(model: nn.Module) -> bool:
+    cfg = getattr(_base_transformer(model), "config", None)
+    return bool(getattr(cfg, "tie_word_embeddings", False))
+
+
+def _base_transformer(model: nn.Module) -> nn.Module:
+    """The phi3 Transformer inside DDP / peft wrappers."""
+    from phi3.model import Transformer
+    for m in model.modules():
+        if isinstance(m, Transformer):
+            return m
+    return model
+
+
+def make_optimizer(model: nn.Module, optim: Any, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; fused where the device has a fused kernel (CUDA), else foreach (the CPU default)."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
+                             eps=optim.eps, fused=fused or None)
+
+
+# --- Data helpers ---------------------------------------------------------------------------------
+
+def step_batches(stream: Any, global_batch: int, micro_batch: int, world: int, rank: int) -> list[Any]:
+    """This rank's micro-batches of the next optimizer step (phi3.train.data.global_step_batches)."""
+    from phi3.train.data import global_step_batches
+    return global_step_batches(stream, global_batch, micro_batch, world, rank)
+
+
+def check_batch_sizes(global_batch: int, micro_batch: int, world: int) -> int:
+    """Gradient-accumulation steps per rank; every rank must get the same number of micro-batches."""
+    if global_batch <= 0 or micro_batch <= 0:
+        raise Phi3Error(f"global_batch_size {global_batch} and micro_batch_size {micro_batch} must be positive")
+    if global_batch % (micro_batch * world):
+        raise Phi3Error(f"global_batch_size {global_batch} is not a multiple of micro_batch_size {micro_batch} "
+                        f"x {world} processes; make it one (e.g. {micro_batch * world * max(1, global_batch // (micro_batch * world))})")
+    return global_batch // (micro_batch * world)
+
+
+# --- The loop -------------------------------------------------------------------------------------
+
+class _Precision:
+    def __init__(self, precision: str, parallel: str, device: torch.device) -> None:
+        if precision not in ("float32", "bfloat16"):
+            raise Phi3Error(f"precision = {precision!r} is not float32 or bfloat16 (float16 needs a grad "
+                            "scaler, which FSDP2 does not support)")
+        self.bf16 = precision == "bfloat16"
+        # Under FSDP2, bf16 is its MixedPrecisionPolicy (weights all-gathered in bf16); elsewhere
+        # autocast. Either way the optimizer steps float32 master weights.
+        self.autocast = self.bf16 and parallel != "fsdp"
+        self.device_type = device.type
+
+    def __call__(self) -> contextlib.AbstractContextManager:
+        if self.autocast:
+            return torch.autocast(self.device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def _sync_context(model: nn.Module, parallel: str, last: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce / reduce-scatter on every micro-batch but the last."""
+    if parallel == "fsdp":
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    if parallel == "ddp" and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _lm_micro_step(model: nn.Module, batch: Any, device: torch.device, precision: _Precision,
+                   scale: float) -> torch.Tensor:
+    from phi3.train.losses import token_losses
+    ids = batch.input_ids.to(device, non_blocking=True)
+    labels = batch.labels.to(device, non_blocking=True)
+    docs = batch.document_ids.to(device, non_blocking=True)
+    with precision():
+        logits = model(ids, document_ids=docs)
+    loss_sum = token_losses(logits, labels).sum()
+    (loss_sum * scale).backward()
+    return loss_sum.detach().float()
+
+
+def _count_labels(batches: Sequence[Any]) -> int:
+    return int(sum(int((b.labels != IGNORE).sum()) for b in batches))
+
+
+def _metrics_truncate(path: Path, last_step: int) -> None:
+    """On resume, drop metrics of steps after the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _kill_hook(step: int) -> None:
+    """Tests only: PHI3_TRAIN_KILL_AFTER_STEP=k SIGKILLs this process right after step k (after its
+    metrics line and any checkpoint): a crash with no chance to clean up."""
+    if os.environ.get("PHI3_TRAIN_KILL_AFTER_STEP") == str(step):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_state(job: Job, ctx: DistContext) -> dict[str, Any]:
+    """What a checkpoint of this job must match to be resumed (ckpt.check_compatible)."""
+    r = job.recipe
+    return {"stage": job.stage, "model_config": job.config.to_hf_dict(), "lora": job.lora,
+            "seq_len": r.seq_len, "global_batch_size": r.global_batch_size,
+            "phases": [{"name": p.name, "steps": p.steps, "data": p.describe} for p in job.phases]}
+
+
+def run(job: Job, ctx: DistContext, out: Path, resume: bool = False, export: bool = True,
+        progress: bool = True) -> list[dict[str, Any]]:
+    """Train `job` in this process (one rank of ctx). Returns the metrics records (rank 0)."""
+    r = job.recipe
+    out = Path(out)
+    parallel = resolve_parallel(r.parallel, ctx.world)
+    accum = check_batch_sizes(r.global_batch_size, r.micro_batch_size, ctx.world)
+    precision = _Precision(r.precision, parallel, ctx.device)
+    existing = ckpt.latest_checkpoint(out)
+    if resume and existing is None:
+        raise Phi3Error(f"--resume: no checkpoint in {out} (step_NNNNNN folders); run without --resume to start")
+    if not resume and existing is not None:
+        raise Phi3Error(f"{out} already holds checkpoints ({existing.name}); pass --resume to continue that run "
+                        "or choose another --out")
+    current = run_state(job, ctx)
+    if resume:
+        ckpt.check_compatible(ckpt.read_state(existing), current, existing)
+
+    # Wrap: activation checkpointing, then DDP / FSDP2, then the optimizer.
+    model = job.model
+    base = _base_transformer(model)
+    if r.activation_checkpointing:
+        apply_activation_checkpointing(base)
+    if getattr(r, "compile", False):
+        for i, layer in enumerate(base.model.layers):
+            base.model.layers[i] = torch.compile(layer)
+    model.to(ctx.device)
+    if parallel == "fsdp":
+        model = apply_fsdp(model, ctx, param_dtype=torch.bfloat16 if precision.bf16 else None)
+    elif parallel == "ddp":
+        model = apply_ddp(model, ctx)
+    model.train()
+    optimizer = make_optimizer(model, r.optim, ctx.device)
+    total = job.total_steps
+    # One schedule over all phases (recipe.lr_at: WSD or cosine), as a LambdaLR so that its state
+    # is checkpointed like torchtitan's.
+    from phi3.train.recipe import lr_at
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(r.optim, s, total) / r.optim.lr if r.optim.lr else 0.0)
+
+    start, phase_index, stream_state, tokens_seen, elapsed_before = 0, 0, None, 0, 0.0
+    if resume:
+        state = ckpt.load_checkpoint(ctx, existing, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        start, phase_index, stream_state = state["step"], state["phase"], state["data"]
+        tokens_seen, elapsed_before = state.get("tokens", 0), state.get("elapsed", 0.0)
+        if state.get("world_size") != ctx.world:
+            torch.manual_seed(r.seed + 1000 * ctx.rank + start)  # this rank's RNG was not saved
+    else:
+        # Dropout masks differ per rank (the weights were drawn before, with the shared seed).
+        torch.manual_seed(r.seed + 1000 * ctx.rank + 1)
+
+    metrics_path = out / "metrics.jsonl"
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _metrics_truncate(metrics_path, start)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+    tb = None
+    if ctx.is_main and getattr(r, "tensorboard", False):
+        from phi3.train.report import tensorboard_logger
+        tb = tensorboard_logger(out / "tensorboard")
+
+    # Phase boundaries: phase i covers steps [bounds[i], bounds[i+1]).
+    bounds = [0]
+    for p in job.phases:
+        bounds.append(bounds[-1] + p.steps)
+    stream = None
+    records: list[dict[str, Any]] = []
+    bar = None
+    if ctx.is_main and progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
+                   desc=f"{job.stage}")
+    t0 = time.perf_counter()
+    t_last = t0
+    save_every = getattr(r, "save_every", 0) or 0
+    log_every = max(1, getattr(r, "log_every", 1) or 1)
+    grad_clip = r.optim.grad_clip
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for step in range(start, total):
+            while step >= bounds[phase_index + 1]:
+                phase_index, stream, stream_state = phase_index + 1, None, None
+            if stream is None:
+                stream = job.phases[phase_index].make_stream()
+                if stream_state is not None:
+                    stream.load_state_dict(stream_state)
+                    stream_state = None
+            batches = step_batches(stream, r.global_batch_size, r.micro_batch_size, ctx.world, ctx.rank)
+            if len(batches) != accum:
+                raise Phi3Error(f"data: got {len(batches)} micro-batches for this rank, expected {accum}")
+            if job.stage == "dpo":
+                loss_total, n_global, extra = _dpo_step(job, model, batches, ctx, precision, parallel)
+            else:
+                n_local = torch.tensor([float(_count_labels(batches))], dtype=torch.float64)
+                n_global = ctx.all_reduce_sum(n_local).item()
+                # DDP and FSDP2 average gradients over ranks: scale by world so that the sum over
+                # ranks of (this rank's token-loss sum / all tokens) is what arrives.
+                scale = ctx.world / max(n_global, 1.0)
+                loss_total = torch.zeros((), dtype=torch.float32)
+                for j, b in enumerate(batches):
+                    with _sync_context(model, parallel, last=j == len(batches) - 1):
+                        loss_total += _lm_micro_step(model, b, ctx.device, precision, scale).cpu()
+                loss_total = ctx.all_reduce_sum(loss_total.reshape(1)).cpu()[0] / max(n_global, 1.0)
+                extra = {}
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip and grad_clip > 0 else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            # Tokens the step computed on: packed rows are full (padding included); DPO counts its
+            # pairs' real tokens.
+            tokens_step = int(extra.pop("_tokens", r.global_batch_size * r.seq_len))
+            tokens_seen += tokens_step
+            done = step + 1
+            if ctx.is_main:
+                now = time.perf_counter()
+                rec = {"step": done, "phase": job.phases[phase_index].name, "loss": float(loss_total),
+                       "lr": float(lr), "grad_norm": float(grad_norm), "tokens": tokens_seen,
+                       "tokens_per_s": tokens_step / max(now - t_last, 1e-9),
+                       "elapsed": elapsed_before + now - t0, **extra}
+                t_last = now
+                records.append(rec)
+                if done % log_every == 0 or done == total:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if tb is not None:
+                        tb.log(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                    refresh=False)
+                    bar.update(1)
+            if (save_every and done % save_every == 0) or done == total:
+                state = {**current, "step": done, "phase": phase_index, "data": stream.state_dict(),
+                         "scheduler": scheduler.state_dict(), "world_size": ctx.world, "tokens": tokens_seen,
+                         "elapsed": elapsed_before + time.perf_counter() - t0, **job.extra_state}
+                # The next step's phase starts a fresh stream: store that, not the finished one.
+                ckpt.save_checkpoint(ctx, out, done, model, optimizer, state, keep_last=getattr(r, "keep_last", 2))
+            _kill_hook(done)
+    finally:
+        if bar is not None:
+            bar.close()
+        if tb is not None:
+            tb.close()
+
+    if export:
+        export_final(job, model, ctx, out)
+    if ctx.is_main and metrics_path.exists():
+        try:
+            from phi3.train.report import plot_metrics
+            plot_metrics(metrics_path)
+        except Phi3Error:
+            pass  # no records (nothing ran): no plot
+    return records
+
+
+def export_final(job: Job, model: nn.Module, ctx: DistContext, out: Path) -> Path | None:
+    """OUT/final/: the trained weights as a Hugging Face folder (LoRA merged into plain weights)."""
+    state = ckpt.full_model_state(model)  # collective under FSDP2
+    path = None
+    if ctx.is_main:
+        if job.lora:
+            state = _merged_lora_state(job, state)
+        path = ckpt.export_hf_folder(state, job.config, job.tokenizer, Path(out) / "final")
+    ctx.barrier()
+    return path
+
+
+def _merged_lora_state(job: Job, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from phi3.train.lora import merge_lora_state_dict
+    return merge_lora_state_dict(state, job.lora["r"], job.lora["alpha"])
+
+
+def _dpo_step(job: Job, model: nn.Module, batches: Sequence[Any], ctx: DistContext, precision: _Precision,
+              parallel: str) -> tuple[torch.Tensor, float, dict[str, float]]:
+    """One DPO optimizer step over this rank's micro-batches of pairs: sigmoid loss on the policy's
+    sequence log-probs against the cached reference ones, mean over ALL pairs of the step."""
+    from phi3.train.losses import dpo_loss, sequence_logps
+    r = job.recipe
+    pairs_global = float(r.global_batch_size)
+    scale = ctx.world / pairs_global
+    sums = torch.zeros(6, dtype=torch.float64)  # loss, r_c, r_r, margin, accuracy, real tokens
+    for j, b in enumerate(batches):
+        P = b.input_ids.shape[0] // 2
+        ref = job.dpo_reference[b.index]
+        with _sync_context(model, parallel, last=j == len(batches) - 1):
+            with precision():
+                logits = model(b.input_ids.to(ctx.device), attention_mask=b.attention_mask.to(ctx.device))
+            lp = sequence_logps(logits, b.labels.to(ctx.device))
+            losses, rc, rr = dpo_loss(lp[:P], lp[P:], ref[:, 0].to(lp.device), ref[:, 1].to(lp.device),
+                                      beta=r.dpo.beta, label_smoothing=r.dpo.label_smoothing)
+            (losses.sum() * scale).backward()
+        sums += torch.tensor([float(losses.detach().sum()), float(rc.sum()), float(rr.sum()), float((rc - rr).sum()),
+                              float((rc > rr).float().sum()), float(b.attention_mask.sum())], dtype=torch.float64)
+    sums = ctx.all_reduce_sum(sums).cpu()
+    n = pairs_global
+    extra = {"rewards/chosen": float(sums[1] / n), "rewards/rejected": float(sums[2] / n),
+             "rewards/margins": float(sums[3] / n), "rewards/accuracies": float(sums[4] / n),
+             "_tokens": float(sums[5])}
+    return sums[0].float() / n, n, extra
+
+
+# --- Command line ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from phi3.cli import _Parser
+    p = _Parser(prog="phi3 train", description="Train or fine-tune a Phi-3-family model (alone or under torchrun).")
+    p.add_argument("stage", choices=STAGES, help="pretrain, sft, dpo or longctx")
+    p.add_argument("--model", "-m", default=None,
+                   help="preset[:overrides] (phi-3-mini:layers=4,hidden=256,heads=4), Hugging Face folder, "
+                        "or a previous stage's output folder")
+    p.add_argument("--tokenizer", default=None, help="GGUF or Hugging Face folder (needed with a preset)")
+    p.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="data files/folders: one phase, equal weights (a recipe's [[phases]] for mixtures)")
+    p.add_argument("--out", "-o", default=None, help="run folder: checkpoints, metrics.jsonl, metrics.png, final/")
+    p.add_argument("--recipe", default=None, metavar="FILE.toml", help="recipe file (recipes/ has examples)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key (dotted: optim.lr=1e-4); repeatable")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print parameters, memory per device, tokens per step, steps, FLOPs and GPU-hours; train nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ctx = None
+    try:
+        ctx = init_distributed()
+        return _train_command(args, ctx)
+    except Phi3Error as e:
+        if ctx is None or ctx.is_main:
+            print(f"phi3: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _train_command(args: argparse.Namespace, ctx: DistContext) -> int:
+    from phi3.train.recipe import build_model, dry_run_report, load_recipe
+    cli = {"stage": args.stage, "model": args.model, "tokenizer": args.tokenizer, "data": args.data,
+           "out": args.out, "dry_run": args.dry_run, "world": ctx.world}
+    recipe = load_recipe(args.recipe, args.overrides, cli)
+    if args.dry_run:
+        if ctx.is_main:
+            print(dry_run_report(recipe, ctx.world))
+        return 0
+    # Every rank builds the same full model on the CPU (build_model seeds with recipe.seed before
+    # drawing a preset's weights); FSDP2 shards it afterwards. Data is opened and checked before
+    # anything is written to --out: bad input leaves no partial run behind.
+    model, tokenizer, cfg = build_model(recipe)
+    job = make_job(recipe, model, tokenizer, cfg, ctx, progress=not args.no_progress)
+    run(job, ctx, Path(recipe.out), resume=args.resume, progress=not args.no_progress)
+    if ctx.is_main:
+        print(f"phi3 train: {job.stage} done; Hugging Face folder at {Path(recipe.out) / 'final'}", file=sys.stderr)
+    return 0
+
+
+def _phase_plans(recipe: Any, open_source: Callable[[Any], Any], seq_len: int, pad_id: int,
+                 wrap: Callable[[list, list], tuple[list, list]] | None = None) -> list[PhasePlan]:
+    """One PhasePlan per recipe phase; every source is opened (and so checked) now."""
+    from phi3.train.data import PackedStream
+    plans = []
+    for i, (phase, steps) in enumerate(zip(recipe.phases, recipe.phase_steps())):
+        sources = [open_source(s) for s in phase.sources]
+        weights = [s.weight for s in phase.sources]
+        if wrap is not None:
+            sources, weights = wrap(sources, weights)
+        seed = recipe.seed + i  # each phase its own order; the same on every rank and world size
+
+        def make(sources=sources, weights=weights, seed=seed) -> Any:
+            return PackedStream(sources, weights, seq_len, seed, pad_id=pad_id)
+
+        make()  # weights and sources are checked now, not at the phase boundary
+        describe = {"sources": [[s.path, s.weight] for s in phase.sources], "steps": steps}
+        plans.append(PhasePlan(phase.name or f"phase{i + 1}", steps, make, describe))
+    return plans
+
+
+def make_job(recipe: Any, model: nn.Module, tokenizer: Any, cfg: Any, ctx: DistContext, progress: bool = True) -> Job:
+    """The stage's data, model changes (LoRA, longctx's rope) and reference log-probs (dpo)."""
+    from phi3.train.data import open_documents, open_pairs, open_sft, pair_batches
+    stage = recipe.stage
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    extra: dict[str, Any] = {}
+    if stage in ("pretrain", "longctx"):
+        open_source = lambda s: open_documents(s.path, tokenizer, s.text_key)  # noqa: E731
+    else:
+        open_source = lambda s: open_sft(s.path, tokenizer)  # noqa: E731
+
+    if stage == "longctx":
+        phases, cfg, report = _longctx_prepare(recipe, model, tokenizer, cfg, open_source, pad_id, progress)
+        extra["longrope"] = report
+    elif stage == "dpo":
+        if len(recipe.phases) != 1:
+            raise Phi3Error(f"dpo takes one phase of preference data; the recipe has {len(recipe.phases)}")
+        phase, steps = recipe.phases[0], recipe.phase_steps()[0]
+        pairs = []
+        for s in phase.sources:
+            for p in open_pairs(s.path, tokenizer, recipe.seq_len):
+                p.index = len(pairs)  # one numbering over all files: the reference cache's key
+                pairs.append(p)
+        make = lambda: pair_batches(pairs, recipe.global_batch_size, recipe.seed, pad_id)  # noqa: E731
+        phases = [PhasePlan(phase.name or "phase1", steps, make,
+                            {"sources": [[s.path, s.weight] for s in phase.sources], "steps": steps})]
+    else:
+        phases = _phase_plans(recipe, open_source, recipe.seq_len, pad_id)
+
+    lora = None
+    if recipe.lora.r > 0:
+        if stage == "pretrain":
+            raise Phi3Error("LoRA is for fine-tuning (sft, dpo); set lora.r = 0 for pretrain")
+        from phi3.train.lora import apply_lora
+        lora = {"r": recipe.lora.r, "alpha": recipe.lora.alpha, "dropout": recipe.lora.dropout,
+                "targets": list(recipe.lora.targets)}
+        model = apply_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], targets=lora["targets"])
+    job = Job(stage=stage, recipe=recipe, model=model, config=cfg, tokenizer=tokenizer, phases=phases, lora=lora,
+              extra_state=extra)
+    if stage == "dpo":
+        job.dpo_reference = dpo_reference(job, pairs, ctx, progress)
+    return job
+
+
+# --- longctx --------------------------------------------------------------------------------------
+
+class _Prefix:
+    """A DocumentSource view holding the first `n` tokens of each document: the short rows of
+    longctx's long/short mixture (each piece <= the original context, so it runs with the short
+    factors, as Phi-3 does for short sequences)."""
+
+    whole = False
+
+    def __init__(self, source: Any, n: int) -> None:
+        self.source, self.n, self.name = source, n, f"{source.name} (first {n} tokens)"
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.get_many([i])[0]
+
+    def get_many(self, indices: Sequence[int]) -> list[Any]:
+        import numpy as np
+        out = []
+        for d in self.source.get_many(indices):
+            d = np.asarray(d)
+            out.append(d[:self.n])
+        return out
+
+
+def _longctx_prepare(recipe: Any, model: nn.Module, tokenizer: Any, cfg: Any, open_source: Callable,
+                     pad_id: int, progress: bool) -> tuple[list[PhasePlan], Any, dict]:
+    """LongRoPE: search the factors on the loaded model (rank 0; broadcast), put the new rope into
+    the model, then train on rows of seq_len (= the target context, or less) mixing the original
+    documents (long, long factors) with their first C tokens (short, short factors) at
+    longctx.short_fraction of the tokens."""
+    from phi3.train.longrope import long_windows, run_longctx_search
+    lc = recipe.longctx
+    C = lc.original_len or cfg.max_position_embeddings
+    first = open_source(recipe.phases[0].sources[0])
+    windows = long_windows(first, lc.target_len, lc.search_documents, seed=recipe.seed)
+    new_cfg, report = run_longctx_search(model, [torch.as_tensor(w) for w in windows], lc.target_len,
+                                         original_len=C, seed=recipe.seed, progress=progress,
+                                         population=lc.population, iterations=lc.iterations)
+
+    def wrap(sources: list, weights: list) -> tuple[list, list]:
+        total = float(sum(weights))
+        f = lc.short_fraction
+        if f <= 0:
+            return sources, weights
+        return ([*sources, *(_Prefix(s, C) for s in sources)],
+                [*(w / total * (1 - f) for w in weights), *(w / total * f for w in weights)])
+
+    return _phase_plans(recipe, open_source, recipe.seq_len, pad_id, wrap), new_cfg, report
+
+
+# --- DPO ------------------------------------------------------------------------------------------
+
+def dpo_reference(job: Job, pairs: list, ctx: DistContext, progress: bool) -> torch.Tensor:
+    """log pi_ref(chosen), log pi_ref(rejected) of every pair [N, 2], computed once, before
+    training, with the initial model (LoRA: B = 0, so the base model) in eval mode under the
+    training precision; the loop looks them up by pair index (TRL's precompute_ref_log_probs).
+    Every rank computes all of them: no second copy of the weights, no communication."""
+    from phi3.train.data import collate_pairs
+    from phi3.train.losses import reference_logps
+    bs = max(1, job.recipe.micro_batch_size)
+    pad = job.config.pad_token_id if job.config.pad_token_id is not None else 0
+    batches = (collate_pairs(pairs[i:i + bs], pad) for i in range(0, len(pairs), bs))
+    if progress and ctx.is_main:
+        from tqdm import tqdm
+        batches = tqdm(batches, total=-(-len(pairs) // bs), desc="dpo reference log-probs", unit="batch",
+                       file=sys.stderr)
+    precision = _Precision(job.recipe.precision, "none", torch.device("cpu"))
+    with precision():
+        return reference_logps(job.model, batches, len(pairs))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
