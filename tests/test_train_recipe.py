@@ -77,6 +77,11 @@ def test_every_shipped_recipe_validates():
     pre = R.load_recipe(RECIPES / "tiny-pretrain.toml")
     assert [p.name for p in pre.phases] == ["web", "web+synthetic"]
     assert pre.phase_steps() == [40, 30]
+    # The later stages start from the pretraining run's model: their seq_len must fit its context.
+    for family in ("tiny", "phi-3-mini"):
+        cfg = R.resolve_config(R.load_recipe(RECIPES / f"{family}-pretrain.toml"))
+        for stage in ("pretrain", "sft", "dpo", "longctx"):
+            R.validate(R.load_recipe(RECIPES / f"{family}-{stage}.toml"), cfg)
 
 
 def test_phi3_mini_dry_run_is_the_report_scale():

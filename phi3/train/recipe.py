@@ -374,6 +374,9 @@ def _apply_set(raw: dict[str, Any], item: str, origins: dict[str, str]) -> None:
             if part not in node:
                 node[part] = [] if nxt.isdigit() else {}
             node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise Phi3Error(f"--set {key}: {'.'.join(parts[:i + 1])} is {_describe(node)} in the recipe, not a "
+                            f"table; fix the recipe file")
     last = parts[-1]
     # `none` unsets a key that may be unset (e.g. a phase's steps, to give it tokens instead).
     value = None if optional and text.strip().lower() in ("none", "null") else _parse_value(text)
@@ -433,7 +436,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
     data = cli.get("data")
     if data:
         phases = raw.get("phases") or []
-        if isinstance(phases, list) and len(phases) > 1:
+        phases = phases if isinstance(phases, list) else []  # a malformed value is replaced by --data
+        if len(phases) > 1:
             raise Phi3Error(f"--data makes one phase but {source} has {len(phases)}; drop --data or edit the "
                             f"recipe's [[phases]]")
         phase = dict(phases[0]) if phases and isinstance(phases[0], dict) else {"name": "main"}
@@ -619,7 +623,10 @@ _FIXED = ("rope_scaling", "model_type", "name", "extra", "torch_dtype", "bos_tok
 
 
 def _preset_name(name: str) -> str | None:
-    key = name.strip().lower().removeprefix("microsoft/")
+    # "microsoft/Phi-3-mini-4k-instruct" is not a preset here: it names the released weights on
+    # the hub (model_source fetches them), and training them from a random init by mistake would
+    # waste a run.
+    key = name.strip().lower()
     key = PRESET_ALIASES.get(key, key)
     return key if key in PRESETS else None
 
@@ -738,6 +745,13 @@ def model_source(recipe: Recipe) -> tuple[str, Path | None]:
         return "gguf", path
     if _is_preset_spec(spec):
         return "preset", None
+    from phi3.checkpoint import _HUB_ID, resolve_model_path
+    if ":" not in spec and _HUB_ID.match(spec) and not spec.endswith(".gguf"):
+        try:  # a hub id: the local cache, else a download
+            return "hf", resolve_model_path(spec)
+        except Phi3Error as e:
+            raise Phi3Error(f"model not found: {spec} is no local folder or file, and as a Hugging Face hub id: "
+                            f"{e}") from None
     if ":" in spec or "/" not in spec:
         return "preset", None  # preset_config names the unknown preset and the close ones
     raise Phi3Error(f"model not found: {spec} (give a preset such as phi-3-mini:layers=4,hidden=256,heads=4, a "
