@@ -1,7 +1,7 @@
 """GB/s of phi3's packed matmul at one row (decoding), per phi-3 matrix shape and block type.
 
     python benchmarks/bench_gemv.py [SHAPE-SUBSTRING | sweep] [--type TYPE] [--build NAME ...] [--rounds N]
-                                    [--threads N]
+                                    [--threads N] [--rows M] [--baseline DIR]
 
 Random weights (speed does not depend on values); four layers of each shape, more than the L3
 cache, so every call streams its weights from memory as real decoding does. `sweep` holds the
@@ -13,14 +13,23 @@ bytes the packed weight holds (codes, high bits and scales).
 --build (avx512, avx2, neon; repeatable) measures those kernel builds instead of the one phi3
 picks; with several, their rounds alternate on each shape and the medians are reported, since on
 a shared machine memory bandwidth drifts by tens of percent within minutes.
+
+--rows M multiplies M activation rows at once (a prompt: 512 is a phi-3 prefill) and reports
+rows per second (tok/s of that one matrix) instead of GB/s.
+
+--baseline DIR also builds each --build from the kernel sources in DIR (a copy of an older
+phi3/kernels/, e.g. `git show REV:phi3/kernels/quant_core.h`), named `<build>-base`, and alternates
+it with the current one: an A/B in one process, which a shared machine's drift cannot skew.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import gguf
@@ -47,10 +56,26 @@ def random_layer(kind: str, n: int, k: int) -> quant.QuantLinear:
     return quant.from_gguf_blocks(kind, raw.reshape(-1), n, k)
 
 
-def gb_per_s(layers: list[quant.QuantLinear], ext: Any, seconds: float) -> float:
-    """Weight bytes streamed per second by `ext`'s kernel, cycling through `layers`."""
+def load_baseline(name: str, source: Path) -> Any:
+    """Kernel build `name` compiled from the quant_cpu.cpp and quant_core.h in `source`."""
+    from torch.utils.cpp_extension import load
+    files = [source / "quant_cpu.cpp", source / "quant_core.h"]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        sys.exit(f"phi3: --baseline {source}: no {', '.join(missing)}; copy an older phi3/kernels/ there")
+    flags = cpu_kernels._compiler_flags(name)
+    digest = hashlib.sha1(b"".join(f.read_bytes() for f in files) + " ".join(flags).encode()).hexdigest()[:10]
+    build = Path.home() / ".cache" / "phi3" / "kernels" / f"base-{name}-{digest}"
+    build.mkdir(parents=True, exist_ok=True)
+    return load(name=f"phi3_quant_base_{name}", sources=[str(files[0])], build_directory=str(build),
+                extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def gb_per_s(layers: list[quant.QuantLinear], ext: Any, seconds: float, rows: int = 1) -> float:
+    """Weight bytes streamed per second by `ext`'s kernel, cycling through `layers`, `rows`
+    activation rows per call."""
     cpu_kernels._ext = ext  # the build QuantLinear.forward calls
-    x = torch.randn(1, 1, layers[0].in_features)
+    x = torch.randn(1, rows, layers[0].in_features)
     for layer in layers:
         layer(x)
     start, reps = time.perf_counter(), 0
@@ -62,13 +87,18 @@ def gb_per_s(layers: list[quant.QuantLinear], ext: Any, seconds: float) -> float
     return layers[0].weight_bytes / 1e9 / per_call
 
 
-def measure(label: str, kind: str, n: int, k: int, builds: dict[str, Any], rounds: int, seconds: float) -> None:
-    layers = [random_layer(kind, n, k) for _ in range(4)]
+def measure(label: str, kind: str, n: int, k: int, builds: dict[str, Any], rounds: int, seconds: float,
+            rows: int = 1) -> None:
+    layers = [random_layer(kind, n, k) for _ in range(4 if rows == 1 else 1)]  # prompts reuse weights anyway
     results: dict[str, list[float]] = {name: [] for name in builds}
     for _ in range(rounds):
         for name, ext in builds.items():
-            results[name].append(gb_per_s(layers, ext, seconds))
-    cells = [f"{name} {statistics.median(v):6.1f} GB/s" + (f" ({min(v):.1f}-{max(v):.1f})" if len(v) > 1 else "")
+            results[name].append(gb_per_s(layers, ext, seconds, rows))
+    if rows > 1:  # a prompt: compute-bound, so rows (tokens) per second of this one matrix
+        per_row = rows / (layers[0].weight_bytes / 1e9)  # GB/s -> rows per second
+        results = {name: [g * per_row for g in v] for name, v in results.items()}
+    unit = "rows/s" if rows > 1 else "GB/s"
+    cells = [f"{name} {statistics.median(v):6.1f} {unit}" + (f" ({min(v):.1f}-{max(v):.1f})" if len(v) > 1 else "")
              for name, v in results.items()]
     print(f"{label}  " + "  ".join(cells), flush=True)
 
@@ -82,11 +112,21 @@ def main() -> None:
                         help="kernel build to measure (repeatable); default: the one phi3 picks")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per build (default 1; 5 with several)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--rows", type=int, default=1, help="activation rows per call (default 1: decoding)")
+    parser.add_argument("--baseline", type=Path, help="folder with older quant_cpu.cpp, quant_core.h to A/B against")
     args = parser.parse_args()
+    if args.rows < 1:
+        sys.exit(f"phi3: --rows must be at least 1, got {args.rows}")
+    if args.baseline and not args.build:
+        sys.exit("phi3: --baseline needs --build NAME: the build to compile from both sources")
     torch.set_num_threads(args.threads)
     if args.build:
         try:
-            builds = {name: cpu_kernels.load_build(name) for name in args.build}
+            builds = {}
+            for name in args.build:
+                if args.baseline:
+                    builds[f"{name}-base"] = load_baseline(name, args.baseline)
+                builds[name] = cpu_kernels.load_build(name)
         except RuntimeError as e:
             sys.exit(f"phi3: {e}")
     else:
@@ -98,11 +138,12 @@ def main() -> None:
     if args.which == "sweep":
         for k in (4096, 8192, 12288, 17920, 24576):
             n = 5120 * 17920 // k // 32 * 32
-            measure(f"{args.type} K={k:6d} N={n:6d}", args.type.upper(), n, k, builds, rounds, seconds * 0.75)
+            measure(f"{args.type} K={k:6d} N={n:6d}", args.type.upper(), n, k, builds, rounds, seconds * 0.75, args.rows)
         return
     for name, (n, k) in SHAPES.items():
         if args.which in name:
-            measure(f"{args.type} {name:15s} N={n:6d} K={k:6d}", args.type.upper(), n, k, builds, rounds, seconds)
+            measure(f"{args.type} {name:15s} N={n:6d} K={k:6d}", args.type.upper(), n, k, builds, rounds, seconds,
+                    args.rows)
 
 
 if __name__ == "__main__":

@@ -1007,7 +1007,9 @@ void attend_head(const T* q, const C* kb, const C* vb, const bool* allowed, T* o
 // --- AVX2 + FMA + F16C (AVX-VNNI where enabled) -----------------------------------------------------
 // Decoding q4_0 on our 2-core Zen 5 test machine (bench_gemv.py, A/B in one process, 2026-12-02):
 // 34-38 GB/s on 2 threads where the AVX-512 build streams 29-32, and 20-24 GB/s on one thread
-// against 16; without AVX-VNNI (vpmaddubsw + vpmaddwd) 5-10% below that.
+// against 16; without AVX-VNNI (vpmaddubsw + vpmaddwd) 5-10% below that. Every format but q8_0
+// multiplies int8 activations four weight rows at a time, tiled against several activation rows
+// (see "Four weight rows at a time" below): prompts reuse each unpacked weight block.
 
 #if defined(PHI3_AVX2)
 namespace avx2 {
@@ -1204,7 +1206,8 @@ struct WideBlock {
   using C = __m256i;
   using Acc = __m256;
   using FAcc = __m256;
-  template <int64_t F> static __m256i codes(const uint8_t* row, const uint8_t* qh, int64_t b) {
+  // raw: q5_*, q6_k codes before their offset (0..31, 0..63), for unsigned products.
+  template <int64_t F, bool raw = false> static __m256i codes(const uint8_t* row, const uint8_t* qh, int64_t b) {
     const __m128i packed = load128(row + b * 16);
     const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
     if constexpr (is_iq4(F)) {
@@ -1213,7 +1216,7 @@ struct WideBlock {
       const uint8_t* planes = qh + b * Weight::qh_bytes_of(F);
       __m256i c = _mm256_or_si256(q, _mm256_and_si256(bit_mask_bytes(load_u32(planes)), _mm256_set1_epi8(16)));
       if constexpr (F == Q6_K) c = _mm256_or_si256(c, _mm256_and_si256(bit_mask_bytes(load_u32(planes + 4)), _mm256_set1_epi8(32)));
-      return wide_offset(F) ? _mm256_sub_epi8(c, _mm256_set1_epi8(wide_offset(F))) : c;
+      return wide_offset(F) && !raw ? _mm256_sub_epi8(c, _mm256_set1_epi8(wide_offset(F))) : c;
     }
   }
   template <int64_t F> static __m256 dot(__m256 acc, __m256i c, const uint8_t* xq, const float* sd) {
@@ -1243,85 +1246,334 @@ struct WideBlock {
   static float sum(__m256 a, __m256 b) { return hsum(_mm256_add_ps(a, b)); }
 };
 
+// --- Four weight rows at a time (every format but q8_0) ----------------------------------------------
+// A prompt multiplies each weight block by many activation rows. Unpacking a block once per
+// activation row, as a row-at-a-time kernel does, cost more than the products themselves; here a
+// group of 4 weight rows is unpacked once per unit (below) and dotted with up to 4 activation rows
+// held in registers (a 4 x 4 tile: 8 registers of unpacked weights, 4 accumulators). Decoding runs
+// the same code with one activation row, so every row's float operations, and its bits, are the
+// same whatever the number of rows in the call.
+//
+// A unit is 32 bytes of one row's codes giving 8 int32 lanes of partial sums: for q4 formats a
+// pair of blocks (lanes 0..3 block 2p, 4..7 block 2p+1), for the wide ones one block unpacked
+// to int8 (lanes 0..3 its codes 0..15, 4..7 the rest: q6_k's two scales). Three integer
+// horizontal adds turn the 4 rows' lane vectors into [row 0..3 part 0 | row 0..3 part 1], exact
+// sums, so one float multiply-add per unit serves 4 rows; the group's scales are transposed to
+// that order once per group. Per row the float sum is: sum over units of part 0 (one chain) plus
+// part 1, plus the mins (mw . xs) in 8 partial sums.
+constexpr int64_t kGroupRows = 4;
+// Activation rows per tile. The wide formats hold 4 registers of unpacked weights, which leaves
+// room for 8 accumulators (q6_k 3072x3072 times 64 rows, one thread: 14.2 ms with tiles of 4
+// rows, 11.6 with 6, 11.1-11.6 with 8; q5_k 11.0, 10.1, 9.3). q4 formats hold 8, and 6 rows spill
+// a little but still win (q4_0 3072x3072 times 96 rows: 9.4 ms with 4 in chunks of 16, 8.4 with 6
+// in chunks of 24, quant_cpu.cpp's kRowChunk).
+constexpr int tile_rows(int64_t fmt) { return fmt == Q4_0 || fmt == Q4_1 || fmt == Q4_K ? 6 : 8; }
+
+constexpr bool q4_format(int64_t fmt) { return fmt == Q4_0 || fmt == Q4_1 || fmt == Q4_K; }
+
+// acc + 4-product sums of unsigned bytes u times signed bytes s, in 8 int32 lanes (without
+// VNNI: u at most 128 where s can reach -128 or 127, or the int16 pair sums could saturate).
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+inline __m256i dot_u8s8(__m256i u, __m256i s) { return dot_u8s8(_mm256_setzero_si256(), u, s); }
+
+// Unpacked q4 pair (low and high nibbles) times its activations in pair order, as q4_pair_dot.
+inline __m256i q4_unit_dot(__m256i lo, __m256i hi, const uint8_t* x) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, load256(x)), hi, load256(x + 32));
+#else
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, load256(x)), _mm256_maddubs_epi16(hi, load256(x + 32)));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
+}
+
+// [v0 lanes 0..3 summed, v1's, v2's, v3's | the same of lanes 4..7]: exact integers. Unpacks and
+// adds, not vphaddd: three of those made q4_0 3072x3072 times 64 rows 7.0-7.4 ms on one Zen 5
+// thread, these 5.9-6.1.
+inline __m256i reduce4(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+  const __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(v0, v1), _mm256_unpackhi_epi32(v0, v1));
+  const __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(v2, v3), _mm256_unpackhi_epi32(v2, v3));
+  return _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
+}
+
+// out[i] = [a0[j+i], a1[j+i], a2[j+i], a3[j+i]] for i < 8.
+inline void transpose4x8(const float* const a[4], int64_t j, __m128 out[8]) {
+  const __m256 r0 = _mm256_loadu_ps(a[0] + j), r1 = _mm256_loadu_ps(a[1] + j);
+  const __m256 r2 = _mm256_loadu_ps(a[2] + j), r3 = _mm256_loadu_ps(a[3] + j);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpacklo_ps(r2, r3);
+  const __m256 t2 = _mm256_unpackhi_ps(r0, r1), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 u[4] = {_mm256_shuffle_ps(t0, t1, 0x44), _mm256_shuffle_ps(t0, t1, 0xEE),
+                       _mm256_shuffle_ps(t2, t3, 0x44), _mm256_shuffle_ps(t2, t3, 0xEE)};
+  for (int i = 0; i < 4; ++i) {
+    out[i] = _mm256_castps256_ps128(u[i]);
+    out[i + 4] = _mm256_extractf128_ps(u[i], 1);
+  }
+}
+
+// Block scales of the K formats with int8 or 6-bit scales, 8 at a time (wide_scales' loop).
+template <int64_t F>
+void group_row_scales(const Weight& w, int64_t n, float* s, float* mw) {
+  if constexpr (F == Q6_K || F == IQ4_XS || F == Q5_K) {
+    constexpr int64_t per = 8 * halves(F);
+    const int64_t nb = w.nb, first = n * nb;
+    for (int64_t g = 0; g < nb / 8; ++g) {
+      const int64_t sb = first / 8 + g;
+      const __m256 d = _mm256_set1_ps(half_to_float(w.dm[F == Q5_K ? 2 * sb : sb]));
+      const uint8_t* sc = w.sc + (first + 8 * g) * halves(F);
+      for (int64_t j = 0; j < per; j += 8) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + j));
+        const __m256i v = F == Q5_K ? _mm256_cvtepu8_epi32(bytes) : _mm256_cvtepi8_epi32(bytes);
+        _mm256_storeu_ps(s + g * per + j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(v)));
+      }
+      if constexpr (F == Q5_K) {
+        const __m256 dmin = _mm256_set1_ps(-half_to_float(w.dm[2 * sb + 1]));
+        _mm256_storeu_ps(mw + 8 * g, _mm256_mul_ps(dmin, load_bytes_as_floats(w.mn + first + 8 * g)));
+      }
+    }
+  } else if constexpr (q4_format(F)) {
+    row_scales(w, n, s, mw);
+  } else {
+    wide_scales<F>(w, n, s, mw);
+  }
+}
+
+// A group's rows and their transposed scales.
+template <int64_t F>
+struct Group {
+  static constexpr bool q4 = q4_format(F);
+  static constexpr bool mins = q4 || has_min(F);
+  const Weight& w;
+  int64_t nb, nbp, units, sp;   // blocks, padded blocks, units per row, scales per row (padded)
+  const uint8_t* rows[kGroupRows];
+  const uint8_t* qhs[kGroupRows];
+  std::vector<float> s, mw, S;  // per row: sp scales, nbp mins; per unit 8 scales
+  // Decoding prefetches each row's stream at the same place in the next group's row: one group
+  // ahead. (kPrefetchAhead bytes ahead in the same row, as the one-row kernels do, lands in this
+  // group's own rows once rows are shorter than that: q4_0 3072x8192 decoded in 0.96 ms against
+  // the one-row kernel's 0.60, one thread.)
+  int64_t ahead = 0, qh_ahead = 0;
+  void prefetch(int r, int64_t b) const {  // wide formats: qs every 4 blocks, qh every 64 bytes
+    constexpr int64_t qb = Weight::qh_bytes_of(F);
+    if (b % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + b * 16 + ahead), _MM_HINT_T1);
+    if constexpr (qb != 0)
+      if (b % (64 / qb) == 0) _mm_prefetch(reinterpret_cast<const char*>(qhs[r] + b * qb + qh_ahead), _MM_HINT_T1);
+  }
+  explicit Group(const Weight& wt) : w(wt) {
+    nb = w.nb; nbp = round_up(nb, 8);
+    units = q4 ? (nb + 1) / 2 : nb;
+    sp = round_up(halves(F) * nb, 8);
+    s.assign(kGroupRows * sp, 0.f);
+    mw.assign(kGroupRows * nbp, 0.f);
+    S.assign(8 * (q4 ? nbp / 2 : round_up(nb, 8)), 0.f);
+    ahead = kGroupRows * w.row_bytes();
+    qh_ahead = kGroupRows * nb * w.qh_bytes();
+  }
+  // Rows n0 .. n0 + 3; past `last` the last row repeats (its results are not stored).
+  void load(int64_t n0, int64_t last) {
+    const float* a[kGroupRows];
+    for (int64_t r = 0; r < kGroupRows; ++r) {
+      const int64_t n = std::min(n0 + r, last);
+      rows[r] = w.qs + n * w.row_bytes();
+      qhs[r] = w.qh ? wide_qh_row(w, n) : nullptr;
+      group_row_scales<F>(w, n, s.data() + r * sp, mw.data() + r * nbp);
+      a[r] = s.data() + r * sp;
+    }
+    __m128 t[8];
+    for (int64_t j = 0; j < sp; j += 8) {
+      transpose4x8(a, j, t);
+      if constexpr (q4 || F == Q6_K) {  // scale entries 2u, 2u + 1 are unit u's two parts
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(S.data() + 8 * (j / 2 + i), _mm256_set_m128(t[2 * i + 1], t[2 * i]));
+      } else {  // one scale per block, both parts
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(S.data() + 8 * (j + i), _mm256_set_m128(t[i], t[i]));
+      }
+    }
+  }
+  // [y of rows 0..3 without mins] from a tile accumulator, plus the mins.
+  __m128 finish(__m256 acc, const float* xs) const {
+    __m128 y = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    if constexpr (mins) {
+      const float* m = mw.data();
+      __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
+      for (int64_t j = 0; j < nbp; j += 8) {
+        const __m256 x = _mm256_loadu_ps(xs + j);
+        p0 = _mm256_fmadd_ps(_mm256_loadu_ps(m + j), x, p0);
+        p1 = _mm256_fmadd_ps(_mm256_loadu_ps(m + nbp + j), x, p1);
+        p2 = _mm256_fmadd_ps(_mm256_loadu_ps(m + 2 * nbp + j), x, p2);
+        p3 = _mm256_fmadd_ps(_mm256_loadu_ps(m + 3 * nbp + j), x, p3);
+      }
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(p0, p1), _mm256_hadd_ps(p2, p3));
+      y = _mm_add_ps(y, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    }
+    return y;
+  }
+};
+
+// R activation rows from m0 against the group: acc[m] = [rows 0..3 part 0 | part 1] summed over units.
+template <int64_t F, int R>
+inline void group_tile(const Group<F>& g, const QuantizedRows& xr, int64_t m0, bool prefetch, __m256 out[R]) {
+  const uint8_t* xq[R];
+  const float* dx[R];
+  __m256 acc[R];  // local, so that they live in registers
+  for (int m = 0; m < R; ++m) {
+    xq[m] = xr.q.data() + (m0 + m) * xr.row_q;
+    dx[m] = xr.dx.data() + (m0 + m) * xr.nbp;
+    acc[m] = _mm256_setzero_ps();
+  }
+  const int64_t nb = g.nb;
+  for (int64_t u = 0; u < g.units; ++u) {
+    const __m256 su = _mm256_loadu_ps(g.S.data() + 8 * u);
+    if constexpr (Group<F>::q4) {
+      const __m256i low = _mm256_set1_epi8(0x0F);
+      const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);  // dx of blocks 2u, 2u + 1
+      __m256i lo[kGroupRows], hi[kGroupRows];
+      for (int r = 0; r < kGroupRows; ++r) {
+        const __m256i packed = load_q4_pair(g.rows[r], u, nb);
+        lo[r] = _mm256_and_si256(packed, low);
+        hi[r] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+        if (prefetch && !(u & 1)) _mm_prefetch(reinterpret_cast<const char*>(g.rows[r] + u * 32 + g.ahead), _MM_HINT_T1);
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < R; ++m) {
+        const uint8_t* x = xq[m] + u * 64;
+        const __m256i h = reduce4(q4_unit_dot(lo[0], hi[0], x), q4_unit_dot(lo[1], hi[1], x),
+                                  q4_unit_dot(lo[2], hi[2], x), q4_unit_dot(lo[3], hi[3], x));
+        const __m256 dxv = _mm256_permutevar8x32_ps(
+            _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(dx[m] + 2 * u))), spread);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(su, dxv), acc[m]);
+      }
+    } else if constexpr (is_iq4(F)) {  // signed levels: |w| times x with w's sign
+      __m256i c[kGroupRows], a[kGroupRows];
+      for (int r = 0; r < kGroupRows; ++r) {
+        c[r] = WideBlock::codes<F>(g.rows[r], g.qhs[r], u);
+        a[r] = _mm256_sign_epi8(c[r], c[r]);
+        if (prefetch) g.prefetch(r, u);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < R; ++m) {
+        const __m256i x = load256(xq[m] + u * kBlock);
+        const __m256i h = reduce4(dot_u8s8(a[0], _mm256_sign_epi8(x, c[0])), dot_u8s8(a[1], _mm256_sign_epi8(x, c[1])),
+                                  dot_u8s8(a[2], _mm256_sign_epi8(x, c[2])), dot_u8s8(a[3], _mm256_sign_epi8(x, c[3])));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(su, _mm256_broadcast_ss(dx[m] + u)), acc[m]);
+      }
+    } else {
+      // q5_*, q6_k: the raw codes (unsigned, before the offset o) times x, with -o * x's 4-code
+      // sums as each row's starting value, so the reduced sums are sum((q - o) x) exactly: two
+      // operations per activation row instead of a sign flip per weight row. (Reading those sums
+      // precomputed, 32 bytes per block, was slower: q6_k is bound by loads from L2.)
+      __m256i q[kGroupRows];
+      for (int r = 0; r < kGroupRows; ++r) {
+        q[r] = WideBlock::codes<F, true>(g.rows[r], g.qhs[r], u);
+        if (prefetch) g.prefetch(r, u);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < R; ++m) {
+        const __m256i x = load256(xq[m] + u * kBlock);
+        __m256i z = _mm256_setzero_si256();
+        if constexpr (wide_offset(F) != 0) z = _mm256_sub_epi32(z, dot_u8s8(_mm256_set1_epi8(wide_offset(F)), x));
+        const __m256i h = reduce4(dot_u8s8(z, q[0], x), dot_u8s8(z, q[1], x), dot_u8s8(z, q[2], x), dot_u8s8(z, q[3], x));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(su, _mm256_broadcast_ss(dx[m] + u)), acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < R; ++m) out[m] = acc[m];
+}
+
+template <int64_t F, int R>
+inline void group_rows(const Group<F>& g, const QuantizedRows& xr, int64_t m0, bool prefetch, float* y, int64_t N,
+                       int64_t n0, int64_t valid) {
+  __m256 acc[R];
+  group_tile<F, R>(g, xr, m0, prefetch, acc);
+  for (int m = 0; m < R; ++m) {
+    const __m128 out = g.finish(acc[m], xr.xs.data() + (m0 + m) * xr.nbp);
+    float* yo = y + (m0 + m) * N + n0;
+    if (valid == kGroupRows) {
+      _mm_storeu_ps(yo, out);
+    } else {
+      alignas(16) float tmp[4];
+      _mm_store_ps(tmp, out);
+      for (int64_t r = 0; r < valid; ++r) yo[r] = tmp[r];
+    }
+  }
+}
+
+template <int64_t F>
+void grouped_matmul_int8(const Weight& w, const QuantizedRows& xr, float* y, int64_t n_begin, int64_t n_end) {
+  Group<F> g(w);
+  const int64_t M = xr.M;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kGroupRows) {
+    g.load(n0, n_end - 1);
+    const int64_t valid = std::min(kGroupRows, n_end - n0);
+    constexpr int T = tile_rows(F);
+    int64_t m0 = 0;
+    for (; m0 + T <= M; m0 += T) group_rows<F, T>(g, xr, m0, m0 == 0, y, w.N, n0, valid);
+    const int64_t left = M - m0;
+    if (T > 7 && left == 7) group_rows<F, (T > 7 ? 7 : 1)>(g, xr, m0, m0 == 0, y, w.N, n0, valid);
+    if (T > 6 && left == 6) group_rows<F, (T > 6 ? 6 : 1)>(g, xr, m0, m0 == 0, y, w.N, n0, valid);
+    if (T > 5 && left == 5) group_rows<F, (T > 5 ? 5 : 1)>(g, xr, m0, m0 == 0, y, w.N, n0, valid);
+    if (T > 4 && left == 4) group_rows<F, (T > 4 ? 4 : 1)>(g, xr, m0, m0 == 0, y, w.N, n0, valid);
+    if (left == 3) group_rows<F, 3>(g, xr, m0, m0 == 0, y, w.N, n0, valid);
+    if (left == 2) group_rows<F, 2>(g, xr, m0, m0 == 0, y, w.N, n0, valid);
+    if (left == 1) group_rows<F, 1>(g, xr, m0, m0 == 0, y, w.N, n0, valid);
+  }
+}
+
 inline void matmul_int8_rows(const Weight& w, const QuantizedRows& xr, float* y, int64_t n_begin, int64_t n_end) {
-  if (w.wide()) return with_wide_format<WideInt8, WideBlock>(w.fmt, w, xr, y, n_begin, n_end);
+  switch (w.fmt) {
+    case Q4_0: return grouped_matmul_int8<Q4_0>(w, xr, y, n_begin, n_end);
+    case Q4_1: return grouped_matmul_int8<Q4_1>(w, xr, y, n_begin, n_end);
+    case Q4_K: return grouped_matmul_int8<Q4_K>(w, xr, y, n_begin, n_end);
+    case Q5_0: return grouped_matmul_int8<Q5_0>(w, xr, y, n_begin, n_end);
+    case Q5_1: return grouped_matmul_int8<Q5_1>(w, xr, y, n_begin, n_end);
+    case Q5_K: return grouped_matmul_int8<Q5_K>(w, xr, y, n_begin, n_end);
+    case Q6_K: return grouped_matmul_int8<Q6_K>(w, xr, y, n_begin, n_end);
+    case IQ4_NL: return grouped_matmul_int8<IQ4_NL>(w, xr, y, n_begin, n_end);
+    case IQ4_XS: return grouped_matmul_int8<IQ4_XS>(w, xr, y, n_begin, n_end);
+    default: break;  // q8_0: one row at a time
+  }
   const int64_t nb = w.nb, N = w.N, M = xr.M, nbp = xr.nbp, row_q = xr.row_q;
   std::vector<float> sw(nbp), mw(nbp);
   std::vector<__m256> acc(M), acc_odd(M);
   for (int64_t n = n_begin; n < n_end; ++n) {
     row_scales(w, n, sw.data(), mw.data());
     const uint8_t* row = w.qs + n * w.row_bytes();
-    if (w.q4()) {
-      // Pairs of blocks (32 bytes of weights); two pairs per step, into two accumulators, while
-      // both are whole; the rest into the first. The prefetch is AVX-512's: without it medium's
-      // down projection (K = 17920) streamed at 9 GB/s on one thread instead of 17.5.
-      const int64_t pairs = (nb + 1) / 2, paired = nb / 4 * 2;
-      if (M == 1) {
-        const uint8_t* xq = xr.q.data();
-        const float* dx = xr.dx.data();
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        int64_t p = 0;
-        for (; p < paired; p += 2) {
-          _mm_prefetch(reinterpret_cast<const char*>(row + p * 32 + kPrefetchAhead), _MM_HINT_T1);
-          const __m128 s4 = block_products(sw.data(), dx, p);
-          const __m256i i0 = q4_pair_dot(load256(row + p * 32), xq + p * 64);
-          const __m256i i1 = q4_pair_dot(load256(row + p * 32 + 32), xq + p * 64 + 64);
-          acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), pair_scales(s4, p), acc0);
-          acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), pair_scales(s4, p + 1), acc1);
-        }
-        for (; p < pairs; ++p) {
-          const __m256i i0 = q4_pair_dot(load_q4_pair(row, p, nb), xq + p * 64);
-          acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), pair_scales(block_products(sw.data(), dx, p), p), acc0);
-        }
-        acc[0] = acc0;
-        acc_odd[0] = acc1;
-      } else {
-        for (int64_t m = 0; m < M; ++m) acc[m] = acc_odd[m] = _mm256_setzero_ps();
-        for (int64_t p = 0; p < pairs; ++p) {
-          const __m256i packed = load_q4_pair(row, p, nb);
-          std::vector<__m256>& into = (p < paired && (p & 1)) ? acc_odd : acc;
-          for (int64_t m = 0; m < M; ++m) {
-            const __m256i i0 = q4_pair_dot(packed, xr.q.data() + m * row_q + p * 64);
-            const __m256 s = pair_scales(block_products(sw.data(), xr.dx.data() + m * nbp, p), p);
-            into[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), s, into[m]);
-          }
-        }
+    // One block (32 bytes) at a time, alternating accumulators while blocks come in twos.
+    const int64_t paired = nb / 2 * 2;
+    if (M == 1) {
+      const uint8_t* xq = xr.q.data();
+      const float* dx = xr.dx.data();
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      int64_t b = 0;
+      for (; b < paired; b += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + b * kBlock + kPrefetchAhead), _MM_HINT_T1);
+        const __m256i i0 = q8_block_dot(load256(row + b * kBlock), xq + b * kBlock);
+        const __m256i i1 = q8_block_dot(load256(row + b * kBlock + kBlock), xq + b * kBlock + kBlock);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(sw[b] * dx[b]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(sw[b + 1] * dx[b + 1]), acc1);
       }
+      if (b < nb) {
+        const __m256i i0 = q8_block_dot(load256(row + b * kBlock), xq + b * kBlock);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(sw[b] * dx[b]), acc0);
+      }
+      acc[0] = acc0;
+      acc_odd[0] = acc1;
     } else {
-      // One block (32 bytes) at a time, alternating accumulators while blocks come in twos.
-      const int64_t paired = nb / 2 * 2;
-      if (M == 1) {
-        const uint8_t* xq = xr.q.data();
-        const float* dx = xr.dx.data();
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        int64_t b = 0;
-        for (; b < paired; b += 2) {
-          _mm_prefetch(reinterpret_cast<const char*>(row + b * kBlock + kPrefetchAhead), _MM_HINT_T1);
-          const __m256i i0 = q8_block_dot(load256(row + b * kBlock), xq + b * kBlock);
-          const __m256i i1 = q8_block_dot(load256(row + b * kBlock + kBlock), xq + b * kBlock + kBlock);
-          acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(sw[b] * dx[b]), acc0);
-          acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(sw[b + 1] * dx[b + 1]), acc1);
-        }
-        if (b < nb) {
-          const __m256i i0 = q8_block_dot(load256(row + b * kBlock), xq + b * kBlock);
-          acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(sw[b] * dx[b]), acc0);
-        }
-        acc[0] = acc0;
-        acc_odd[0] = acc1;
-      } else {
-        for (int64_t m = 0; m < M; ++m) acc[m] = acc_odd[m] = _mm256_setzero_ps();
-        for (int64_t b = 0; b < nb; ++b) {
-          const __m256i q = load256(row + b * kBlock);
-          std::vector<__m256>& into = (b < paired && (b & 1)) ? acc_odd : acc;
-          for (int64_t m = 0; m < M; ++m) {
-            const __m256i i0 = q8_block_dot(q, xr.q.data() + m * row_q + b * kBlock);
-            into[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(sw[b] * xr.dx[m * nbp + b]), into[m]);
-          }
+      for (int64_t m = 0; m < M; ++m) acc[m] = acc_odd[m] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m256i q = load256(row + b * kBlock);
+        std::vector<__m256>& into = (b < paired && (b & 1)) ? acc_odd : acc;
+        for (int64_t m = 0; m < M; ++m) {
+          const __m256i i0 = q8_block_dot(q, xr.q.data() + m * row_q + b * kBlock);
+          into[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(sw[b] * xr.dx[m * nbp + b]), into[m]);
         }
       }
     }
     for (int64_t m = 0; m < M; ++m)
-      y[m * N + n] = finish_row(acc[m], acc_odd[m], mw.data(), xr.xs.data() + m * nbp, nbp, w.fmt != Q8_0);
+      y[m * N + n] = finish_row(acc[m], acc_odd[m], mw.data(), xr.xs.data() + m * nbp, nbp, false);
   }
 }
 

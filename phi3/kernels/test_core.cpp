@@ -221,8 +221,13 @@ void check_format(Format fmt, const char* name, int64_t N, int64_t K, Random& rn
   const phi3::Weight& w = t.w;
   const std::string shape = std::string(name) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
                             " (" + std::to_string(w.nb) + " blocks)";
-  for (int64_t M : {1, 3}) {
-    std::vector<float> x = random_floats(M * K, rng);
+  // M = 10: full tiles of activation rows and a remainder (AVX2: q4 formats 6 + 4, the others
+  // 8 + 2). Its inputs come from a
+  // generator of its own, so that the other checks keep their draws (the 1e-2 bound against the
+  // dense product is statistical: some draws of q5_k put the reference's own int8 error past it).
+  Random own{0x5EED0000ull + static_cast<uint64_t>(fmt) * 4096 + static_cast<uint64_t>(K)};
+  for (int64_t M : {1, 3, 10}) {
+    std::vector<float> x = random_floats(M * K, M == 10 ? own : rng);
     std::fill(x.begin(), x.begin() + phi3::kBlock, 0.f);  // an all-zero block: scale 0
     const std::string tag = shape + " M=" + std::to_string(M);
 
@@ -267,6 +272,73 @@ void check_format(Format fmt, const char* name, int64_t N, int64_t K, Random& rn
   phi3::isa::dequantize_rows(w, db.data(), 0, N);
   phi3::ref::dequantize_rows(w, db_ref.data(), 0, N);
   check(same_bits(db, db_ref), "dequantize to bfloat16: the reference's bits, " + shape);
+}
+
+// Every element of the int8 product against the exact sum of the same integer products (the
+// reference's activation codes and scales, in double), within 1e-6 of the sum of the terms'
+// magnitudes: float summation order allows ~1e-7 there (worst seen 7e-8), while one wrong block
+// scale, min or code anywhere shows as 1e-3 or more. Activation rows 1..17 cover every remainder
+// of AVX2's tiles (6 and 8 rows), N = 1, 5, 13 the four-weight-row groups' tails, and row ranges
+// of 1 to 5 per call the tails at every start. (A relative tolerance on the whole output, as in
+// check_format, let errors on small entries through.)
+void check_int8_exact(Format fmt, const char* name, int64_t K, Random& rng) {
+  bool ok = true, solo = true;
+  double worst = 0;
+  for (int64_t N : {1, 5, 13}) {
+    const TestWeight t = random_weight(fmt, N, K, rng);
+    const phi3::Weight& w = t.w;
+    const int64_t H = phi3::halves(fmt);
+    std::vector<float> sw(2 * w.nb + 16), mw(w.nb + 16);
+    for (int64_t M = 1; M <= 17; ++M) {
+      const std::vector<float> x = random_floats(M * K, rng);
+      const auto qi = phi3::isa::quantize_rows(x.data(), M, K, fmt);
+      const auto qr = phi3::ref::quantize_rows(x.data(), M, K, fmt);
+      std::vector<float> y(M * N);
+      const int64_t step = 1 + M % 5;
+      for (int64_t n = 0; n < N; n += step) phi3::isa::matmul_int8_rows(w, qi, y.data(), n, std::min(N, n + step));
+      for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* row = w.qs + n * w.row_bytes();
+        if (w.wide()) phi3::with_wide_format<phi3::WideScales, void>(w.fmt, w, n, sw.data(), mw.data());
+        else phi3::ref::row_scales(w, n, sw.data(), mw.data());
+        for (int64_t m = 0; m < M; ++m) {
+          double sum = 0, magnitude = 0;
+          for (int64_t b = 0; b < w.nb; ++b) {
+            const double dx = qr.dx[m * qr.nbp + b];
+            for (int64_t h = 0; h < H; ++h) {
+              int64_t dot = 0, size = 0;
+              for (int64_t j = h * 32 / H; j < (h + 1) * 32 / H; ++j) {
+                const int code = w.wide() ? phi3::wide_code(w.fmt, row, phi3::wide_qh_row(w, n), b, j)
+                                          : phi3::ref::weight_code(w, row, b, j);
+                const int64_t p = static_cast<int64_t>(code) * phi3::ref::activation_code(qr, fmt, m, b * 32 + j);
+                dot += p;
+                size += p < 0 ? -p : p;
+              }
+              const double scale = static_cast<double>(sw[H * b + h]) * dx;
+              sum += static_cast<double>(dot) * scale;
+              magnitude += static_cast<double>(size) * std::fabs(scale);
+            }
+            const double mins = static_cast<double>(mw[b]) * qr.xs[m * qr.nbp + b];
+            sum += mins;
+            magnitude += std::fabs(mins);
+          }
+          const double err = std::fabs(y[m * N + n] - sum);
+          worst = std::max(worst, err / std::max(magnitude, 1e-30));
+          ok &= err <= 1e-6 * magnitude;
+        }
+      }
+      for (int64_t m = 0; m < M && solo; ++m) {
+        const auto q1 = phi3::isa::quantize_rows(x.data() + m * K, 1, K, fmt);
+        std::vector<float> alone(N);
+        phi3::isa::matmul_int8_rows(w, q1, alone.data(), 0, N);
+        solo &= std::memcmp(alone.data(), y.data() + m * N, N * sizeof(float)) == 0;
+      }
+    }
+  }
+  char buf[64];
+  std::snprintf(buf, sizeof buf, " (worst %.1e)", worst);
+  check(ok && solo, std::string("int8 matmul: every element within 1e-6 of the exact sum of its terms, "
+                                "and each row's bits alone, M = 1..17, N = 1, 5, 13, ") +
+                        name + " K=" + std::to_string(K) + buf);
 }
 
 template <typename T>
@@ -353,6 +425,15 @@ int main() {
     check_format(phi3::Q5_K, "q5_k", 21, K, rng);
     check_format(phi3::Q6_K, "q6_k", 21, K, rng);
     check_format(phi3::IQ4_XS, "iq4_xs", 21, K, rng);
+  }
+  {
+    Random own{0xE1E3E47ull};  // its own draws, so that the checks above keep theirs
+    for (auto [fmt, name] : {std::pair{phi3::Q4_0, "q4_0"}, {phi3::Q4_1, "q4_1"}, {phi3::Q8_0, "q8_0"},
+                             {phi3::Q5_0, "q5_0"}, {phi3::Q5_1, "q5_1"}, {phi3::IQ4_NL, "iq4_nl"}})
+      for (int64_t K : {32, 96, 576}) check_int8_exact(fmt, name, K, own);
+    for (auto [fmt, name] : {std::pair{phi3::Q4_K, "q4_k"}, {phi3::Q5_K, "q5_k"}, {phi3::Q6_K, "q6_k"},
+                             {phi3::IQ4_XS, "iq4_xs"}})
+      for (int64_t K : {256, 768}) check_int8_exact(fmt, name, K, own);
   }
   check_rms_norm<float>("float32", 1e-5f, rng);
   check_rms_norm<bf16>("bfloat16", 2e-2f, rng);
