@@ -1,0 +1,187 @@
+"""`phi3 data STAGE ...`: the data recipe's stages, one verb each.
+
+    phi3 data ingest INPUT... --out DIR          WARC/WET, folders of HTML, jsonl/parquet -> documents
+    phi3 data heuristics IN --out DIR            language ID, Gopher, C4, FineWeb quality filters
+    phi3 data dedup IN --out DIR                 MinHash (datatrove's four stages)
+    phi3 data decontaminate IN --out DIR --data-dir BENCH   13-gram overlap with benchmark test sets
+    phi3 data tokenize IN --out DIR --tokenizer SPEC         token shards for `phi3 train`
+
+IN is a previous stage's --out folder (its docs/) or jsonl(.gz) documents. Every stage takes
+--executor local|ray|slurm, --tasks and --workers. Bad input: one line `phi3: error: ...`, exit 2,
+and no OUT folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from phi3.errors import Phi3Error
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, as the rest of phi3
+        self.exit(2, f"phi3: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="phi3 data", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="stage", required=True, parser_class=_Parser)
+
+    def common(sp: argparse.ArgumentParser, needs_input: bool = True) -> None:
+        if needs_input:
+            sp.add_argument("input", help="a previous stage's --out folder, or jsonl(.gz) documents")
+        sp.add_argument("--out", required=True, help="the stage's folder (written as OUT.partial, renamed when done)")
+        g = sp.add_argument_group("executor")
+        g.add_argument("--executor", default="local", help="local (default), ray or slurm")
+        g.add_argument("--tasks", type=int, default=1, help="datatrove tasks; input files are split among them")
+        g.add_argument("--workers", type=int, default=1, help="tasks run at once (1: in this process)")
+        g.add_argument("--ray-address", help="a running Ray cluster (default: start one with --workers CPUs)")
+        g.add_argument("--slurm-partition")
+        g.add_argument("--slurm-time", default="04:00:00")
+        g.add_argument("--slurm-venv", help="venv activated in the jobs")
+        sp.add_argument("--json", action="store_true", help="print the summary as JSON")
+        sp.add_argument("--verbose", action="store_true", help="show datatrove's log (else only in OUT/logs/)")
+
+    sp = sub.add_parser("ingest", help="read WARC/WET, HTML folders, jsonl/parquet into documents")
+    sp.add_argument("inputs", nargs="+", help="files or folders; each folder holds one kind of file")
+    sp.add_argument("--text-key", default="text", help="jsonl/parquet field holding the text")
+    sp.add_argument("--id-key", default="id", help="jsonl/parquet field holding the id (else FILE/N)")
+    sp.add_argument("--source", action="append", help="a name per input for metadata.source (default: its name)")
+    common(sp, needs_input=False)
+
+    sp = sub.add_parser("heuristics", help="language ID + Gopher, C4 and FineWeb quality filters")
+    sp.add_argument("--languages", default="en", help="comma-separated ISO codes to keep (lid.176)")
+    sp.add_argument("--language-threshold", type=float, default=0.65, help="minimum lid.176 score (datatrove's default)")
+    sp.add_argument("--filters", default="language,gopher_repetition,gopher_quality,c4,fineweb",
+                    help="which filters to run (always in FineWeb's order)")
+    common(sp)
+
+    sp = sub.add_parser("dedup", help="MinHash near-duplicate removal")
+    sp.add_argument("--ngrams", type=int, default=5, help="words per shingle")
+    sp.add_argument("--buckets", type=int, default=14, help="LSH bands")
+    sp.add_argument("--hashes-per-bucket", type=int, default=8, help="minhashes per band")
+    sp.add_argument("--seed", type=int, default=1)
+    common(sp)
+
+    sp = sub.add_parser("decontaminate", help="drop documents sharing an n-gram with benchmark test sets")
+    sp.add_argument("--data-dir", required=True, help="benchmark files laid out as `phi3 eval` reads them")
+    sp.add_argument("--ngrams", type=int, default=13, help="words per n-gram (13, as GPT-3 / lm-eval)")
+    sp.add_argument("--benchmarks", help="comma-separated task names (default: every one found in --data-dir)")
+    common(sp)
+
+    sp = sub.add_parser("tokenize", help="token shards (.ds) with the target model's tokenizer")
+    sp.add_argument("--tokenizer", default="default",
+                    help="GGUF, Hugging Face folder, tokenizer.json (with --eos) or 'default' (fetched SmolLM2)")
+    sp.add_argument("--eos", help="token appended after every document (default: the tokenizer's EOS)")
+    sp.add_argument("--seed", type=int, default=0, help="shuffle seed of documents within a shard")
+    sp.add_argument("--max-tokens-per-file", type=int, default=None)
+    common(sp)
+    return p
+
+
+def _options(args: argparse.Namespace):
+    from phi3.recipe.pipeline import ExecOptions, check_options
+    opts = ExecOptions(kind=args.executor, tasks=args.tasks, workers=args.workers, ray_address=args.ray_address,
+                       slurm_partition=args.slurm_partition, slurm_time=args.slurm_time, slurm_venv=args.slurm_venv,
+                       verbose=args.verbose)
+    check_options(opts)
+    return opts
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run one stage; returns its summary."""
+    try:
+        import datatrove  # noqa: F401
+    except ImportError:
+        raise Phi3Error("`phi3 data` needs datatrove and its extras: pip install 'phi3[data]'") from None
+    from phi3.recipe.pipeline import run_stage
+    opts = _options(args)
+    out = Path(args.out)
+    if args.stage == "ingest":
+        from phi3.recipe.ingest import ingest_steps
+        if args.source and len(args.source) != len(args.inputs):
+            raise Phi3Error(f"{len(args.source)} --source names for {len(args.inputs)} inputs; give one per input")
+        steps = ingest_steps([Path(i) for i in args.inputs], args.text_key, args.id_key, args.source, opts.tasks)
+
+        def summarize(work: Path) -> dict:
+            from phi3.recipe.pipeline import step_stats
+            per = {}
+            for s in steps:
+                blocks = step_stats(work, s.name)
+                per[s.name.removeprefix("ingest-")] = {
+                    "read": next((b["stats"].get("documents", 0) for b in blocks if "documents" in b["stats"]), 0),
+                    "written": next((b["stats"].get("total", 0) for b in reversed(blocks) if "total" in b["stats"]), 0)}
+            return {"sources": per, "documents_out": sum(v["written"] for v in per.values())}
+        return run_stage("ingest", out, steps, opts, summarize)
+    src = Path(args.input)
+    if args.stage == "heuristics":
+        from phi3.recipe.filters import heuristics_steps, summarize_filters
+        filters = tuple(x.strip() for x in args.filters.split(",") if x.strip())
+        steps = heuristics_steps(src, [x.strip() for x in args.languages.split(",") if x.strip()],
+                                 args.language_threshold, filters)
+        return run_stage("heuristics", out, steps, opts, lambda w: summarize_filters(w, "heuristics", filters))
+    if args.stage == "dedup":
+        from phi3.recipe.dedup import dedup_steps, minhash_config, summarize_dedup
+        cfg = minhash_config(args.ngrams, args.buckets, args.hashes_per_bucket, args.seed)
+        return run_stage("dedup", out, dedup_steps(src, cfg, opts.tasks), opts, summarize_dedup)
+    if args.stage == "decontaminate":
+        from phi3.recipe.decont import decont_steps, shutil_rm, summarize_decont
+        only = [x.strip() for x in args.benchmarks.split(",") if x.strip()] if args.benchmarks else None
+        steps, cfg, built = decont_steps(src, Path(args.data_dir), args.ngrams, only)
+        try:
+            return run_stage("decontaminate", out, steps, opts, lambda w: summarize_decont(w, cfg))
+        finally:
+            shutil_rm(built)
+    from phi3.recipe.tokens import summarize_tokens, tokenize_steps
+    steps = tokenize_steps(src, args.tokenizer, args.eos, args.seed, args.max_tokens_per_file)
+    return run_stage("tokenize", out, steps, opts, summarize_tokens)
+
+
+def _print(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=1, ensure_ascii=False))
+        return
+    if "skipped" in summary:
+        print(summary["skipped"])
+        return
+    if "note" in summary:
+        print(summary["note"])
+        return
+    stage = summary.get("stage")
+    line = f"{stage}: "
+    if "documents_in" in summary:
+        line += f"{summary['documents_in']} documents in, "
+    if "documents_out" in summary:
+        line += f"{summary['documents_out']} out"
+    if "tokens" in summary:
+        line += f"{summary['tokens']:,} tokens in {len(summary['shards'])} shards"
+    print(line.rstrip(", "))
+    for name, r in (summary.get("removed") or {}).items():
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted((r.get("reasons") or {}).items(), key=lambda kv: -kv[1]))
+        print(f"  {name}: removed {r.get('dropped', 0)}" + (f" ({reasons})" if reasons else ""))
+    for hit in summary.get("hits", []):
+        print(f"  hit: {hit['id']} shares {hit['ngram']!r} with {hit['task']} ({hit['benchmark_record']})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:  # --help (0) or a usage error, already printed as one line (2)
+        return int(e.code or 0)
+    try:
+        _print(run(args), args.json)
+        return 0
+    except Phi3Error as e:
+        print(f"phi3: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
