@@ -1,0 +1,179 @@
+"""`phi3 data` heuristics, dedup, decontaminate and tokenize on small real inputs
+(tests/data/recipe: Debian handbook pages in four languages, Python tutorial sections, a GSM-8K slice)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("datatrove", reason="`phi3 data` needs datatrove: pip install -e '.[data]'")
+
+from phi3.recipe.cli import main  # noqa: E402
+
+DATA = Path(__file__).parent / "data" / "recipe"
+HANDBOOK = DATA / "handbook"
+LANGS = ("de-DE", "en-US", "es-ES", "fr-FR")
+
+
+def read_docs(folder: Path) -> list[dict]:
+    docs = []
+    for f in sorted(folder.rglob("*.jsonl.gz")):
+        with gzip.open(f, "rt", encoding="utf-8") as fh:
+            docs += [json.loads(line) for line in fh]
+    return docs
+
+
+def tutorial_sections() -> list[dict]:
+    """The tutorial's rst split at its section headings: 50 documents of 50 words or more."""
+    docs = []
+    for p in sorted((DATA / "python-tutorial").glob("*.rst.txt")):
+        parts = re.split(r"\n(?=[^\n]+\n[=\-*~^]{3,}\n)", p.read_text())
+        for i, part in enumerate(parts):
+            if len(part.split()) >= 50:
+                docs.append({"id": f"{p.name.split('.')[0]}-{i}", "text": part})
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> Path:
+    with open(path, "w") as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def handbook(tmp_path_factory) -> Path:
+    """The 12 handbook pages (3 pages x 4 languages) ingested from their HTML folders."""
+    out = tmp_path_factory.mktemp("handbook") / "ingest"
+    assert main(["ingest", str(HANDBOOK), "--out", str(out)]) == 0
+    return out
+
+
+def test_language_filter_keeps_english_pages_only(handbook, tmp_path):
+    out = tmp_path / "lang"
+    assert main(["heuristics", str(handbook), "--out", str(out), "--filters", "language"]) == 0
+    kept = {d["id"] for d in read_docs(out / "docs")}
+    dropped = {d["id"] for d in read_docs(out / "removed" / "language")}
+    pages = {d["id"] for d in read_docs(handbook / "docs")}
+    assert len(pages) == 12
+    assert kept == {p for p in pages if p.startswith("en-US/")}
+    assert dropped == pages - kept
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["documents_in"] == 12 and summary["documents_out"] == 3
+    assert summary["removed"] == {"language": {"dropped": 9, "kept": 3}}
+
+
+def test_all_heuristics_count_what_each_filter_removes(handbook, tmp_path):
+    out = tmp_path / "heur"
+    assert main(["heuristics", str(handbook), "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert list(s["removed"]) == ["language", "gopher_repetition", "gopher_quality", "c4", "fineweb"]
+    # each filter sees what the one before kept; the removed/ folders hold exactly what was counted
+    seen = s["documents_in"]
+    for name, r in s["removed"].items():
+        assert r["dropped"] + r["kept"] == seen
+        assert len(read_docs(out / "removed" / name)) == r["dropped"]
+        assert sum((r.get("reasons") or {}).values()) in (0, r["dropped"])
+        seen = r["kept"]
+    assert seen == s["documents_out"] == len(read_docs(out / "docs"))
+    assert s["removed"]["language"]["dropped"] == 9
+
+
+def near_duplicate(text: str, rng: random.Random, frac: float = 0.01) -> str:
+    """`text` with 1 % of its words replaced: each breaks up to 5 shingles, so the Jaccard similarity
+    of 5-gram shingles is about 0.9, which MinHash's 14 x 8 bands catch with probability 0.9998
+    (3 % gave about 0.75 and 0.6: two of five planted copies were missed)."""
+    words = text.split(" ")
+    for i in rng.sample(range(len(words)), max(1, int(len(words) * frac))):
+        words[i] = rng.choice(["lorem", "ipsum", "dolor", "amet"])
+    return " ".join(words)
+
+
+def test_minhash_removes_planted_near_duplicates_and_nothing_else(tmp_path):
+    rng = random.Random(0)
+    docs = tutorial_sections()
+    originals = rng.sample(docs, 5)
+    planted = [{"id": f"dup-of-{d['id']}", "text": near_duplicate(d["text"], rng)} for d in originals]
+    src = write_jsonl(tmp_path / "docs.jsonl", docs + planted)  # originals first: the first of a cluster is kept
+    out = tmp_path / "dedup"
+    assert main(["dedup", str(src), "--out", str(out)]) == 0
+    removed = {d["id"] for d in read_docs(out / "removed" / "minhash")}
+    kept = {d["id"] for d in read_docs(out / "docs")}
+    assert removed == {d["id"] for d in planted}
+    assert kept == {d["id"] for d in docs}
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["documents_in"], s["documents_out"], s["removed"]["minhash"]["dropped"]) == (len(docs) + 5, len(docs), 5)
+
+
+def test_decontamination_removes_the_planted_gsm8k_question_only(tmp_path):
+    test_q = [json.loads(line)["question"] for line in (DATA / "benchmarks" / "gsm8k" / "test.jsonl").open()]
+    train_q = [json.loads(line)["question"] for line in (DATA / "benchmarks" / "gsm8k" / "train.jsonl").open()]
+    docs = tutorial_sections()[:20]
+    docs[3] = {"id": "planted", "text": docs[3]["text"] + "\n\nA reader asked: " + test_q[6] + " Solve it with Python."}
+    # a training-split question and 10 words of a test question (11 word tokens) are not contamination
+    docs[4] = {"id": "train-question", "text": docs[4]["text"] + "\n\n" + train_q[0]}
+    docs[5] = {"id": "short-overlap", "text": docs[5]["text"] + "\n\n" + " ".join(test_q[9].split()[:10])}
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    out = tmp_path / "decont"
+    assert main(["decontaminate", str(src), "--out", str(out), "--data-dir", str(DATA / "benchmarks")]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert [h["id"] for h in s["hits"]] == ["planted"]
+    hit = s["hits"][0]
+    assert hit["task"] == "gsm8k" and hit["benchmark_record"].endswith("test.jsonl: record 7")
+    # the shared 13-gram, normalized as datatrove does (lowercase, no punctuation, numbers -> 0)
+    assert len(hit["ngram"].split()) == 13 and set(hit["ngram"].split()) - {"0"} <= set(re.findall(r"\w+", test_q[6].lower()))
+    assert {d["id"] for d in read_docs(out / "docs")} == {d["id"] for d in docs} - {"planted"}
+    assert s["benchmarks"]["gsm8k"]["examples"] == 30 and s["n_grams"] == 13
+
+
+def test_decontamination_bad_data_dir(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "docs.jsonl", tutorial_sections()[:2])
+    assert main(["decontaminate", str(src), "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no such folder" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+@pytest.fixture(scope="module")
+def phi3_vocab() -> Path:
+    from tests.conftest import need_assets
+    return need_assets() / "vocab" / "ggml-vocab-phi-3.gguf"
+
+
+def test_tokenize_writes_shards_that_phi3_train_reads(phi3_vocab, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from phi3.train.data import open_documents
+    from phi3.train.recipe import load_tokenizer_spec
+    tok, _ = load_tokenizer_spec(str(phi3_vocab))
+    docs = tutorial_sections()[:30]
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    # a bare tokenizer.json that truncates at 16 tokens: the stage must turn truncation off
+    truncating = HFTokenizer.from_str(tok.tk.to_str())
+    truncating.enable_truncation(16)
+    truncating.save(str(tmp_path / "tokenizer.json"))
+    out = tmp_path / "tok"
+    assert main(["tokenize", str(src), "--out", str(out), "--tokenizer", str(tmp_path / "tokenizer.json"),
+                 "--eos", "<|endoftext|>"]) == 0
+    source = open_documents(out / "tokens", tok)
+    got = sorted(tuple(int(t) for t in d) for d in source.get_many(range(len(source))))
+    want = sorted(tuple(tok.encode(d["text"], add_bos=False) + [tok.eos_id]) for d in docs)
+    assert got == want  # every document whole, EOS after each, shuffled within the shard
+    s = json.loads((out / "summary.json").read_text())
+    assert s["tokens"] == sum(map(len, want)) and s["documents_in"] == 30
+    assert (out / "tokens" / s["shards"][0]).stat().st_size == 2 * s["tokens"]  # uint16: Phi-3's 32,064 ids
+
+
+def test_tokenize_needs_eos_for_a_bare_tokenizer_json(phi3_vocab, tmp_path, capsys):
+    from phi3.train.recipe import load_tokenizer_spec
+    tok, _ = load_tokenizer_spec(str(phi3_vocab))
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    src = write_jsonl(tmp_path / "docs.jsonl", tutorial_sections()[:2])
+    assert main(["tokenize", str(src), "--out", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "tokenizer.json")]) == 2
+    assert "--eos" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
