@@ -140,3 +140,92 @@ def test_resume_refuses_what_it_cannot_continue(memorised, tmp_path, capsys):
     # Allowed: another micro-batch size (same rows per step) and more steps... of the same phases.
     assert train("pretrain", "--model", MODEL, *common, "--set", "phases.0.steps=2",
                  "--set", "micro_batch_size=1", "--resume") == 0
+
+
+def chat_data(root: Path) -> Path:
+    path = root / "chat.jsonl"
+    convs = [[{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Tiny."}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name?"},
+              {"role": "assistant", "content": "Tiny."}, {"role": "user", "content": "Sure?"},
+              {"role": "assistant", "content": "Yes."}]]
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
+    return path
+
+
+def test_sft_full_and_lora_merged_at_export(tmp_path):
+    from safetensors.torch import load_file
+    tok = tokenizer_folder(tmp_path)
+    data = chat_data(tmp_path)
+    common = ["--model", MODEL, "--tokenizer", str(tok), "--data", str(data), "--set", "seq_len=64",
+              "--set", "micro_batch_size=2", "--set", "global_batch_size=2", "--set", "save_every=0",
+              "--set", "optim.lr=1e-2", "--set", "optim.warmup_steps=2"]
+    assert train("sft", *common, "--out", str(tmp_path / "full"), "--set", "phases.0.steps=25") == 0
+    recs = metrics(tmp_path / "full")
+    # Only assistant tokens (and their <|end|>) carry loss: a few tokens, learned fast.
+    assert recs[-1]["loss"] < 0.2 * recs[0]["loss"], (recs[0]["loss"], recs[-1]["loss"])
+    assert train("sft", *common, "--out", str(tmp_path / "lora"), "--set", "phases.0.steps=3",
+                 "--set", "lora.r=4", "--set", "lora.alpha=8", "--set", "lora.targets=[\"qkv_proj\"]") == 0
+    merged = load_file(str(tmp_path / "lora" / "final" / "model.safetensors"))
+    assert not any("lora" in k or "base_layer" in k for k in merged)
+    # The same seed builds the same initial model: everything but the adapted qkv_proj is untouched.
+    from phi3.train.recipe import Recipe, build_model
+    initial, _, _ = build_model(Recipe(stage="sft", model=MODEL, tokenizer=str(tok), seq_len=64))
+    for k, v in initial.state_dict().items():
+        if k == "lm_head.weight" and k not in merged:
+            continue
+        if "qkv_proj" in k:
+            assert not torch.equal(merged[k], v), k
+        else:
+            assert torch.equal(merged[k], v), k
+
+
+def test_dpo_logs_rewards_and_starts_at_log2(tmp_path):
+    tok = tokenizer_folder(tmp_path)
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": {"role": "assistant", "content": "I can't help with that."},
+             "rejected": {"role": "assistant", "content": a}}
+            for q, a in (("How to pick a lock?", "Use a pin."), ("Make poison?", "Mix it."), ("Hack a site?", "Try admin."),
+                         ("Steal a car?", "Hotwire it."))]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "dpo"
+    assert train("dpo", "--model", MODEL, "--tokenizer", str(tok), "--data", str(pairs), "--out", str(out),
+                 "--set", "seq_len=64", "--set", "micro_batch_size=1", "--set", "global_batch_size=2",
+                 "--set", "phases.0.steps=6", "--set", "optim.lr=3e-3", "--set", "optim.warmup_steps=1",
+                 "--set", "save_every=0") == 0
+    recs = metrics(out)
+    # The policy starts as the reference: every log-ratio is 0, the loss ln 2.
+    assert abs(recs[0]["loss"] - 0.6931471805599453) < 1e-6
+    assert recs[0]["rewards/margins"] == 0.0
+    assert recs[-1]["rewards/margins"] > 0 and recs[-1]["loss"] < recs[0]["loss"]
+    for r in recs:
+        assert 0.0 <= r["rewards/accuracies"] <= 1.0
+        assert set(r) >= {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "lr"}
+    assert (out / "final" / "model.safetensors").exists() and (out / "metrics.png").exists()
+
+
+def test_longctx_writes_longrope_config_and_resumes_without_searching(memorised, tmp_path, monkeypatch):
+    """From the 128-token memorised model to 256 tokens: the search runs once, final/config.json
+    carries the longrope factors, and a resume takes them from the checkpoint."""
+    docs = tmp_path / "long.jsonl"
+    docs.write_text("".join(json.dumps({"text": (TEXT + " ") * 5}) + "\n" for _ in range(4)))
+    out = tmp_path / "long"
+    args = ["longctx", "--model", str(memorised), "--data", str(docs), "--out", str(out), "--set", "seq_len=256",
+            "--set", "micro_batch_size=1", "--set", "global_batch_size=1", "--set", "phases.0.steps=2",
+            "--set", "longctx.target_len=256", "--set", "longctx.population=2", "--set", "longctx.iterations=1",
+            "--set", "longctx.search_documents=1", "--set", "save_every=1"]
+    assert train(*args) == 0
+    cfg = json.loads((out / "final" / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == 256 and cfg["original_max_position_embeddings"] == 128
+    assert cfg["rope_scaling"]["type"] == "longrope" and len(cfg["rope_scaling"]["long_factor"]) == 8
+    first = metrics(out)
+    # As if killed after step 1's checkpoint: --resume replays step 2 with the checkpoint's rope
+    # (same loss bit for bit), and the search does not run again.
+    import shutil
+
+    import phi3.train.longrope as longrope
+    shutil.rmtree(out / "step_000002")
+    shutil.rmtree(out / "final")
+    monkeypatch.setattr(longrope, "run_longctx_search", lambda *a, **k: pytest.fail("searched again"))
+    assert train(*args, "--resume") == 0
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in first]
+    assert json.loads((out / "final" / "config.json").read_text())["rope_scaling"] == cfg["rope_scaling"]

@@ -480,7 +480,10 @@ def _train_command(args: argparse.Namespace, ctx: DistContext) -> int:
     # drawing a preset's weights); FSDP2 shards it afterwards. Data is opened and checked before
     # anything is written to --out: bad input leaves no partial run behind.
     model, tokenizer, cfg = build_model(recipe)
-    job = make_job(recipe, model, tokenizer, cfg, ctx, progress=not args.no_progress)
+    saved = None
+    if args.resume and (latest := ckpt.latest_checkpoint(Path(recipe.out))) is not None:
+        saved = ckpt.read_state(latest)
+    job = make_job(recipe, model, tokenizer, cfg, ctx, progress=not args.no_progress, saved=saved)
     run(job, ctx, Path(recipe.out), resume=args.resume, progress=not args.no_progress)
     if ctx.is_main:
         print(f"phi3 train: {job.stage} done; Hugging Face folder at {Path(recipe.out) / 'final'}", file=sys.stderr)
@@ -508,8 +511,11 @@ def _phase_plans(recipe: Any, open_source: Callable[[Any], Any], seq_len: int, p
     return plans
 
 
-def make_job(recipe: Any, model: nn.Module, tokenizer: Any, cfg: Any, ctx: DistContext, progress: bool = True) -> Job:
-    """The stage's data, model changes (LoRA, longctx's rope) and reference log-probs (dpo)."""
+def make_job(recipe: Any, model: nn.Module, tokenizer: Any, cfg: Any, ctx: DistContext, progress: bool = True,
+             saved: dict | None = None) -> Job:
+    """The stage's data, model changes (LoRA, longctx's rope) and reference log-probs (dpo).
+    `saved`: the trainer state of the checkpoint a --resume continues (longctx then takes the
+    rope factors it found instead of searching again)."""
     from phi3.train.data import open_documents, open_pairs, open_sft, pair_batches
     stage = recipe.stage
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
@@ -520,7 +526,7 @@ def make_job(recipe: Any, model: nn.Module, tokenizer: Any, cfg: Any, ctx: DistC
         open_source = lambda s: open_sft(s.path, tokenizer)  # noqa: E731
 
     if stage == "longctx":
-        phases, cfg, report = _longctx_prepare(recipe, model, tokenizer, cfg, open_source, pad_id, progress)
+        phases, cfg, report = _longctx_prepare(recipe, model, tokenizer, cfg, open_source, pad_id, progress, saved)
         extra["longrope"] = report
     elif stage == "dpo":
         if len(recipe.phases) != 1:
@@ -580,7 +586,7 @@ class _Prefix:
 
 
 def _longctx_prepare(recipe: Any, model: nn.Module, tokenizer: Any, cfg: Any, open_source: Callable,
-                     pad_id: int, progress: bool) -> tuple[list[PhasePlan], Any, dict]:
+                     pad_id: int, progress: bool, saved: dict | None = None) -> tuple[list[PhasePlan], Any, dict]:
     """LongRoPE: search the factors on the loaded model (rank 0; broadcast), put the new rope into
     the model, then train on rows of seq_len (= the target context, or less) mixing the original
     documents (long, long factors) with their first C tokens (short, short factors) at
@@ -588,11 +594,19 @@ def _longctx_prepare(recipe: Any, model: nn.Module, tokenizer: Any, cfg: Any, op
     from phi3.train.longrope import long_windows, run_longctx_search
     lc = recipe.longctx
     C = lc.original_len or cfg.max_position_embeddings
-    first = open_source(recipe.phases[0].sources[0])
-    windows = long_windows(first, lc.target_len, lc.search_documents, seed=recipe.seed)
-    new_cfg, report = run_longctx_search(model, [torch.as_tensor(w) for w in windows], lc.target_len,
-                                         original_len=C, seed=recipe.seed, progress=progress,
-                                         population=lc.population, iterations=lc.iterations)
+    if saved is not None and saved.get("stage") == "longctx" and "longrope" in saved:
+        # Resuming: the factors this run found are in the checkpoint (the search is the slow part).
+        from phi3.config import config_from_hf_dict
+        from phi3.train.longrope import apply_rope_config
+        new_cfg = config_from_hf_dict(saved["model_config"], name=cfg.name)
+        apply_rope_config(model, new_cfg)
+        report = saved["longrope"]
+    else:
+        first = open_source(recipe.phases[0].sources[0])
+        windows = long_windows(first, lc.target_len, lc.search_documents, seed=recipe.seed)
+        new_cfg, report = run_longctx_search(model, [torch.as_tensor(w) for w in windows], lc.target_len,
+                                             original_len=C, seed=recipe.seed, progress=progress and ctx.is_main,
+                                             population=lc.population, iterations=lc.iterations)
 
     def wrap(sources: list, weights: list) -> tuple[list, list]:
         total = float(sum(weights))
