@@ -104,12 +104,18 @@ def test_phi3_mini_dry_run_is_the_report_scale():
     hours = flops / (989e12 * 0.40) / 3600
     assert 60_000 < hours < 66_000  # ~63K H100-hours at 40% MFU
     assert f"{hours:,.0f} GPU-hours on H100 SXM" in text
+    # other cluster sizes the batch of 1024 x 4 rows splits over (not 1024 GPUs: 4096 rows a step)
+    assert f"64 GPUs {mem_gib(r, cfg, 64)}, {hours / 64 / 24:,.1f} days" in text and "1024 GPUs" not in text
     mem = R.memory_per_device(r, cfg, world)
     assert mem["fsdp"] < 80 * 2**30 < mem["ddp"] + 1 * 2**30  # sharding is what makes it fit comfortably
     for name in ("phi-3-mini-sft", "phi-3-mini-dpo", "phi-3-mini-longctx"):
         r = R.load_recipe(RECIPES / f"{name}.toml")
         assert r.precision == "bfloat16" and r.parallel == "fsdp"
     assert R.load_recipe(RECIPES / "phi-3-mini-longctx.toml").longctx.target_len == 131072
+
+
+def mem_gib(r, cfg, world):
+    return f"{R.memory_per_device(r, cfg, world)['fsdp'] / 2**30:,.2f} GiB"
 
 
 # --- dry-run numbers, exactly, on a tiny model ---------------------------------------------------

@@ -989,4 +989,16 @@ def dry_run_report(recipe: Recipe, world: int) -> str:
     lines.append(f"time: {gpu_time} on {GPU_NAME} ({peak / 1e12:,.1f} TFLOP/s dense "
                  f"{'bf16' if recipe.precision == 'bfloat16' else 'TF32'} at an assumed {MFU:.0%} MFU), "
                  f"{wall_text} on {world} GPU{'s' if world > 1 else ''}")
+    # Planning without launching: the same recipe on other cluster sizes its batch splits over.
+    others = [w for w in SCALES if w != world and recipe.global_batch_size % (recipe.micro_batch_size * w) == 0]
+    if gpu_hours >= 1 and others:
+        lines.append("at other sizes (FSDP memory per GPU, wall-clock): " + "; ".join(
+            f"{w} GPUs {_gib(memory_per_device(recipe, cfg, w)['fsdp'])}, {_duration(gpu_hours / w)}" for w in others))
     return "\n".join(lines)
+
+
+SCALES = (8, 64, 256, 1024)
+
+
+def _duration(hours: float) -> str:
+    return f"{hours / 24:,.1f} days" if hours >= 48 else f"{hours:,.1f} hours"
