@@ -171,6 +171,14 @@ class SearchResult:
     seeds: dict[str, float] = field(default_factory=dict)  # fitness of each named starting candidate
 
 
+def _proportions(population: int, parents: int | None, mutations: int | None,
+                 crossovers: int | None) -> tuple[int, int, int]:
+    scale = population / POPULATION
+    return (parents if parents is not None else max(1, round(PARENTS * scale)),
+            mutations if mutations is not None else max(1, round(MUTATIONS * scale)),
+            crossovers if crossovers is not None else max(1, round(CROSSOVERS * scale)))
+
+
 def _snap(factors: Sequence[float], lo: int, hi: int) -> tuple[int, ...]:
     """Factors -> grid indices within [lo, hi], made non-decreasing."""
     out, last = [], lo
@@ -210,14 +218,17 @@ def crossover(a: tuple[int, ...], b: tuple[int, ...], rng: np.random.Generator,
 
 
 def evolve(fitness: Callable[[Factors], float], seeds: dict[str, Sequence[float]], lo: float, hi: float, *,
-           population: int = POPULATION, iterations: int = ITERATIONS, parents: int = PARENTS,
-           mutations: int = MUTATIONS, crossovers: int = CROSSOVERS, seed: int = 0,
+           population: int = POPULATION, iterations: int = ITERATIONS, parents: int | None = None,
+           mutations: int | None = None, crossovers: int | None = None, seed: int = 0,
            progress: bool = True, desc: str = "LongRoPE search") -> SearchResult:
     """Minimise `fitness` over non-decreasing factor vectors on the grid within [lo, hi], starting
     from the named `seeds` and mutations of them. Deterministic for a seed (numpy's PCG64; ties
-    keep the earlier candidate); no candidate is evaluated twice."""
+    keep the earlier candidate); no candidate is evaluated twice. parents, mutations and
+    crossovers default to LongRoPE's proportions of the population (32, 16, 16 of 64), so a small
+    population is a proportionally small search: population + iterations x population/2 runs."""
     from tqdm.auto import tqdm
 
+    parents, mutations, crossovers = _proportions(population, parents, mutations, crossovers)
     if min(population, parents, iterations) < 1 or min(mutations, crossovers) < 0:
         raise Phi3Error("longctx search: population, parents and iterations must be >= 1, "
                         "mutations and crossovers >= 0")
@@ -313,8 +324,8 @@ def perplexity(model: Transformer, rows: torch.Tensor, batch_size: int = 4) -> f
 
 def search_longrope_factors(model: Transformer, documents: Sequence[torch.Tensor | Sequence[int]], target_len: int,
                             *, original_len: int | None = None, population: int = POPULATION,
-                            iterations: int = ITERATIONS, parents: int = PARENTS, mutations: int = MUTATIONS,
-                            crossovers: int = CROSSOVERS, short_iterations: int | None = None,
+                            iterations: int = ITERATIONS, parents: int | None = None, mutations: int | None = None,
+                            crossovers: int | None = None, short_iterations: int | None = None,
                             min_short_gain: float = 1e-3, batch_size: int | None = None, seed: int = 0,
                             progress: bool = True, report: dict | None = None) -> tuple[list[float], list[float]]:
     """(short_factor, long_factor) for extending `model` from its context C to `target_len`.
