@@ -190,17 +190,38 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(single, tmp_path)
     _assert_same_run(tmp_path, single)
 
 
-def test_kill_and_resume_two_processes_is_bit_exact(fsdp_run, tmp_path):
-    """Both ranks SIGKILL themselves after step 3 (checkpoint of step 2 on disk); --resume under a
-    new torchrun replays steps 3..5 with the uninterrupted run's exact losses and weights."""
-    res = launch(tmp_path, "fsdp", 2, save_every=2, env={"PHI3_TRAIN_KILL_AFTER_STEP": "3"}, expect_ok=False)
+@pytest.fixture(scope="module")
+def killed_fsdp(fsdp_run, tmp_path_factory) -> Path:
+    """Both ranks SIGKILL themselves after step 3, the checkpoint of step 2 on disk."""
+    out = tmp_path_factory.mktemp("killed")
+    res = launch(out, "fsdp", 2, save_every=2, env={"PHI3_TRAIN_KILL_AFTER_STEP": "3"}, expect_ok=False)
     assert res.returncode != 0
-    assert losses(tmp_path) == losses(fsdp_run)[:3]
-    assert not (tmp_path / "final").exists()
-    launch(tmp_path, "fsdp", 2, save_every=2, resume=True)
-    assert losses(tmp_path) == losses(fsdp_run)
-    wa, wb = final_weights(tmp_path), final_weights(fsdp_run)
+    assert losses(out) == losses(fsdp_run)[:3]
+    assert not (out / "final").exists()
+    return out
+
+
+def test_kill_and_resume_two_processes_is_bit_exact(fsdp_run, killed_fsdp, tmp_path):
+    """--resume under a new torchrun replays steps 3..5 with the uninterrupted run's exact losses
+    and weights."""
+    out = tmp_path / "run"
+    shutil.copytree(killed_fsdp, out)
+    launch(out, "fsdp", 2, save_every=2, resume=True)
+    assert losses(out) == losses(fsdp_run)
+    wa, wb = final_weights(out), final_weights(fsdp_run)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_on_another_world_size(fsdp_run, killed_fsdp, tmp_path):
+    """DCP reshards: the 2-process FSDP2 checkpoint of step 2 resumes in 1 process without a
+    process group; the losses stay within 1e-5 of the 2-process run."""
+    out = tmp_path / "run"
+    shutil.copytree(killed_fsdp, out)
+    launch(out, "none", 1, save_every=2, resume=True)
+    assert json.loads((out / "step_000004" / "trainer_state.json").read_text())["world_size"] == 1
+    assert losses(out)[:3] == losses(fsdp_run)[:3]
+    for x, y in zip(losses(out), losses(fsdp_run)):
+        assert abs(x - y) <= 1e-5 * abs(y)
 
 
 def test_kill_and_resume_one_process_is_bit_exact(single, tmp_path):

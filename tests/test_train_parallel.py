@@ -101,3 +101,51 @@ def test_fully_shard_over_checkpointed_layers(tmp_path):
             assert torch.allclose(g, grads_fsdp[name].full_tensor(), rtol=0, atol=1e-6), name
     finally:
         dist.destroy_process_group()
+
+
+def test_param_groups_decay_matrices_only():
+    from phi3.train.trainer import param_groups
+    for kind in ("mini-4k", "medium"):
+        cfg = tiny_config(kind)
+        for tied in (False, True):
+            model = apply_activation_checkpointing(Transformer(cfg.with_(tie_word_embeddings=tied)))
+            decay, no_decay = param_groups(model, 0.1)
+            names = {id(p): unwrapped_name(n) for n, p in model.named_parameters()}
+            assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+            assert {names[id(p)] for p in no_decay["params"]} == {
+                n for n in map(unwrapped_name, dict(model.named_parameters())) if "norm" in n or "embed_tokens" in n}
+            decayed = {names[id(p)] for p in decay["params"]}
+            assert ("lm_head.weight" in decayed) == (not tied)
+            assert all(("proj" in n) or n == "lm_head.weight" for n in decayed)
+
+
+@pytest.mark.parametrize("parallel", ["none", "fsdp"])
+def test_bfloat16_trains_float32_master_weights(parallel, tmp_path):
+    """precision = bfloat16: autocast alone, FSDP2's MixedPrecisionPolicy(bf16 params, fp32
+    reduce) under fsdp (here a 1-process gloo group). Parameters and AdamW state stay float32; the
+    losses follow the float32 run's within bf16's rounding."""
+    import json
+
+    from phi3.train.parallel import DistContext, init_distributed
+    from phi3.train.trainer import run
+    from tests.test_train_distributed import toy_job
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    ref = toy_job("none")
+    run(ref, DistContext(), tmp_path / "fp32", export=False, progress=False)
+    job = toy_job(parallel)
+    job.recipe.precision = "bfloat16"
+    ctx = init_distributed(need_group=parallel == "fsdp")
+    try:
+        run(job, ctx, tmp_path / "bf16", export=False, progress=False)
+        assert all(p.dtype == torch.float32 for p in job.model.parameters())
+        if parallel == "fsdp":
+            assert type(job.model.model.layers[0].mlp.down_proj.weight).__name__ == "DTensor"
+    finally:
+        ctx.close()
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert len(a) == len(b) == 5 and a != b
+    for x, y in zip(a, b):
+        assert abs(x - y) < 0.02 * x, (a, b)

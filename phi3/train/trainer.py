@@ -85,29 +85,20 @@ class Job:
 # --- Optimizer ------------------------------------------------------------------------------------
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on the matrices of attention and MLP only; none on norms, biases
-    and the embedding (and the head tied to it): decaying the embedding pulls rare tokens' rows to
-    zero (as in litgpt/OLMo; nanoGPT decays every 2-D tensor). Names come from the wrapper-free
-    names (phi3.train.parallel.unwrapped_name), so DDP/AC/compile do not change the grouping."""
+    """AdamW groups: weight decay on the matrices (attention, MLP, an untied head, LoRA's A and B);
+    none on norms, biases and the embedding (nor the head tied to it): decaying the embedding pulls
+    the rows of rare tokens toward zero (litgpt and OLMo exclude it too; nanoGPT decays every 2-D
+    tensor). Names are the wrapper-free ones (phi3.train.parallel.unwrapped_name), so DDP, AC and
+    compile do not change the grouping; named_parameters() lists a tied weight once, under the
+    embedding's name."""
     decay, no_decay = [], []
-    seen: set[int] = set()
     for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
+        if not p.requires_grad:
             continue
-        seen.add(id(p))
         n = unwrapped_name(name).removeprefix("module.")
-        if p.dim() >= 2 and "embed_tokens" not in n and not n.endswith("lm_head.weight") or \
-                (n.endswith("lm_head.weight") and p.dim() >= 2 and not _tied(model)):
-            decay.append(p)
-        else:
-            no_decay.append(p)
+        (decay if p.dim() >= 2 and "embed_tokens" not in n else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-def _tied(model: nn.Module) -> bool:
-    cfg = getattr(_base_transformer(model), "config", None)
-    return bool(getattr(cfg, "tie_word_embeddings", False))
 
 
 def _base_transformer(model: nn.Module) -> nn.Module:
