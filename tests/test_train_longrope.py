@@ -294,7 +294,7 @@ def test_run_longctx_search_applies_the_config_and_is_deterministic(extended):
     docs = list(extended.held_rows[:2])
     kw = dict(population=4, iterations=2, parents=2, mutations=2, crossovers=2, short_iterations=1, seed=5,
               progress=False)
-    cfg, report = lr.run_longctx_search(model, docs, L, **kw)
+    cfg, report = lr.run_longctx_search(model, docs, L, device="cpu", **kw)
     assert model.config == cfg and cfg.max_position_embeddings == L and cfg.original_max_position_embeddings == C
     fresh = Transformer(cfg)
     fresh.load_state_dict(model.state_dict())

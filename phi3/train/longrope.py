@@ -422,23 +422,34 @@ def long_windows(source: Sequence, length: int, count: int, seed: int = 0) -> li
 
 def run_longctx_search(model: Transformer, documents: Sequence, target_len: int, *, original_len: int | None = None,
                        seed: int = 0, progress: bool = True, apply: bool = True,
-                       **search: int | float) -> tuple[ModelConfig, dict]:
+                       device: str | torch.device | None = None, **search: int | float) -> tuple[ModelConfig, dict]:
     """The `longctx` stage's first step: search factors on `model` (documents: token windows of at
     least target_len, see long_windows), build the longrope config and (apply=True) put its rotary
     tables into the model in place, ready for long/short mixed training: phi3's forward with
     document_ids gives each packed document the long factors only when it is longer than C.
 
     Under torch.distributed, rank 0 searches and broadcasts the factors, so every rank trains the
-    same config whatever its hardware's rounding. `search`: search_longrope_factors's settings
-    (population, iterations, parents, mutations, crossovers, short_iterations, batch_size,
-    min_short_gain). Returns (config, report of perplexities)."""
+    same config whatever its hardware's rounding. `device`: where the search runs (None: where
+    the model is); a model built on the CPU before wrapping is moved there for the search and back
+    after (phi-3-mini at 128K tokens is hours per candidate on a CPU, seconds on a GPU).
+    `search`: search_longrope_factors's settings (population, iterations, parents, mutations,
+    crossovers, short_iterations, batch_size, min_short_gain). Returns (config, report of
+    perplexities)."""
     import torch.distributed as dist
 
     report: dict = {}
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
-        short, long = search_longrope_factors(model, documents, target_len, original_len=original_len, seed=seed,
-                                              progress=progress, report=report, **search)
+        home = model.device
+        moved = device is not None and torch.device(device) != home
+        try:
+            if moved:
+                model.to(device)
+            short, long = search_longrope_factors(model, documents, target_len, original_len=original_len,
+                                                  seed=seed, progress=progress, report=report, **search)
+        finally:
+            if moved:
+                model.to(home)
         payload = [(short, long, report)]
     else:
         payload = [None]
