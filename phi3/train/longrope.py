@@ -10,7 +10,7 @@ and interpolate only the slow ones, by a fixed rule. LongRoPE searches lambda in
 - a candidate is d/2 factors on a grid (0.01), non-decreasing (lambda_i <= lambda_{i+1}: a slower
   pair is never stretched less than a faster one), each within [1, 2 L/C] (Phi-3-mini-128k's own
   long factors reach 64.8 at L/C = 32);
-- the first population is PI, NTK and YaRN factors and mutations of them;
+- the first population is PI, NTK and YaRN factors, ones (no rescaling) and mutations of them;
 - each iteration keeps the best `parents`, adds `mutations` children (each factor, with p = 0.3,
   drawn anew on the grid between its neighbours, so monotonicity holds by construction) and
   `crossovers` children (each factor from the other parent with p = 0.5; children that are not
@@ -22,8 +22,10 @@ Short-context recovery: Phi-3 switches to `short_factor` for sequences of at mos
 model and transformers both do), but the attention factor sqrt(1 + ln(L/C) / ln C) scales cos and
 sin, hence the attention logits, on short sequences too. `search_longrope_factors` therefore also
 searches the short factors at length C with that attention factor in place, starting from ones,
-and keeps ones unless a candidate has lower perplexity (LongRoPE re-searches 4k/8k factors on the
-extended model for the same reason; the long/short mixed training that follows recovers the rest).
+and keeps ones unless a candidate is at least 0.1% lower in perplexity (LongRoPE re-searches 4k/8k
+factors on the extended model for the same reason; the long/short mixed training that follows
+recovers the rest). Not done: LongRoPE's `dim_piece_mono` variant, which also keeps the first n
+positions un-interpolated, since Phi-3's config format (and transformers) has no place for n.
 
 The search runs the plain `phi3.model.Transformer` forward: `rope_override` swaps a config's rotary
 tables into the model for the duration of one evaluation and puts the original back.
