@@ -177,3 +177,12 @@ def test_tokenize_needs_eos_for_a_bare_tokenizer_json(phi3_vocab, tmp_path, caps
     assert main(["tokenize", str(src), "--out", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "tokenizer.json")]) == 2
     assert "--eos" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_settings_that_keep_nothing_are_an_error(handbook, tmp_path, capsys):
+    out = tmp_path / "none"
+    assert main(["heuristics", str(handbook), "--out", str(out), "--filters", "language",
+                 "--language-threshold", "1.0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "kept none of its 12 documents (removed: language 12)" in err
+    assert not out.exists() and not (tmp_path / "none.partial").exists()

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
                 blocks = step_stats(work, s.name)
                 per[s.name.removeprefix("ingest-")] = {
                     "read": next((b["stats"].get("documents", 0) for b in blocks if "documents" in b["stats"]), 0),
-                    "written": next((b["stats"].get("total", 0) for b in reversed(blocks) if "total" in b["stats"]), 0)}
+                    "written": blocks[-1]["stats"].get("total", 0) if blocks else 0}
             return {"sources": per, "documents_out": sum(v["written"] for v in per.values())}
         return run_stage("ingest", out, steps, opts, summarize)
     src = Path(args.input)

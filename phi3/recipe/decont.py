@@ -110,7 +110,6 @@ def summarize_decont(work: Path, config: NGramsDecontConfig) -> dict:
     import gzip
     blocks = step_stats(work, "decontaminate")
     reader = next((b["stats"] for b in blocks if "documents" in b["stats"]), {})
-    writer = [b["stats"] for b in blocks if "total" in b["stats"]]
     h = create_hash_func(config.hash_config)
     where = {}
     for f in sorted((work / "index").glob("*.where.json")):
@@ -126,6 +125,6 @@ def summarize_decont(work: Path, config: NGramsDecontConfig) -> dict:
                              "ngram": gram, "benchmark_record": where.get(task, {}).get(str(int(h(gram))))})
     hits.sort(key=lambda x: str(x["id"]))
     index = json.loads((work / "index" / "tasks.json").read_text())
-    return {"documents_in": reader.get("documents", 0), "documents_out": writer[-1]["total"] if writer else 0,
+    return {"documents_in": reader.get("documents", 0), "documents_out": blocks[-1]["stats"].get("total", 0) if blocks else 0,
             "n_grams": config.n_grams, "benchmarks": index, "removed": {"decontaminate": {"dropped": len(hits)}},
             "hits": hits}

@@ -67,6 +67,5 @@ def summarize_dedup(work: Path) -> dict:
     s = {b["name"]: b["stats"] for b in blocks}
     reader = next((b["stats"] for b in blocks if "documents" in b["stats"]), {})
     dropped = next((b["stats"].get("dropped", 0) for b in blocks if "forwarded" in b["stats"] or "dropped" in b["stats"]), 0)
-    writer = [b["stats"] for b in blocks if "total" in b["stats"]]
-    return {"documents_in": reader.get("documents", 0), "documents_out": writer[-1]["total"] if writer else 0,
+    return {"documents_in": reader.get("documents", 0), "documents_out": blocks[-1]["stats"].get("total", 0) if blocks else 0,
             "removed": {"minhash": {"dropped": dropped}}, "blocks": s}

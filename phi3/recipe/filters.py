@@ -103,9 +103,8 @@ def summarize_filters(work: Path, step: str, filters: tuple[str, ...] = FILTERS)
             out["removed"][next(names, b["name"])] = {"dropped": s.get("dropped", 0), "kept": s.get("forwarded", 0),
                                          **({"reasons": reasons} if reasons else {})}
     readers = [b for b in blocks if "documents" in b["stats"]]
-    writers = [b for b in blocks if "total" in b["stats"]]
     if readers:
         out["documents_in"] = readers[0]["stats"]["documents"]
-    if writers:
-        out["documents_out"] = writers[-1]["stats"]["total"]
+    if blocks:  # the last block is the writer of docs/ (no stats when it wrote nothing)
+        out["documents_out"] = blocks[-1]["stats"].get("total", 0)
     return out

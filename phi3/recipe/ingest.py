@@ -181,7 +181,9 @@ def docs_input(path: Path) -> tuple[str, str | None]:
     """(folder, glob) of the documents a later stage reads: a previous stage's OUT (its docs/), or a
     folder or file of jsonl(.gz) records."""
     path = Path(path)
-    if (path / "docs").is_dir():
+    if (path / "summary.json").is_file():  # a finished stage: its documents are in docs/
+        if not (path / "docs").is_dir():
+            raise Phi3Error(f"{path}: this stage kept no documents (see {path / 'summary.json'})")
         path = path / "docs"
     if path.with_name(path.name + ".partial").exists() and not path.exists():
         raise Phi3Error(f"{path} is not finished ({path.name}.partial exists): rerun the stage that writes it")

@@ -153,6 +153,11 @@ def run_stage(name: str, out: Path, steps: list[Step], opts: ExecOptions,
                     "note": f"jobs submitted; rerun the same command once they finish to publish {out}"}
         raise Phi3Error(f"{name}: unfinished tasks ({', '.join(pending)}) in {work}; rerun the same command to resume")
     summary = {"stage": name, **(summarize(work) if summarize else {})}
+    if summary.get("documents_out") == 0 and summary.get("documents_in", 1) > 0:
+        clean(work)  # a finished but empty stage is not worth resuming: leave nothing behind
+        removed = ", ".join(f"{k} {v.get('dropped', 0)}" for k, v in (summary.get("removed") or {}).items())
+        raise Phi3Error(f"{name} kept none of its {summary.get('documents_in')} documents"
+                        f"{f' (removed: {removed})' if removed else ''}; loosen its settings or check the input")
     _write_json(work / "summary.json", summary)
     os.replace(work, out)  # atomic on one filesystem: OUT appears whole or not at all
     return summary
