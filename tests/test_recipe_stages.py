@@ -186,3 +186,26 @@ def test_settings_that_keep_nothing_are_an_error(handbook, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "kept none of its 12 documents (removed: language 12)" in err
     assert not out.exists() and not (tmp_path / "none.partial").exists()
+
+
+def test_unfinished_stage_resumes_only_its_unfinished_tasks(tmp_path):
+    """A stage killed after one of its two tasks: OUT is not published; the rerun redoes only the
+    other task (datatrove's completions) and publishes the same shards as an uninterrupted run."""
+    docs = tutorial_sections()
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", docs[:25])
+    write_jsonl(tmp_path / "in" / "b.jsonl", docs[25:])
+    out = tmp_path / "dd"
+    assert main(["dedup", str(tmp_path / "in"), "--out", str(out), "--tasks", "2"]) == 0
+    whole = {p.name: gzip.decompress(p.read_bytes()) for p in (out / "docs").iterdir()}
+    # what a kill after task 0 of the last step leaves: OUT.partial, task 1 unmarked, its output cut short
+    partial = tmp_path / "dd.partial"
+    out.rename(partial)
+    (partial / "summary.json").unlink()
+    (partial / "logs" / "4-filter" / "completions" / "00001").unlink()
+    (partial / "docs" / "00001.jsonl.gz").write_bytes(b"\x1f\x8b half")
+    task0 = (partial / "docs" / "00000.jsonl.gz").stat().st_mtime_ns
+    assert main(["dedup", str(tmp_path / "in"), "--out", str(out), "--tasks", "2"]) == 0
+    assert not partial.exists()
+    assert (out / "docs" / "00000.jsonl.gz").stat().st_mtime_ns == task0  # not redone
+    assert {p.name: gzip.decompress(p.read_bytes()) for p in (out / "docs").iterdir()} == whole
