@@ -113,6 +113,13 @@ def test_configs_carry_the_factors_and_phi3s_attention_factor():
     assert pi.rope_scaling.long_factor == (4.0,) * 16 and pi.rope_attention_factor == 1.0
     # re-extending an extended model keeps its switch point
     assert lr.longrope_config(ext, 512, [1.0] * 16, long).original_max_position_embeddings == C
+    # a sliding window shorter than the target goes (phi-3-mini-4k's 2047 -> none, as in the 128k
+    # model's config); one that never binds stays
+    windowed = cfg.with_(sliding_window=31)
+    assert lr.longrope_config(windowed, L, [1.0] * 16, long).sliding_window is None
+    assert lr.position_interpolation_config(windowed, L).sliding_window is None
+    assert lr.longrope_config(cfg.with_(sliding_window=512), L, [1.0] * 16, long).sliding_window == 512
+    assert lr.longrope_config(windowed, L, [1.0] * 16, long, sliding_window=31).sliding_window == 31
 
 
 @pytest.mark.parametrize("call, message", [

@@ -75,12 +75,16 @@ def _check_lengths(cfg: ModelConfig, target_len: int, original_len: int | None) 
 
 
 def longrope_config(cfg: ModelConfig, target_len: int, short_factor: Sequence[float], long_factor: Sequence[float],
-                    *, original_len: int | None = None, attention_factor: float | None = None) -> ModelConfig:
+                    *, original_len: int | None = None, attention_factor: float | None = None,
+                    sliding_window: int | None | str = "auto") -> ModelConfig:
     """`cfg` extended from its context C to `target_len` with LongRoPE factors: max_position_embeddings
     = target_len, original_max_position_embeddings = C (the length at which both phi3 and
     transformers switch from short_factor to long_factor). attention_factor None leaves Phi-3's
     derived value sqrt(1 + ln(L/C) / ln C), which config.json then omits, exactly as
-    Phi-3-mini-128k's does; transformers derives the same number from the same two lengths."""
+    Phi-3-mini-128k's does; transformers derives the same number from the same two lengths.
+    sliding_window "auto" drops a window shorter than target_len (phi-3-mini-4k has 2047: no token
+    could see further back than that, whatever the factors) as Phi-3-mini-128k's config does (its
+    window, 262144, never binds); otherwise it is kept. An int or None sets it."""
     C = _check_lengths(cfg, target_len, original_len)
     half = cfg.dim_per_head // 2
     for name, f in (("short_factor", short_factor), ("long_factor", long_factor)):
@@ -90,18 +94,22 @@ def longrope_config(cfg: ModelConfig, target_len: int, short_factor: Sequence[fl
             raise Phi3Error(f"longctx: {name} holds a value that is not a positive finite number")
     scaling = RopeScaling(tuple(float(x) for x in short_factor), tuple(float(x) for x in long_factor),
                           attention_factor=attention_factor)
-    return cfg.with_(max_position_embeddings=target_len, original_max_position_embeddings=C, rope_scaling=scaling)
+    if sliding_window == "auto":
+        sliding_window = cfg.sliding_window if (cfg.sliding_window or 0) >= target_len else None
+    return cfg.with_(max_position_embeddings=target_len, original_max_position_embeddings=C, rope_scaling=scaling,
+                     sliding_window=sliding_window)
 
 
 def position_interpolation_config(cfg: ModelConfig, target_len: int, *, original_len: int | None = None,
-                                  attention_factor: float | None = 1.0) -> ModelConfig:
+                                  attention_factor: float | None = 1.0,
+                                  sliding_window: int | None | str = "auto") -> ModelConfig:
     """The baseline: plain position interpolation (Chen et al. 2023), every frequency divided by
     L/C beyond C and none within it, written as a longrope config so that the same code (and
     transformers) runs it. attention_factor 1.0: PI scales no logits; None gives Phi-3's."""
     C = _check_lengths(cfg, target_len, original_len)
     half = cfg.dim_per_head // 2
     return longrope_config(cfg, target_len, [1.0] * half, pi_factors(half, target_len / C),
-                           original_len=C, attention_factor=attention_factor)
+                           original_len=C, attention_factor=attention_factor, sliding_window=sliding_window)
 
 
 def apply_rope_config(model: Transformer, cfg: ModelConfig) -> None:
