@@ -89,6 +89,7 @@ def plot_metrics(metrics: str | Path, out: str | Path | None = None, title: str 
     logged rewards. Written to a temporary file in the same folder and renamed over `out`, so a
     kill mid-draw never leaves a truncated PNG. Returns the PNG's path."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     metrics = Path(metrics)
     out = Path(out) if out is not None else metrics.with_name("metrics.png")
@@ -123,6 +124,7 @@ def plot_metrics(metrics: str | Path, out: str | Path | None = None, title: str 
         axes[3].set_ylabel("DPO rewards")
         axes[3].legend(fontsize="small", loc="best")
     axes[-1].set_xlabel("optimizer step")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 2.5 on short runs
     for ax in axes:
         ax.grid(True, alpha=0.3)
     # Where a pretraining phase starts (records carry "phase" when the recipe has several): the
