@@ -209,3 +209,52 @@ def test_unfinished_stage_resumes_only_its_unfinished_tasks(tmp_path):
     assert not partial.exists()
     assert (out / "docs" / "00000.jsonl.gz").stat().st_mtime_ns == task0  # not redone
     assert {p.name: gzip.decompress(p.read_bytes()) for p in (out / "docs").iterdir()} == whole
+
+
+def test_recipe_file_runs_every_stage_in_order(phi3_vocab, tmp_path):
+    from phi3.train.data import open_documents
+    from phi3.train.recipe import load_tokenizer_spec
+    out = tmp_path / "work"
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'''
+out = "{out}"
+[executor]
+tasks = 1
+[ingest]
+inputs = ["{HANDBOOK / 'en-US'}", "{HANDBOOK / 'fr-FR'}"]
+[heuristics]
+languages = ["en"]
+filters = ["language"]
+[dedup]
+ngrams = 5
+[decontaminate]
+data_dir = "{DATA / 'benchmarks'}"
+ngrams = 13
+[tokenize]
+tokenizer = "{phi3_vocab}"
+''')
+    assert main(["run", str(recipe)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["decontaminate", "dedup", "heuristics", "ingest", "tokenize"]
+    counts = [json.loads((out / s / "summary.json").read_text()).get("documents_out")
+              for s in ("ingest", "heuristics", "dedup", "decontaminate")]
+    assert counts == [6, 3, 3, 3]
+    tok, _ = load_tokenizer_spec(str(phi3_vocab))
+    assert len(open_documents(out / "tokenize" / "tokens", tok)) == 3
+
+
+@pytest.mark.parametrize("body, words", [
+    ('out = "w"\n[heuristic]\nlanguages = ["en"]\n', ["unknown key 'heuristic'", "did you mean 'heuristics'"]),
+    ('out = "w"\ninput = "x"\n[heuristics]\nlangauges = ["en"]\n', ["heuristics.langauges", "did you mean 'languages'"]),
+    ('out = "w"\ninput = "x"\n[dedup]\nngrams = "five"\n', ["dedup.ngrams must be an integer"]),
+    ('out = "w"\n[executor]\nworkres = 2\n[ingest]\ninputs = ["x"]\n', ["executor.workres", "did you mean 'workers'"]),
+    ('out = "w"\n[dedup]\n', ["starts at [dedup] with no ingest"]),
+])
+def test_recipe_typos_are_one_line_and_run_nothing(tmp_path, capsys, body, words):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(body.replace('"w"', f'"{tmp_path / "w"}"'))
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(recipe) in err, err
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "w").exists()

@@ -5,6 +5,7 @@
     phi3 data dedup IN --out DIR                 MinHash (datatrove's four stages)
     phi3 data decontaminate IN --out DIR --data-dir BENCH   13-gram overlap with benchmark test sets
     phi3 data tokenize IN --out DIR --tokenizer SPEC         token shards for `phi3 train`
+    phi3 data run RECIPE.toml                    the stages a recipe names, in order (see load_recipe)
 
 IN is a previous stage's --out folder (its docs/) or jsonl(.gz) documents. Every stage takes
 --executor local|ray|slurm, --tasks and --workers. Bad input: one line `phi3: error: ...`, exit 2,
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--benchmarks", help="comma-separated task names (default: every one found in --data-dir)")
     common(sp)
 
+    sp = sub.add_parser("run", help="run the stages a recipe TOML names, in order, each into OUT/<stage>")
+    sp.add_argument("recipe", help="recipe file (see phi3/recipe/cli.py's docstring)")
+    sp.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    sp.add_argument("--verbose", action="store_true", help="show datatrove's log")
+
     sp = sub.add_parser("tokenize", help="token shards (.ds) with the target model's tokenizer")
     sp.add_argument("--tokenizer", default="default",
                     help="GGUF, Hugging Face folder, tokenizer.json (with --eos) or 'default' (fetched SmolLM2)")
@@ -81,6 +87,117 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-tokens-per-file", type=int, default=None)
     common(sp)
     return p
+
+
+STAGES = ("ingest", "heuristics", "dedup", "decontaminate", "tokenize")
+NOT_IN_RECIPES = {"help", "input", "out", "json", "verbose", "stage", "executor", "tasks", "workers", "ray_address",
+                  "slurm_partition", "slurm_time", "slurm_venv"}
+EXECUTOR_KEYS = {"kind": str, "tasks": int, "workers": int, "ray_address": str, "slurm_partition": str,
+                 "slurm_time": str, "slurm_venv": str}
+
+
+def _close(key: str, valid) -> str:
+    import difflib
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _stage_keys(parser: argparse.ArgumentParser, stage: str) -> dict[str, argparse.Action]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[stage]
+    return {a.dest: a for a in sub._actions if a.dest not in NOT_IN_RECIPES}
+
+
+def load_recipe(path: Path) -> tuple[dict, list[list[str]]]:
+    """A recipe TOML -> (summary of what it asks, argv of each stage in order). Every table and key
+    is checked against the stages' own options, with the closest name on a typo:
+
+        out = "work/data"                      # each stage writes out/<stage>
+        [executor]                             # kind = "local"|"ray"|"slurm", tasks, workers, ray_address, slurm_*
+        [ingest]        inputs = ["crawl/", "pages/"]   (text_key, id_key, source = [...])
+        [heuristics]    languages = ["en"], language_threshold = 0.65, filters = [...]
+        [dedup]         ngrams = 5, buckets = 14, hashes_per_bucket = 8, seed = 1
+        [decontaminate] data_dir = "bench", ngrams = 13, benchmarks = ["gsm8k"]
+        [tokenize]      tokenizer = "default", eos = "...", seed = 0
+
+    Stages run in that order (those present); each reads the one before it. A recipe that starts
+    after ingest names its documents with `input = "..."` at the top."""
+    import tomllib
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise Phi3Error(f"{path}: no such recipe file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise Phi3Error(f"{path}: not valid TOML ({e})") from None
+    top = {"out": str, "input": str, "executor": dict, **{s: dict for s in STAGES}}
+    for key, value in raw.items():
+        if key not in top:
+            raise Phi3Error(f"{path}: unknown key {key!r}{_close(key, top)}; a recipe has {', '.join(top)}")
+        if not isinstance(value, top[key]):
+            raise Phi3Error(f"{path}: {key} must be a {'table' if top[key] is dict else 'string'}")
+    if "out" not in raw:
+        raise Phi3Error(f"{path}: no `out = \"FOLDER\"` (where each stage writes out/<stage>)")
+    stages = [s for s in STAGES if s in raw]
+    if not stages:
+        raise Phi3Error(f"{path}: no stage tables; give one or more of [{'], ['.join(STAGES)}]")
+    if stages[0] != "ingest" and "input" not in raw:
+        raise Phi3Error(f"{path}: starts at [{stages[0]}] with no ingest: say which documents with `input = \"...\"`")
+    ex = raw.get("executor", {})
+    common = []
+    for key, value in ex.items():
+        if key not in EXECUTOR_KEYS:
+            raise Phi3Error(f"{path}: unknown key executor.{key}{_close(key, EXECUTOR_KEYS)}")
+        if not isinstance(value, EXECUTOR_KEYS[key]) or isinstance(value, bool):
+            raise Phi3Error(f"{path}: executor.{key} must be {'an integer' if EXECUTOR_KEYS[key] is int else 'a string'}")
+        common += ["--executor" if key == "kind" else "--" + key.replace("_", "-"), str(value)]
+    parser = build_parser()
+    out = Path(raw["out"])
+    previous = raw.get("input")
+    argvs = []
+    for stage in stages:
+        keys = _stage_keys(parser, stage)
+        argv = [stage]
+        positional = []
+        for key, value in raw[stage].items():
+            if key not in keys:
+                raise Phi3Error(f"{path}: unknown key {stage}.{key}{_close(key, keys)}; [{stage}] takes {', '.join(keys)}")
+            action = keys[key]
+            many = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)
+            listy = many or key in ("languages", "filters", "benchmarks")
+            items = value if isinstance(value, list) and listy else [value]
+            want = action.type or str
+            for v in items:
+                ok = isinstance(v, bool) is False and (isinstance(v, want) or (want is float and isinstance(v, int)))
+                if not ok or (isinstance(value, list) and not listy):
+                    kind = {int: "an integer", float: "a number", str: "a string"}.get(want, "a string")
+                    raise Phi3Error(f"{path}: {stage}.{key} must be {kind}{' or a list of them' if listy else ''}, "
+                                    f"not {value!r}")
+            if not action.option_strings:  # ingest's inputs
+                positional += [str(v) for v in items]
+            elif isinstance(action, argparse._AppendAction):
+                for v in items:
+                    argv += [action.option_strings[0], str(v)]
+            else:
+                argv += [action.option_strings[0], ",".join(str(v) for v in items)]
+        if stage == "ingest" and not positional:
+            raise Phi3Error(f"{path}: [ingest] needs inputs = [\"...\"] (WARC/WET, HTML folders, jsonl/parquet)")
+        argv += positional if stage == "ingest" else [str(previous)]
+        argv += ["--out", str(out / stage), *common]
+        argvs.append(argv)
+        previous = out / stage
+    return {"out": str(out), "stages": stages}, argvs
+
+
+def run_recipe(args: argparse.Namespace) -> list[dict]:
+    info, argvs = load_recipe(Path(args.recipe))
+    parser = build_parser()
+    parsed = [parser.parse_args(a + (["--verbose"] if args.verbose else [])) for a in argvs]  # all checked first
+    summaries = []
+    for stage_args in parsed:
+        summary = run(stage_args)
+        _print(summary, args.json)
+        summaries.append(summary)
+    return summaries
 
 
 def _options(args: argparse.Namespace):
@@ -173,7 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error, already printed as one line (2)
         return int(e.code or 0)
     try:
-        _print(run(args), args.json)
+        if args.stage == "run":
+            run_recipe(args)
+        else:
+            _print(run(args), args.json)
         return 0
     except Phi3Error as e:
         print(f"phi3: error: {e}", file=sys.stderr)

@@ -132,9 +132,9 @@ def run_stage(name: str, out: Path, steps: list[Step], opts: ExecOptions,
         try:
             if opts.verbose:
                 executor.run()
-            else:  # datatrove logs every task to stderr; keep ours to one line (each task also logs to a file)
+            else:
                 logging_dir.mkdir(parents=True, exist_ok=True)
-                with open(logging_dir / "console.log", "a") as console, contextlib.redirect_stderr(console):
+                with _quiet(logging_dir / "console.log"):
                     executor.run()
         except Phi3Error:
             raise
@@ -161,6 +161,22 @@ def run_stage(name: str, out: Path, steps: list[Step], opts: ExecOptions,
     _write_json(work / "summary.json", summary)
     os.replace(work, out)  # atomic on one filesystem: OUT appears whole or not at all
     return summary
+
+
+@contextlib.contextmanager
+def _quiet(log: Path):
+    """datatrove logs every task to stderr (each also to its own file in logs/): send that to `log`,
+    both Python's sys.stderr (loguru's sink) and file descriptor 2 (worker processes inherit it),
+    so that a failing stage ends in our one error line."""
+    saved = os.dup(2)
+    with open(log, "a") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(f):
+                yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _write_json(path: Path, data: Any) -> None:
