@@ -1,9 +1,12 @@
-"""The training loop under torchrun: DDP and FSDP2 on 2 gloo processes equal 1 process with twice
-the gradient accumulation, and a kill -9 followed by --resume continues bit for bit.
+"""`phi3 train` under torchrun: DDP and FSDP2 on 2 gloo processes equal 1 process with twice the
+gradient accumulation, and a kill -9 followed by --resume continues bit for bit.
 
-This file is also the worker script torchrun starts (`python tests/test_train_distributed.py
-worker ...`): a tiny Phi-3 and a toy deterministic data stream, so the test depends on the loop
-only. Each torchrun costs ~15 s (imports and rendezvous), so there are four of them.
+Every run is the same command line, `phi3 train pretrain ...` (a tiny Phi-3, a jsonl corpus),
+alone or under `torchrun --standalone --nproc-per-node 2 -m phi3.cli train ...`. Each torchrun
+costs ~15 s on an idle 2-core machine (imports and rendezvous), so there are four of them.
+
+`toy_job` (a model and a toy in-memory stream, no recipe or data files) drives `run` directly in
+test_train_parallel's precision tests.
 """
 
 from __future__ import annotations
@@ -94,41 +97,51 @@ def toy_job(parallel: str, save_every: int = 0):
                tokenizer=tok, phases=phases)
 
 
-def worker(argv: list[str]) -> None:
-    import argparse
-    from phi3.train.parallel import init_distributed
-    from phi3.train.trainer import run
-    p = argparse.ArgumentParser()
-    p.add_argument("--parallel", default="none")
-    p.add_argument("--out", required=True)
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    a = p.parse_args(argv)
-    torch.set_num_threads(1)
-    ctx = init_distributed()
-    try:
-        run(toy_job(a.parallel, a.save_every), ctx, Path(a.out), resume=a.resume, progress=False)
-    finally:
-        ctx.close()
-
-
 # --- Helpers for the tests ------------------------------------------------------------------------
 
-def _env(**extra: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
-    return env
+def corpus(root: Path) -> tuple[Path, Path]:
+    """A tokenizer folder and 48 documents of seeded pseudo-words over 8 letters (learnable: the
+    loss falls from ln 320 toward ln 9 within a few steps)."""
+    import random
+
+    from tests.test_train_trainer import tokenizer_folder
+    rng = random.Random(0)
+    docs = [" ".join("".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6)))
+                     for _ in range(rng.randint(4, 14))) for _ in range(48)]
+    path = root / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return tokenizer_folder(root), path
 
 
-def launch(out: Path, parallel: str, nproc: int, resume: bool = False, save_every: int = 0,
+def cli_args(root: Path, out: Path, parallel: str, save_every: int = 0, resume: bool = False) -> list[str]:
+    from tests.test_train_trainer import MODEL
+    tok, data = root / "tok", root / "corpus.jsonl"
+    args = ["train", "pretrain", "--model", MODEL, "--tokenizer", str(tok), "--data", str(data), "--out", str(out),
+            "--no-progress", "--set", f"seq_len={SEQ}", "--set", f"micro_batch_size={MICRO_BATCH}",
+            "--set", f"global_batch_size={GLOBAL_BATCH}", "--set", f"phases.0.steps={STEPS}",
+            "--set", "optim.lr=3e-3", "--set", "optim.min_lr=3e-4", "--set", "optim.schedule=cosine",
+            "--set", "optim.warmup_steps=2", "--set", "activation_checkpointing=true",
+            "--set", f"parallel={parallel}", "--set", f"save_every={save_every}"]
+    return args + (["--resume"] if resume else [])
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    corpus(root)
+    return root
+
+
+def launch(root: Path, out: Path, parallel: str, nproc: int, resume: bool = False, save_every: int = 0,
            env: dict | None = None, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    args = [str(Path(__file__)), "worker", "--parallel", parallel, "--out", str(out), "--save-every", str(save_every)]
-    if resume:
-        args.append("--resume")
+    """The CLI in a new process: alone (nproc 1) or under torchrun, one thread per process."""
+    args = ["-m", "phi3.cli", *cli_args(root, out, parallel, save_every, resume)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     else:
         cmd = [sys.executable, *args]
-    res = subprocess.run(cmd, env=_env(**(env or {})), capture_output=True, text=True, timeout=300)
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    res = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
     if expect_ok:
         assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -146,25 +159,24 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
-    """1 process, no process group, 2 micro-batches of 2 rows per step (in-process, 1 thread as the
-    workers)."""
-    from phi3.train.parallel import DistContext
-    from phi3.train.trainer import run
+def single(data_root, tmp_path_factory) -> Path:
+    """1 process, no process group, 2 micro-batches of 2 rows per step (in-process, on one thread
+    as the launched processes)."""
+    from phi3.cli import main
     out = tmp_path_factory.mktemp("single")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run(toy_job("none"), DistContext(), out, progress=False)
+        assert main(cli_args(data_root, out, "none")) == 0
     finally:
         torch.set_num_threads(threads)
     return out
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory) -> Path:
+def fsdp_run(data_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    launch(out, "fsdp", 2, save_every=2)
+    launch(data_root, out, "fsdp", 2, save_every=2)
     return out
 
 
@@ -185,70 +197,67 @@ def test_fsdp_two_processes_equal_one_process_with_accumulation(single, fsdp_run
     assert losses(single)[-1] < losses(single)[0] - 0.3, losses(single)
 
 
-def test_ddp_two_processes_equal_one_process_with_accumulation(single, tmp_path):
-    launch(tmp_path, "ddp", 2)
+def test_ddp_two_processes_equal_one_process_with_accumulation(single, data_root, tmp_path):
+    launch(data_root, tmp_path, "ddp", 2)
     _assert_same_run(tmp_path, single)
 
 
 @pytest.fixture(scope="module")
-def killed_fsdp(fsdp_run, tmp_path_factory) -> Path:
+def killed_fsdp(fsdp_run, data_root, tmp_path_factory) -> Path:
     """Both ranks SIGKILL themselves after step 3, the checkpoint of step 2 on disk."""
     out = tmp_path_factory.mktemp("killed")
-    res = launch(out, "fsdp", 2, save_every=2, env={"PHI3_TRAIN_KILL_AFTER_STEP": "3"}, expect_ok=False)
+    res = launch(data_root, out, "fsdp", 2, save_every=2, env={"PHI3_TRAIN_KILL_AFTER_STEP": "3"}, expect_ok=False)
     assert res.returncode != 0
     assert losses(out) == losses(fsdp_run)[:3]
     assert not (out / "final").exists()
     return out
 
 
-def test_kill_and_resume_two_processes_is_bit_exact(fsdp_run, killed_fsdp, tmp_path):
+def test_kill_and_resume_two_processes_is_bit_exact(fsdp_run, killed_fsdp, data_root, tmp_path):
     """--resume under a new torchrun replays steps 3..5 with the uninterrupted run's exact losses
     and weights."""
     out = tmp_path / "run"
     shutil.copytree(killed_fsdp, out)
-    launch(out, "fsdp", 2, save_every=2, resume=True)
+    launch(data_root, out, "fsdp", 2, save_every=2, resume=True)
     assert losses(out) == losses(fsdp_run)
     wa, wb = final_weights(out), final_weights(fsdp_run)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_on_another_world_size(fsdp_run, killed_fsdp, tmp_path):
+def test_resume_on_another_world_size(fsdp_run, killed_fsdp, data_root, tmp_path):
     """DCP reshards: the 2-process FSDP2 checkpoint of step 2 resumes in 1 process without a
     process group; the losses stay within 1e-5 of the 2-process run."""
     out = tmp_path / "run"
     shutil.copytree(killed_fsdp, out)
-    launch(out, "none", 1, save_every=2, resume=True)
+    launch(data_root, out, "none", 1, save_every=2, resume=True)
     assert json.loads((out / "step_000004" / "trainer_state.json").read_text())["world_size"] == 1
     assert losses(out)[:3] == losses(fsdp_run)[:3]
     for x, y in zip(losses(out), losses(fsdp_run)):
         assert abs(x - y) <= 1e-5 * abs(y)
 
 
-def test_kill_and_resume_one_process_is_bit_exact(single, tmp_path):
-    res = launch(tmp_path, "none", 1, save_every=2, env={"PHI3_TRAIN_KILL_AFTER_STEP": "3"}, expect_ok=False)
+def test_kill_and_resume_one_process_is_bit_exact(single, data_root, tmp_path):
+    res = launch(data_root, tmp_path, "none", 1, save_every=2, env={"PHI3_TRAIN_KILL_AFTER_STEP": "3"}, expect_ok=False)
     assert res.returncode == -9
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == ["step_000002"]
-    launch(tmp_path, "none", 1, save_every=2, resume=True)
+    launch(data_root, tmp_path, "none", 1, save_every=2, resume=True)
     assert losses(tmp_path) == losses(single)
     wa, wb = final_weights(tmp_path), final_weights(single)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_kill_during_save_leaves_previous_checkpoint(single, tmp_path):
+def test_kill_during_save_leaves_previous_checkpoint(single, data_root, tmp_path):
     """SIGKILL inside the save of step 4 (files written, not yet renamed): step_000002 is intact,
     step_000004.tmp is ignored, and the resume from step 2 gives the uninterrupted run."""
-    res = launch(tmp_path, "none", 1, save_every=2, env={"PHI3_TRAIN_KILL_IN_SAVE": "4"}, expect_ok=False)
+    res = launch(data_root, tmp_path, "none", 1, save_every=2, env={"PHI3_TRAIN_KILL_IN_SAVE": "4"}, expect_ok=False)
     assert res.returncode == -9
     names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_"))
     assert names == ["step_000002", "step_000004.tmp"]
     from phi3.train.ckpt import latest_checkpoint, read_state
     assert latest_checkpoint(tmp_path).name == "step_000002"
     assert read_state(tmp_path / "step_000002")["step"] == 2
-    launch(tmp_path, "none", 1, save_every=2, resume=True)
+    launch(data_root, tmp_path, "none", 1, save_every=2, resume=True)
     assert losses(tmp_path) == losses(single)
     assert not (tmp_path / "step_000004.tmp").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == ["step_000004", "step_000005"]
 
-
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
-    worker(sys.argv[2:])
