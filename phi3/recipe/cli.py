@@ -5,6 +5,7 @@
     phi3 data dedup IN --out DIR                 MinHash (datatrove's four stages)
     phi3 data decontaminate IN --out DIR --data-dir BENCH   13-gram overlap with benchmark test sets
     phi3 data tokenize IN --out DIR --tokenizer SPEC         token shards for `phi3 train`
+    phi3 data judge IN --out DIR --url URL --model M         an LLM scores a sample for educational value
     phi3 data run RECIPE.toml                    the stages a recipe names, in order (see load_recipe)
 
 IN is a previous stage's --out folder (its docs/) or jsonl(.gz) documents. Every stage takes
@@ -73,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ngrams", type=int, default=13, help="words per n-gram (13, as GPT-3 / lm-eval)")
     sp.add_argument("--benchmarks", help="comma-separated task names (default: every one found in --data-dir)")
     common(sp)
+
+    sp = sub.add_parser("judge", help="an LLM scores a sample of documents for educational value, 0-5")
+    sp.add_argument("input", help="a previous stage's --out folder, or jsonl(.gz) documents")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (phi3 serve)")
+    sp.add_argument("--model", required=True, help="the judge model's name at that endpoint")
+    sp.add_argument("--api-key-file", help="file holding the API key (default: $OPENAI_API_KEY, or none)")
+    sp.add_argument("--sample", type=int, default=1000, help="documents to judge (a fixed sample by --seed)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--max-tokens", type=int, default=256, help="of each judgment")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--no-progress", action="store_true")
 
     sp = sub.add_parser("run", help="run the stages a recipe TOML names, in order, each into OUT/<stage>")
     sp.add_argument("recipe", help="recipe file (see phi3/recipe/cli.py's docstring)")
@@ -200,6 +213,22 @@ def run_recipe(args: argparse.Namespace) -> list[dict]:
     return summaries
 
 
+def run_judge_stage(args: argparse.Namespace) -> dict:
+    import os
+
+    from phi3.judge import Endpoint, chat_endpoint
+    from phi3.recipe.judge import run_judge
+    chat_endpoint(args.url)  # a bad URL is refused before anything is read
+    key = os.environ.get("OPENAI_API_KEY")
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text().strip()
+        except OSError as e:
+            raise Phi3Error(f"--api-key-file {args.api_key_file}: cannot read it ({e.strerror})") from None
+    endpoint = Endpoint(args.url, args.model, api_key=key or None, max_tokens=args.max_tokens, temperature=0.0)
+    return run_judge(Path(args.input), Path(args.out), endpoint, args.sample, args.seed, progress=not args.no_progress)
+
+
 def _options(args: argparse.Namespace):
     from phi3.recipe.pipeline import ExecOptions, check_options
     opts = ExecOptions(kind=args.executor, tasks=args.tasks, workers=args.workers, ray_address=args.ray_address,
@@ -280,6 +309,9 @@ def _print(summary: dict, as_json: bool) -> None:
     for name, r in (summary.get("removed") or {}).items():
         reasons = ", ".join(f"{k} {v}" for k, v in sorted((r.get("reasons") or {}).items(), key=lambda kv: -kv[1]))
         print(f"  {name}: removed {r.get('dropped', 0)}" + (f" ({reasons})" if reasons else ""))
+    if "histogram" in summary:
+        print(f"  scores {' '.join(f'{k}:{v}' for k, v in summary['histogram'].items())}, "
+              f"unparsable {summary['unparsable']}")
     for hit in summary.get("hits", []):
         print(f"  hit: {hit['id']} shares {hit['ngram']!r} with {hit['task']} ({hit['benchmark_record']})")
 
@@ -292,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.stage == "run":
             run_recipe(args)
+        elif args.stage == "judge":
+            _print(run_judge_stage(args), args.json)
         else:
             _print(run(args), args.json)
         return 0
