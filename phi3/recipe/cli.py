@@ -240,10 +240,6 @@ def _options(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> dict:
     """Run one stage; returns its summary."""
-    try:
-        import datatrove  # noqa: F401
-    except ImportError:
-        raise Phi3Error("`phi3 data` needs datatrove and its extras: pip install 'phi3[data]'") from None
     from phi3.recipe.pipeline import run_stage
     opts = _options(args)
     out = Path(args.out)
@@ -331,6 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except Phi3Error as e:
         print(f"phi3: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # datatrove or one of its extras is not installed
+        print(f"phi3: error: `phi3 data {args.stage}` needs {e.name}: pip install 'phi3[data]'"
+              f"{' (or phi3[data-ray] for --executor ray)' if e.name == 'ray' else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

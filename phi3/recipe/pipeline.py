@@ -68,6 +68,8 @@ def check_options(opts: ExecOptions) -> None:
         raise Phi3Error(f"--tasks {opts.tasks} and --workers {opts.workers} must be at least 1")
     if opts.kind == "slurm" and not opts.slurm_partition:
         raise Phi3Error("--executor slurm needs --slurm-partition (the partition sbatch submits to)")
+    if opts.kind == "slurm" and not shutil.which("sbatch"):
+        raise Phi3Error("--executor slurm needs Slurm's sbatch on PATH: run `phi3 data` on the cluster's login node")
 
 
 def _executor(opts: ExecOptions, pipeline: list, tasks: int, logging_dir: Path, depends: Any = None) -> Any:
