@@ -350,11 +350,13 @@ def run(job: Job, ctx: DistContext, out: Path, resume: bool = False, export: boo
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                     refresh=False)
                     bar.update(1)
-            if (save_every and done % save_every == 0) or done == total:
+            # save_every = 0: final/ only (no optimizer state on disk); else also the last step.
+            if save_every and (done % save_every == 0 or done == total):
+                # At a phase's last step this is the finished phase's stream: a resume moves on to
+                # the next phase's fresh stream by the step number.
                 state = {**current, "step": done, "phase": phase_index, "data": stream.state_dict(),
                          "scheduler": scheduler.state_dict(), "world_size": ctx.world, "tokens": tokens_seen,
                          "elapsed": elapsed_before + time.perf_counter() - t0, **job.extra_state}
-                # The next step's phase starts a fresh stream: store that, not the finished one.
                 ckpt.save_checkpoint(ctx, out, done, model, optimizer, state, keep_last=getattr(r, "keep_last", 2))
             _kill_hook(done)
     finally:
