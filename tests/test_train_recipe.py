@@ -342,3 +342,16 @@ def test_build_from_hf_folder_and_stage_output(tmp_path, tok_dir):
     R.validate(lc, cfg)
     lc.longctx.target_len = 128
     one_line_error(R.validate, lc, cfg, match="longctx.target_len 128 does not extend the model's context of 128")
+
+
+def test_lora_parameter_count_matches_peft():
+    pytest.importorskip("peft")
+    from phi3.model import Transformer
+    from phi3.train.lora import apply_lora
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("medium")  # grouped-query attention: qkv_proj is not square
+    lora = R.Lora(r=4, targets=["qkv_proj", "o_proj", "down_proj"])
+    model = apply_lora(Transformer(cfg), r=4, alpha=8.0, targets=lora.targets)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert R.lora_parameters(cfg, lora) == trainable == 6912
