@@ -621,14 +621,21 @@ def dpo_reference(job: Job, pairs: list, ctx: DistContext, progress: bool) -> to
     Every rank computes all of them: no second copy of the weights, no communication."""
     from phi3.train.data import collate_pairs
     from phi3.train.losses import reference_logps
+    from phi3.train.data import PairBatch
     bs = max(1, job.recipe.micro_batch_size)
     pad = job.config.pad_token_id if job.config.pad_token_id is not None else 0
-    batches = (collate_pairs(pairs[i:i + bs], pad) for i in range(0, len(pairs), bs))
+    dev = ctx.device
+    job.model.to(dev)  # on a GPU the reference pass runs there too (run() leaves it there)
+
+    def on_device(b: Any) -> Any:
+        return PairBatch(b.input_ids.to(dev), b.labels.to(dev), b.attention_mask.to(dev), b.index)
+
+    batches = (on_device(collate_pairs(pairs[i:i + bs], pad)) for i in range(0, len(pairs), bs))
     if progress and ctx.is_main:
         from tqdm import tqdm
         batches = tqdm(batches, total=-(-len(pairs) // bs), desc="dpo reference log-probs", unit="batch",
                        file=sys.stderr)
-    precision = _Precision(job.recipe.precision, "none", torch.device("cpu"))
+    precision = _Precision(job.recipe.precision, "none", dev)
     with precision():
         return reference_logps(job.model, batches, len(pairs))
 
