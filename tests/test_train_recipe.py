@@ -355,3 +355,31 @@ def test_lora_parameter_count_matches_peft():
     model = apply_lora(Transformer(cfg), r=4, alpha=8.0, targets=lora.targets)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert R.lora_parameters(cfg, lora) == trainable == 6912
+
+
+def test_activation_estimate_matches_what_autograd_saves():
+    """dry-run's activation bytes against the bytes of every tensor autograd saves for backward in
+    one float32 forward + loss of a small model (parameters excluded, shared storages once).
+    Measured: 3,436,036 saved against 3,252,224 estimated (CPU SDPA keeps some attention scores,
+    which the estimate leaves out as a fused GPU kernel does not store them)."""
+    from phi3.model import Transformer
+
+    cfg = get_preset("phi-3-mini-4k-instruct").with_(
+        hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=1000, max_position_embeddings=256, original_max_position_embeddings=256, sliding_window=None)
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    x = torch.randint(0, 1000, (2, 64))
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(x)
+        torch.nn.functional.cross_entropy(logits.view(-1, 1000), x.view(-1))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured = sum(n for ptr, n in saved.items() if ptr not in params)
+    estimate = R.activation_bytes(cfg, 2, 64, "float32", checkpointing=False)
+    assert abs(estimate - measured) / measured < 0.10
