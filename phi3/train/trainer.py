@@ -14,6 +14,22 @@ The loop, in order (nanoGPT's loop with torchtitan's pieces):
      clip, step, schedule;
   4. metrics.jsonl + tqdm on rank 0; numbered DCP checkpoints; at the end `final/` (a Hugging
      Face folder) and metrics.png.
+
+Stages differ only in their data and loss:
+  pretrain  packed documents (phi3.train.data.PackedStream), one stream per phase; weights,
+            optimizer and the one LR schedule continue across phases;
+  sft       chat jsonl, loss on assistant tokens only, packed the same way; lora.r > 0 trains peft
+            adapters, merged into plain weights in final/;
+  dpo       preference pairs; the reference log-probs are computed once, before the first step,
+            with the initial model, and looked up by pair index; sigmoid loss with beta and label
+            smoothing, TRL's reward metrics logged;
+  longctx   LongRoPE's factor search on the loaded model (phi3.train.longrope), the new
+            rope_scaling put into the model, then training on documents mixed with their first C
+            tokens (the short rows, longctx.short_fraction of the tokens).
+
+precision = "bfloat16": autocast around the forward (alone and DDP), FSDP2's
+MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) under fsdp; the parameters the
+optimizer steps stay float32 either way.
 """
 
 from __future__ import annotations
