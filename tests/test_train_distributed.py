@@ -79,14 +79,14 @@ def toy_recipe(parallel: str, save_every: int = 0) -> SimpleNamespace:
                            keep_last=2, log_every=1, tensorboard=False)
 
 
-def toy_job(parallel: str, save_every: int = 0):
+def toy_job(parallel: str, save_every: int = 0, cfg=None):
     from phi3.model import Transformer
     from phi3.tokenizer import Tokenizer
     from phi3.train.trainer import Job, PhasePlan
     from tests.conftest import tiny_config, tiny_tokenizer_json
     from tokenizers import Tokenizer as HFTokenizer
 
-    cfg = tiny_config("mini-4k")
+    cfg = cfg or tiny_config("mini-4k")
     torch.manual_seed(0)
     model = Transformer(cfg)
     model.init_weights()

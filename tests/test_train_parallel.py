@@ -149,3 +149,31 @@ def test_bfloat16_trains_float32_master_weights(parallel, tmp_path):
     assert len(a) == len(b) == 5 and a != b
     for x, y in zip(a, b):
         assert abs(x - y) < 0.02 * x, (a, b)
+
+
+def test_fsdp_with_tied_embeddings_matches_plain(tmp_path):
+    """SmolLM2's layout (llama, grouped-query attention, head tied to the embedding) under FSDP2
+    (1-process gloo group): the tied weight is sharded once in the root group and the losses equal
+    the unwrapped model's."""
+    import json
+
+    from phi3.train.parallel import DistContext, init_distributed
+    from phi3.train.trainer import run
+    from tests.test_model import packing_config
+    from tests.test_train_distributed import toy_job
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    cfg = packing_config("llama")
+    assert cfg.tie_word_embeddings
+    run(toy_job("none", cfg=cfg), DistContext(), tmp_path / "plain", export=False, progress=False)
+    job = toy_job("fsdp", cfg=cfg)
+    ctx = init_distributed(need_group=True)
+    try:
+        run(job, ctx, tmp_path / "fsdp", export=False, progress=False)
+        assert job.model.lm_head.weight is job.model.model.embed_tokens.weight
+    finally:
+        ctx.close()
+    for x, y in zip(losses(tmp_path / "plain"), losses(tmp_path / "fsdp")):
+        assert abs(x - y) <= 1e-5 * abs(x)

@@ -229,3 +229,32 @@ def test_longctx_writes_longrope_config_and_resumes_without_searching(memorised,
     assert train(*args, "--resume") == 0
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in first]
     assert json.loads((out / "final" / "config.json").read_text())["rope_scaling"] == cfg["rope_scaling"]
+
+
+def test_continues_a_hugging_face_folder_and_exports_its_layout(tmp_path):
+    """--model a Hugging Face folder of SmolLM2's layout (llama, GQA, tied head): continued
+    pretraining, then final/ in the same layout (q/k/v and gate/up unfused, no lm_head), equal in
+    transformers within 1e-4."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from phi3.checkpoint import load
+    from tests.conftest import hf_reference, save_hf_model
+    from tests.test_model import packing_config
+    cfg = packing_config("llama")
+    src = save_hf_model(hf_reference(cfg), cfg, tmp_path / "base")
+    (tmp_path / "text.txt").write_text(TEXT)
+    out = tmp_path / "run"
+    assert train("pretrain", "--model", str(src), "--data", str(tmp_path / "text.txt"), "--out", str(out),
+                 "--set", "seq_len=32", "--set", "micro_batch_size=1", "--set", "global_batch_size=2",
+                 "--set", "phases.0.steps=3", "--set", "save_every=0") == 0
+    names = set(load_file(str(out / "final" / "model.safetensors")))
+    assert "model.layers.0.self_attn.q_proj.weight" in names and "lm_head.weight" not in names
+    ids = torch.tensor([[5, 80, 81, 90, 17, 3, 44]])
+    hf = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32, attn_implementation="eager").eval()
+    ours = load(str(out / "final"), dtype="float32").model.eval()
+    before = load(str(src), dtype="float32").model.eval()
+    with torch.no_grad():
+        a, b = hf(ids).logits, ours(ids)
+        assert not torch.allclose(b, before(ids), atol=1e-3)  # it trained
+    assert (a - b).abs().max().item() < 1e-4
