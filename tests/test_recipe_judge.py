@@ -28,7 +28,7 @@ def hidden_rule(extract: str) -> str:
 
 
 class FakeJudge:
-    def __init__(self) -> None:
+    def __init__(self, rule=hidden_rule) -> None:
         self.requests = 0
         self.down = False
         judge = self
@@ -45,7 +45,7 @@ class FakeJudge:
                     return
                 judge.requests += 1
                 extract = re.search(r"<extract>\n(.*)\n</extract>", body["messages"][0]["content"], re.S).group(1)
-                answer = {"choices": [{"message": {"role": "assistant", "content": hidden_rule(extract)}}]}
+                answer = {"choices": [{"message": {"role": "assistant", "content": rule(extract)}}]}
                 raw = json.dumps(answer).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -133,3 +133,66 @@ def test_killed_judge_rerun_judges_only_what_is_missing(fake, tmp_path):
     assert main(argv) == 0
     assert fake.requests == 4
     assert sorted((out / "judgments.jsonl").read_text().splitlines()) == whole
+
+
+def long_paragraphs(texts: list[str], sep: str) -> list[str]:
+    return [p for t in texts for p in t.split(sep) if len(p.split()) >= 20]
+
+
+def static_embedder(folder: Path) -> Path:
+    """A model2vec static model over Phi-3's vocabulary with seeded random 256-d vectors: a stand-in
+    for a distilled MiniLM that needs nothing downloaded (a real one separates topics better still)."""
+    import numpy as np
+    from model2vec import StaticModel
+
+    from tests.conftest import need_assets
+    from phi3.train.recipe import load_tokenizer_spec
+    tok, _ = load_tokenizer_spec(str(need_assets() / "vocab" / "ggml-vocab-phi-3.gguf"))
+    vectors = np.random.default_rng(0).standard_normal((tok.tk.get_vocab_size(), 256)).astype(np.float32)
+    StaticModel(vectors=vectors, tokenizer=tok.tk, normalize=True).save_pretrained(str(folder))
+    return folder
+
+
+def test_classifier_learns_the_judges_hidden_rule(monkeypatch, tmp_path):
+    """Done-when 2: the judge scores Python-tutorial paragraphs 4 and Debian-handbook paragraphs 1 (a
+    rule it does not state); the head trained on its labels reaches F1 >= 0.8 on held-out documents."""
+    pytest.importorskip("model2vec", reason="the edu classifier needs model2vec: pip install -e '.[data]'")
+    pytest.importorskip("sklearn", reason="the edu classifier needs scikit-learn: pip install -e '.[data]'")
+    monkeypatch.setattr(J, "RETRY_BACKOFF_S", 0.001)
+    py = long_paragraphs([f.read_text() for f in sorted((DATA / "python-tutorial").glob("*.rst.txt"))], "\n\n")
+    handbook_dir = tmp_path / "hb"
+    assert main(["ingest", str(DATA / "handbook"), "--out", str(handbook_dir)]) == 0
+    import gzip
+    hb = long_paragraphs([d["text"] for f in sorted((handbook_dir / "docs").glob("*.gz"))
+                          for d in map(json.loads, gzip.open(f, "rt"))], "\n")
+    assert (len(py), len(hb)) == (277, 70)  # handbook paragraphs in 4 languages
+    tutorial = set(py)
+    server = FakeJudge(rule=lambda text: f"Hidden reasons.\nEducational score: {4 if text in tutorial else 1}")
+    try:
+        docs = [{"id": f"py-{i}", "text": t} for i, t in enumerate(py)] + \
+               [{"id": f"hb-{i}", "text": t} for i, t in enumerate(hb)]
+        src = tmp_path / "docs.jsonl"
+        src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        assert main(["judge", str(src), "--out", str(tmp_path / "judge"), "--url", server.url, "--model", "fake",
+                     "--sample", "200", "--no-progress"]) == 0
+    finally:
+        server.server.shutdown()
+    emb = static_embedder(tmp_path / "emb")
+    out = tmp_path / "scored"
+    assert main(["classify", str(src), "--judgments", str(tmp_path / "judge"), "--embedder", str(emb),
+                 "--out", str(out)]) == 0
+    head = json.loads((out / "head.json").read_text())
+    assert head["heldout"] == 40 and head["train"] == 160
+    assert head["heldout_f1"] >= 0.8, head["heldout_f1"]  # measured: 0.95 (P 1.0, R 0.91; the issue asks 0.8)
+    judged = {json.loads(line)["id"] for line in (tmp_path / "judge" / "judgments.jsonl").open()}
+    assert set(head["heldout_ids"]) <= judged
+    # every document scored, the held-out ones too; FineWeb-Edu's int_score from the regression output
+    scored = {}
+    for f in sorted((out / "docs").glob("*.gz")):
+        scored.update({d["id"]: d["metadata"] for d in map(json.loads, gzip.open(f, "rt"))})
+    assert len(scored) == len(docs)
+    assert all(m["edu_int_score"] == int(round(min(5, max(0, m["edu_score"])))) for m in scored.values())
+    right = sum((m["edu_int_score"] >= 3) == i.startswith("py-") for i, m in scored.items())
+    assert right / len(scored) >= 0.9
+    s = json.loads((out / "summary.json").read_text())
+    assert sum(s["histogram"].values()) == len(docs) and s["heldout_f1"] == head["heldout_f1"]

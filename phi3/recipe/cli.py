@@ -6,6 +6,7 @@
     phi3 data decontaminate IN --out DIR --data-dir BENCH   13-gram overlap with benchmark test sets
     phi3 data tokenize IN --out DIR --tokenizer SPEC         token shards for `phi3 train`
     phi3 data judge IN --out DIR --url URL --model M         an LLM scores a sample for educational value
+    phi3 data classify IN --judgments J --embedder M --out DIR  a head on the judge's scores; scores every document
     phi3 data run RECIPE.toml                    the stages a recipe names, in order (see load_recipe)
 
 IN is a previous stage's --out folder (its docs/) or jsonl(.gz) documents. Every stage takes
@@ -86,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-tokens", type=int, default=256, help="of each judgment")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--no-progress", action="store_true")
+
+    sp = sub.add_parser("classify", help="train a regression head on the judge's scores and score every document")
+    sp.add_argument("--judgments", required=True, help="a finished `phi3 data judge` --out folder")
+    sp.add_argument("--embedder", required=True, help="a model2vec static model folder (e.g. distilled from MiniLM)")
+    sp.add_argument("--threshold", type=int, default=3, help="score counted as educational in the held-out F1")
+    sp.add_argument("--holdout", type=float, default=0.2, help="share of the judged documents held out")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--alpha", type=float, default=1.0, help="Ridge regularization")
+    common(sp)
 
     sp = sub.add_parser("run", help="run the stages a recipe TOML names, in order, each into OUT/<stage>")
     sp.add_argument("recipe", help="recipe file (see phi3/recipe/cli.py's docstring)")
@@ -278,6 +288,12 @@ def run(args: argparse.Namespace) -> dict:
             return run_stage("decontaminate", out, steps, opts, lambda w: summarize_decont(w, cfg))
         finally:
             shutil_rm(built)
+    if args.stage == "classify":
+        from phi3.recipe.classify import classify_steps, summarize_classify, train_head
+        if (out / "summary.json").is_file():
+            return run_stage("classify", out, [], opts)
+        head = train_head(src, Path(args.judgments), args.embedder, args.threshold, args.holdout, args.seed, args.alpha)
+        return run_stage("classify", out, classify_steps(src, head), opts, summarize_classify)
     from phi3.recipe.tokens import summarize_tokens, tokenize_steps
     steps = tokenize_steps(src, args.tokenizer, args.eos, args.seed, args.max_tokens_per_file)
     return run_stage("tokenize", out, steps, opts, summarize_tokens)
@@ -306,8 +322,11 @@ def _print(summary: dict, as_json: bool) -> None:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted((r.get("reasons") or {}).items(), key=lambda kv: -kv[1]))
         print(f"  {name}: removed {r.get('dropped', 0)}" + (f" ({reasons})" if reasons else ""))
     if "histogram" in summary:
-        print(f"  scores {' '.join(f'{k}:{v}' for k, v in summary['histogram'].items())}, "
-              f"unparsable {summary['unparsable']}")
+        print(f"  scores {' '.join(f'{k}:{v}' for k, v in summary['histogram'].items())}"
+              + (f", unparsable {summary['unparsable']}" if "unparsable" in summary else ""))
+    if "heldout_f1" in summary:
+        print(f"  held out ({summary['heldout']} judged documents) at score >= {summary['threshold']}: precision "
+              f"{summary['heldout_precision']:.3f} recall {summary['heldout_recall']:.3f} F1 {summary['heldout_f1']:.3f}")
     for hit in summary.get("hits", []):
         print(f"  hit: {hit['id']} shares {hit['ngram']!r} with {hit['task']} ({hit['benchmark_record']})")
 
