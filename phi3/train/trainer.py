@@ -470,6 +470,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ctx is None or ctx.is_main:
             print(f"phi3: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only --out: one line, as the other verbs (phi3.cli.main)
+        if os.environ.get("PHI3_DEBUG"):
+            raise
+        if ctx is None or ctx.is_main:
+            print(f"phi3: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     finally:
         if ctx is not None:
             ctx.close()
