@@ -153,9 +153,11 @@ def static_embedder(folder: Path) -> Path:
     return folder
 
 
-def test_classifier_learns_the_judges_hidden_rule(monkeypatch, tmp_path):
+def test_classifier_learns_the_judges_hidden_rule_and_phases_split_by_it(monkeypatch, tmp_path):
     """Done-when 2: the judge scores Python-tutorial paragraphs 4 and Debian-handbook paragraphs 1 (a
-    rule it does not state); the head trained on its labels reaches F1 >= 0.8 on held-out documents."""
+    rule it does not state); the head trained on its labels reaches F1 >= 0.8 on held-out documents.
+    Then the phases stage splits the scored documents by threshold (one test: judging and
+    classifying once is most of the cost)."""
     pytest.importorskip("model2vec", reason="the edu classifier needs model2vec: pip install -e '.[data]'")
     pytest.importorskip("sklearn", reason="the edu classifier needs scikit-learn: pip install -e '.[data]'")
     monkeypatch.setattr(J, "RETRY_BACKOFF_S", 0.001)
@@ -196,3 +198,30 @@ def test_classifier_learns_the_judges_hidden_rule(monkeypatch, tmp_path):
     assert right / len(scored) >= 0.9
     s = json.loads((out / "summary.json").read_text())
     assert sum(s["histogram"].values()) == len(docs) and s["heldout_f1"] == head["heldout_f1"]
+
+    # phases (stage 6): phase 1 = score >= 1 (everything), phase 2 = score >= 3 plus synthetic text
+    import tomllib
+
+    from phi3.train.data import open_documents
+    from phi3.train.recipe import load_tokenizer_spec
+    from tests.conftest import need_assets
+    vocab = str(need_assets() / "vocab" / "ggml-vocab-phi-3.gguf")
+    syn = tmp_path / "synthetic.jsonl"
+    answers = [json.loads(line)["answer"] for line in (DATA / "benchmarks" / "gsm8k" / "train.jsonl").open()]
+    syn.write_text("".join(json.dumps({"id": f"syn-{i}", "text": a}) + "\n" for i, a in enumerate(answers)))
+    phases = tmp_path / "phases"
+    top = max(int(k) for k, v in s["histogram"].items() if v)
+    assert main(["phases", str(out), "--out", str(phases), "--t1", "1", "--t2", str(top + 1), "--tokenizer", vocab]) == 2
+    assert not phases.exists() and not (tmp_path / "phases.partial").exists()
+    assert main(["phases", str(out), "--out", str(phases), "--t1", "1", "--t2", "3", "--synthetic", str(syn),
+                 "--tokenizer", vocab]) == 0
+    tok, _ = load_tokenizer_spec(vocab)
+    mixture = tomllib.loads((phases / "mixture.toml").read_text())["phases"]
+    assert [p["name"] for p in mixture] == ["phase1", "phase2"]
+    n_docs = {p["path"]: len(open_documents(p["path"], tok)) for m in mixture for p in m["sources"]}
+    high = sum(m["edu_int_score"] >= 3 for m in scored.values())
+    assert sorted(n_docs.values()) == sorted([sum(m["edu_int_score"] >= 1 for m in scored.values()), high, 5])
+    ps = json.loads((phases / "summary.json").read_text())
+    for m in mixture:  # tokens per phase: what the shards hold
+        on_disk = sum(f.stat().st_size // 2 for src in m["sources"] for f in Path(src["path"]).glob("*.ds"))
+        assert m["tokens"] == on_disk == sum(v for k, v in ps["tokens"].items() if k.startswith(m["name"]))

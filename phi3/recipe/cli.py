@@ -7,6 +7,7 @@
     phi3 data tokenize IN --out DIR --tokenizer SPEC         token shards for `phi3 train`
     phi3 data judge IN --out DIR --url URL --model M         an LLM scores a sample for educational value
     phi3 data classify IN --judgments J --embedder M --out DIR  a head on the judge's scores; scores every document
+    phi3 data phases IN --out DIR --t1 2 --t2 3 [--synthetic S]  the two pretraining phases + mixture.toml
     phi3 data run RECIPE.toml                    the stages a recipe names, in order (see load_recipe)
 
 IN is a previous stage's --out folder (its docs/) or jsonl(.gz) documents. Every stage takes
@@ -95,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--holdout", type=float, default=0.2, help="share of the judged documents held out")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--alpha", type=float, default=1.0, help="Ridge regularization")
+    common(sp)
+
+    sp = sub.add_parser("phases", help="phase 1 (score >= t1) and phase 2 (score >= t2 + synthetic), tokenized, + mixture.toml")
+    sp.add_argument("--t1", type=int, default=2, help="phase 1 keeps edu_int_score >= t1")
+    sp.add_argument("--t2", type=int, default=3, help="phase 2 keeps edu_int_score >= t2 (FineWeb-Edu's 3)")
+    sp.add_argument("--synthetic", help="synthetic documents added to phase 2 (a stage's --out folder or jsonl)")
+    sp.add_argument("--tokenizer", default="default", help="as for tokenize")
+    sp.add_argument("--eos", help="as for tokenize")
+    sp.add_argument("--seed", type=int, default=0)
     common(sp)
 
     sp = sub.add_parser("run", help="run the stages a recipe TOML names, in order, each into OUT/<stage>")
@@ -294,6 +304,11 @@ def run(args: argparse.Namespace) -> dict:
             return run_stage("classify", out, [], opts)
         head = train_head(src, Path(args.judgments), args.embedder, args.threshold, args.holdout, args.seed, args.alpha)
         return run_stage("classify", out, classify_steps(src, head), opts, summarize_classify)
+    if args.stage == "phases":
+        from phi3.recipe.phases import phases_steps, summarize_phases
+        syn = Path(args.synthetic) if args.synthetic else None
+        steps = phases_steps(src, args.t1, args.t2, args.tokenizer, args.eos, syn, args.seed)
+        return run_stage("phases", out, steps, opts, lambda w: summarize_phases(w, out, args.t1, args.t2, syn is not None))
     from phi3.recipe.tokens import summarize_tokens, tokenize_steps
     steps = tokenize_steps(src, args.tokenizer, args.eos, args.seed, args.max_tokens_per_file)
     return run_stage("tokenize", out, steps, opts, summarize_tokens)
@@ -315,8 +330,10 @@ def _print(summary: dict, as_json: bool) -> None:
         line += f"{summary['documents_in']} documents in, "
     if "documents_out" in summary:
         line += f"{summary['documents_out']} out"
-    if "tokens" in summary:
+    if isinstance(summary.get("tokens"), int):
         line += f"{summary['tokens']:,} tokens in {len(summary['shards'])} shards"
+    elif isinstance(summary.get("tokens"), dict):
+        line += "; tokens: " + ", ".join(f"{k} {v:,}" for k, v in summary["tokens"].items())
     print(line.rstrip(", "))
     for name, r in (summary.get("removed") or {}).items():
         reasons = ", ".join(f"{k} {v}" for k, v in sorted((r.get("reasons") or {}).items(), key=lambda kv: -kv[1]))
