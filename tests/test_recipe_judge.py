@@ -3,6 +3,7 @@ scores recorded exactly, unparsable answers recorded as such, resumable after th
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import threading
@@ -31,6 +32,8 @@ class FakeJudge:
     def __init__(self, rule=hidden_rule) -> None:
         self.requests = 0
         self.down = False
+        self.down_after: int | None = None  # answer this many, then 503
+        self.bodies: list[dict] = []
         judge = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,12 +42,15 @@ class FakeJudge:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if judge.down:
+                if judge.down or (judge.down_after is not None and judge.requests >= judge.down_after):
                     self.send_response(503)
                     self.end_headers()
                     return
                 judge.requests += 1
-                extract = re.search(r"<extract>\n(.*)\n</extract>", body["messages"][0]["content"], re.S).group(1)
+                judge.bodies.append(body)
+                content = body["messages"][0]["content"]
+                found = re.search(r"<extract>\n(.*)\n</extract>", content, re.S)
+                extract = found.group(1) if found else content
                 answer = {"choices": [{"message": {"role": "assistant", "content": rule(extract)}}]}
                 raw = json.dumps(answer).encode()
                 self.send_response(200)
@@ -164,7 +170,6 @@ def test_classifier_learns_the_judges_hidden_rule_and_phases_split_by_it(monkeyp
     py = long_paragraphs([f.read_text() for f in sorted((DATA / "python-tutorial").glob("*.rst.txt"))], "\n\n")
     handbook_dir = tmp_path / "hb"
     assert main(["ingest", str(DATA / "handbook"), "--out", str(handbook_dir)]) == 0
-    import gzip
     hb = long_paragraphs([d["text"] for f in sorted((handbook_dir / "docs").glob("*.gz"))
                           for d in map(json.loads, gzip.open(f, "rt"))], "\n")
     assert (len(py), len(hb)) == (277, 70)  # handbook paragraphs in 4 languages
@@ -225,3 +230,48 @@ def test_classifier_learns_the_judges_hidden_rule_and_phases_split_by_it(monkeyp
     for m in mixture:  # tokens per phase: what the shards hold
         on_disk = sum(f.stat().st_size // 2 for src in m["sources"] for f in Path(src["path"]).glob("*.ds"))
         assert m["tokens"] == on_disk == sum(v for k, v in ps["tokens"].items() if k.startswith(m["name"]))
+
+
+def test_synthetic_generations_keep_provenance_resume_and_drop_duplicates(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(J, "RETRY_BACKOFF_S", 0.001)
+
+    def writer(prompt: str) -> str:
+        topic = re.search(r'"([^"]+)"', prompt).group(1)
+        if topic == "the same thing":  # every seed of this topic gets the same text: duplicates
+            return "A passage that the model writes whatever it is asked."
+        return f"A worked passage about {topic}.\nStep 1: think. Step 2: answer {prompt}"
+
+    server = FakeJudge(rule=writer)
+    topics = tmp_path / "topics.txt"
+    topics.write_text("fractions\nphotosynthesis\nthe same thing\n")
+    out = tmp_path / "syn"
+    argv = ["synthetic", "--out", str(out), "--url", server.url, "--model", "fake", "--topics", str(topics),
+            "--audiences", "children,students", "--n", "12", "--temperature", "0.7", "--seed", "3",
+            "--batch", "4", "--no-progress"]
+    try:
+        server.down_after = 5  # the endpoint goes away mid-run: 4 kept (one whole batch), one line, exit 2
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "HTTP 503" in err and "4 of 12 generated" in err
+        assert not out.exists()
+        server.down, server.down_after = False, None
+        asked = server.requests
+        assert main(argv) == 0
+        assert server.requests - asked == 8  # only the missing ones
+    finally:
+        server.server.shutdown()
+    assert {b["temperature"] for b in server.bodies} == {0.7}
+    records = [json.loads(line) for line in (out / "generations.jsonl").open()]
+    assert len(records) == 12 and len({r["key"] for r in records}) == 12
+    seeds = {(r["seed"]["topic"], r["seed"]["audience"], r["seed"]["style"]) for r in records}
+    assert len(seeds) == 12  # 3 topics x 2 audiences x 2 styles, all of them
+    with gzip.open(out / "docs" / "synthetic.jsonl.gz", "rt") as f:
+        docs = [json.loads(line) for line in f]
+    same = [r for r in records if r["seed"]["topic"] == "the same thing"]
+    assert len(docs) == 12 - len(same) + 1  # one copy of the duplicated text kept
+    d = docs[0]["metadata"]
+    assert set(d) == {"source", "seed", "prompt", "model", "params"}
+    assert d["model"] == "fake" and d["params"] == {"temperature": 0.7, "max_tokens": 1024}
+    assert d["prompt"] == next(r["prompt"] for r in records if r["seed"] == d["seed"])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["removed"]["exact_duplicate"]["dropped"] == len(same) - 1

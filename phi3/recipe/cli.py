@@ -8,6 +8,7 @@
     phi3 data judge IN --out DIR --url URL --model M         an LLM scores a sample for educational value
     phi3 data classify IN --judgments J --embedder M --out DIR  a head on the judge's scores; scores every document
     phi3 data phases IN --out DIR --t1 2 --t2 3 [--synthetic S]  the two pretraining phases + mixture.toml
+    phi3 data synthetic --out DIR --url URL --model M --topics F  textbook passages and exercises, with provenance
     phi3 data run RECIPE.toml                    the stages a recipe names, in order (see load_recipe)
 
 IN is a previous stage's --out folder (its docs/) or jsonl(.gz) documents. Every stage takes
@@ -106,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eos", help="as for tokenize")
     sp.add_argument("--seed", type=int, default=0)
     common(sp)
+
+    sp = sub.add_parser("synthetic", help="textbook passages and exercises from topic x audience x style seeds")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--url", required=True, help="OpenAI-compatible base URL (phi3 serve is one)")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--api-key-file", help="file holding the API key (default: $OPENAI_API_KEY, or none)")
+    sp.add_argument("--topics", required=True, help="a text file, one topic a line")
+    sp.add_argument("--audiences", default="young children,high school students,college students,professionals")
+    sp.add_argument("--styles", default="textbook,exercises")
+    sp.add_argument("--n", type=int, default=100, help="generations (seeds drawn from the product)")
+    sp.add_argument("--temperature", type=float, default=0.8)
+    sp.add_argument("--max-tokens", type=int, default=1024)
+    sp.add_argument("--seed", type=int, default=0, help="which seeds, in which order")
+    sp.add_argument("--batch", type=int, default=8, help="requests in flight at once")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--no-progress", action="store_true")
 
     sp = sub.add_parser("run", help="run the stages a recipe TOML names, in order, each into OUT/<stage>")
     sp.add_argument("recipe", help="recipe file (see phi3/recipe/cli.py's docstring)")
@@ -233,11 +250,10 @@ def run_recipe(args: argparse.Namespace) -> list[dict]:
     return summaries
 
 
-def run_judge_stage(args: argparse.Namespace) -> dict:
+def _endpoint(args: argparse.Namespace, temperature: float):
     import os
 
     from phi3.judge import Endpoint, chat_endpoint
-    from phi3.recipe.judge import run_judge
     chat_endpoint(args.url)  # a bad URL is refused before anything is read
     key = os.environ.get("OPENAI_API_KEY")
     if args.api_key_file:
@@ -245,8 +261,26 @@ def run_judge_stage(args: argparse.Namespace) -> dict:
             key = Path(args.api_key_file).read_text().strip()
         except OSError as e:
             raise Phi3Error(f"--api-key-file {args.api_key_file}: cannot read it ({e.strerror})") from None
-    endpoint = Endpoint(args.url, args.model, api_key=key or None, max_tokens=args.max_tokens, temperature=0.0)
-    return run_judge(Path(args.input), Path(args.out), endpoint, args.sample, args.seed, progress=not args.no_progress)
+    return Endpoint(args.url, args.model, api_key=key or None, max_tokens=args.max_tokens, temperature=temperature)
+
+
+def run_judge_stage(args: argparse.Namespace) -> dict:
+    from phi3.recipe.judge import run_judge
+    return run_judge(Path(args.input), Path(args.out), _endpoint(args, 0.0), args.sample, args.seed,
+                     progress=not args.no_progress)
+
+
+def run_synthetic_stage(args: argparse.Namespace) -> dict:
+    from phi3.recipe.synth import run_synthetic
+    if not 0 <= args.temperature <= 2:
+        raise Phi3Error(f"--temperature {args.temperature} is not in [0, 2]")
+    try:
+        topics = [t.strip() for t in Path(args.topics).read_text(encoding="utf-8").splitlines() if t.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise Phi3Error(f"--topics {args.topics}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    return run_synthetic(Path(args.out), _endpoint(args, args.temperature), topics, split(args.audiences),
+                         split(args.styles), args.n, args.seed, args.batch, progress=not args.no_progress)
 
 
 def _options(args: argparse.Namespace):
@@ -358,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_recipe(args)
         elif args.stage == "judge":
             _print(run_judge_stage(args), args.json)
+        elif args.stage == "synthetic":
+            _print(run_synthetic_stage(args), args.json)
         else:
             _print(run(args), args.json)
         return 0
