@@ -227,6 +227,11 @@ def test_classifier_learns_the_judges_hidden_rule_and_phases_split_by_it(monkeyp
     high = sum(m["edu_int_score"] >= 3 for m in scored.values())
     assert sorted(n_docs.values()) == sorted([sum(m["edu_int_score"] >= 1 for m in scored.values()), high, 5])
     ps = json.loads((phases / "summary.json").read_text())
+    # the report: histograms PNG, held-out metrics, examples either side of each threshold
+    assert main(["report", str(tmp_path / "judge"), str(out), str(phases), "--out", str(tmp_path / "DATA.md")]) == 0
+    page = (tmp_path / "DATA.md").read_text()
+    assert f"F1 {head['heldout_f1']:.3f}" in page and "### threshold 3:" in page and "![score histograms](DATA.png)" in page
+    assert (tmp_path / "DATA.png").read_bytes()[:4] == b"\x89PNG"
     for m in mixture:  # tokens per phase: what the shards hold
         on_disk = sum(f.stat().st_size // 2 for src in m["sources"] for f in Path(src["path"]).glob("*.ds"))
         assert m["tokens"] == on_disk == sum(v for k, v in ps["tokens"].items() if k.startswith(m["name"]))

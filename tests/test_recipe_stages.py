@@ -240,6 +240,14 @@ tokenizer = "{phi3_vocab}"
     assert counts == [6, 3, 3, 3]
     tok, _ = load_tokenizer_spec(str(phi3_vocab))
     assert len(open_documents(out / "tokenize" / "tokens", tok)) == 3
+    # the report over all of them
+    assert main(["report", str(out), "--out", str(tmp_path / "report" / "DATA.md")]) == 0
+    page = (tmp_path / "report" / "DATA.md").read_text()
+    tokens = json.loads((out / "tokenize" / "summary.json").read_text())["tokens"]
+    assert f"| ingest |  | 6 |  | `{out / 'ingest'}` |" in page
+    assert f"| heuristics | 6 | 3 |  | `{out / 'heuristics'}` |" in page
+    assert f"| tokenize | 3 |  | {tokens:,} | `{out / 'tokenize'}` |" in page
+    assert "| language | 3 | 3 |  |" in page and "Removed by language, e.g. `sect." in page
 
 
 @pytest.mark.parametrize("body, words", [

@@ -9,6 +9,7 @@
     phi3 data classify IN --judgments J --embedder M --out DIR  a head on the judge's scores; scores every document
     phi3 data phases IN --out DIR --t1 2 --t2 3 [--synthetic S]  the two pretraining phases + mixture.toml
     phi3 data synthetic --out DIR --url URL --model M --topics F  textbook passages and exercises, with provenance
+    phi3 data report STAGE_DIR... --out REPORT.md  documents/tokens per stage, removals, histograms, examples
     phi3 data run RECIPE.toml                    the stages a recipe names, in order (see load_recipe)
 
 IN is a previous stage's --out folder (its docs/) or jsonl(.gz) documents. Every stage takes
@@ -123,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch", type=int, default=8, help="requests in flight at once")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--no-progress", action="store_true")
+
+    sp = sub.add_parser("report", help="a markdown page (+ score histogram PNG) over finished stages")
+    sp.add_argument("stages", nargs="+", help="stage folders, or a folder of them (as `phi3 data run` writes)")
+    sp.add_argument("--out", required=True, help="the report's .md path")
+    sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("run", help="run the stages a recipe TOML names, in order, each into OUT/<stage>")
     sp.add_argument("recipe", help="recipe file (see phi3/recipe/cli.py's docstring)")
@@ -392,6 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_recipe(args)
         elif args.stage == "judge":
             _print(run_judge_stage(args), args.json)
+        elif args.stage == "report":
+            from phi3.recipe.report import write_report
+            summary = write_report([Path(p) for p in args.stages], Path(args.out))
+            print(json.dumps(summary) if args.json else f"report: {summary['report']} ({', '.join(summary['stages'])})")
         elif args.stage == "synthetic":
             _print(run_synthetic_stage(args), args.json)
         else:
