@@ -167,6 +167,8 @@ def test_tokenize_writes_shards_that_phi3_train_reads(phi3_vocab, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["tokens"] == sum(map(len, want)) and s["documents_in"] == 30
     assert (out / "tokens" / s["shards"][0]).stat().st_size == 2 * s["tokens"]  # uint16: Phi-3's 32,064 ids
+    meta = (out / "tokens" / (s["shards"][0] + ".metadata")).read_text().splitlines()
+    assert meta[:2] == [f"{out / 'tokenizer.json'}|2", str(s["tokens"])]  # the published path, not OUT.partial's
 
 
 def test_tokenize_needs_eos_for_a_bare_tokenizer_json(phi3_vocab, tmp_path, capsys):
@@ -266,3 +268,38 @@ def test_recipe_typos_are_one_line_and_run_nothing(tmp_path, capsys, body, words
     for w in words:
         assert w in err, err
     assert not (tmp_path / "w").exists()
+
+
+def test_stage_failing_mid_way_resumes_after_the_fix(tmp_path, capsys):
+    """Task 2 of 4 meets a record without text: exit 2, nothing published, tasks 0 and 1 kept. Once the
+    file is fixed, the rerun runs tasks 2 and 3 only and publishes what an uninterrupted run does."""
+    docs = tutorial_sections()
+    fixed, broken = tmp_path / "fixed", tmp_path / "in"
+    for folder in (fixed, broken):
+        folder.mkdir()
+        for i in range(4):
+            write_jsonl(folder / f"part{i}.jsonl", docs[i::4])
+    with open(broken / "part2.jsonl", "a") as f:
+        f.write(json.dumps({"id": "bad", "body": "no text"}) + "\n")
+    assert main(["heuristics", str(fixed), "--out", str(tmp_path / "whole"), "--filters", "gopher_repetition",
+                 "--tasks", "4"]) == 0
+    out = tmp_path / "heur"
+    argv = ["heuristics", str(broken), "--out", str(out), "--filters", "gopher_repetition", "--tasks", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "part2.jsonl: record" in err and "'text'" in err
+    done = tmp_path / "heur.partial" / "logs" / "heuristics" / "completions"
+    assert not out.exists() and sorted(p.name for p in done.iterdir()) == ["00000", "00001"]
+    kept = {n: (tmp_path / "heur.partial" / "docs" / n).stat().st_mtime_ns for n in ("00000.jsonl.gz", "00001.jsonl.gz")}
+    (broken / "part2.jsonl").write_text((fixed / "part2.jsonl").read_text())
+    assert main(argv) == 0
+    assert {n: (out / "docs" / n).stat().st_mtime_ns for n in kept} == kept  # not redone
+
+    def written(folder: Path) -> dict:  # file_path (datatrove's provenance) names the two input folders
+        return {p.name: [(d["id"], d["text"]) for d in read_docs_file(p)] for p in sorted(folder.iterdir())}
+    assert written(out / "docs") == written(tmp_path / "whole" / "docs")
+
+
+def read_docs_file(path: Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]

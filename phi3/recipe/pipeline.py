@@ -160,6 +160,8 @@ def run_stage(name: str, out: Path, steps: list[Step], opts: ExecOptions,
         removed = ", ".join(f"{k} {v.get('dropped', 0)}" for k, v in (summary.get("removed") or {}).items())
         raise Phi3Error(f"{name} kept none of its {summary.get('documents_in')} documents"
                         f"{f' (removed: {removed})' if removed else ''}; loosen its settings or check the input")
+    for meta in work.rglob("*.ds.metadata"):  # datatrove names the tokenizer by its path, here under OUT.partial
+        meta.write_text(meta.read_text().replace(str(work), str(out)))
     _write_json(work / "summary.json", summary)
     os.replace(work, out)  # atomic on one filesystem: OUT appears whole or not at all
     return summary
