@@ -336,3 +336,55 @@ def test_killed_stage_resumes_to_the_same_output(phi3_vocab, tmp_path):
     assert not (tmp_path / "tok.partial").exists()
     shards = lambda d: {p.name: p.read_bytes() for p in sorted((d / "tokens").iterdir()) if not p.name.endswith(".metadata")}  # noqa: E731
     assert shards(out) == shards(tmp_path / "whole") and len(shards(out)) == 12
+
+
+def test_recipe_wires_the_llm_stages(tmp_path):
+    from phi3.recipe.cli import load_recipe
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('''
+out = "w"
+[executor]
+tasks = 2
+[ingest]
+inputs = ["crawl"]
+[decontaminate]
+data_dir = "bench"
+[synthetic]
+url = "http://127.0.0.1:8000/v1"
+model = "smollm2"
+topics = "topics.txt"
+styles = ["textbook"]
+[judge]
+url = "http://127.0.0.1:8000/v1"
+model = "smollm2"
+sample = 50
+[classify]
+embedder = "static"
+[phases]
+t1 = 2
+t2 = 3
+tokenizer = "default"
+[tokenize]
+tokenizer = "default"
+''')
+    info, argvs = load_recipe(recipe)
+    assert info["stages"] == ["ingest", "decontaminate", "synthetic", "judge", "classify", "phases", "tokenize"]
+    ex = ["--tasks", "2"]
+    assert argvs == [
+        ["ingest", "crawl", "--out", "w/ingest", *ex],
+        ["decontaminate", "--data-dir", "bench", "w/ingest", "--out", "w/decontaminate", *ex],
+        ["synthetic", "--url", "http://127.0.0.1:8000/v1", "--model", "smollm2", "--topics", "topics.txt",
+         "--styles", "textbook", "--out", "w/synthetic"],
+        ["judge", "--url", "http://127.0.0.1:8000/v1", "--model", "smollm2", "--sample", "50", "w/decontaminate",
+         "--out", "w/judge"],
+        ["classify", "--embedder", "static", "--judgments", "w/judge", "w/decontaminate", "--out", "w/classify", *ex],
+        ["phases", "--t1", "2", "--t2", "3", "--tokenizer", "default", "--synthetic", "w/synthetic", "w/classify",
+         "--out", "w/phases", *ex],
+        ["tokenize", "--tokenizer", "default", "w/decontaminate", "--out", "w/tokenize", *ex],
+    ]
+    recipe.write_text('out = "w"\ninput = "docs"\n[judge]\nmodel = "m"\n')
+    with pytest.raises(Exception, match=r"\[judge\] needs url"):
+        load_recipe(recipe)
+    recipe.write_text('out = "w"\ninput = "docs"\n[classify]\nembedder = "e"\n')
+    with pytest.raises(Exception, match=r"add a \[judge\] table"):
+        load_recipe(recipe)

@@ -145,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-STAGES = ("ingest", "heuristics", "dedup", "decontaminate", "tokenize")
+STAGES = ("ingest", "heuristics", "dedup", "decontaminate", "synthetic", "judge", "classify", "phases", "tokenize")
+DOC_STAGES = ("ingest", "heuristics", "dedup", "decontaminate")  # each reads the one before it
 NOT_IN_RECIPES = {"help", "input", "out", "json", "verbose", "stage", "executor", "tasks", "workers", "ray_address",
-                  "slurm_partition", "slurm_time", "slurm_venv"}
+                  "slurm_partition", "slurm_time", "slurm_venv", "no_progress"}
 EXECUTOR_KEYS = {"kind": str, "tasks": int, "workers": int, "ray_address": str, "slurm_partition": str,
                  "slurm_time": str, "slurm_venv": str}
 
@@ -163,6 +164,11 @@ def _stage_keys(parser: argparse.ArgumentParser, stage: str) -> dict[str, argpar
     return {a.dest: a for a in sub._actions if a.dest not in NOT_IN_RECIPES}
 
 
+def _option_strings(parser: argparse.ArgumentParser, stage: str) -> set[str]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[stage]
+    return {o for a in sub._actions for o in a.option_strings}
+
+
 def load_recipe(path: Path) -> tuple[dict, list[list[str]]]:
     """A recipe TOML -> (summary of what it asks, argv of each stage in order). Every table and key
     is checked against the stages' own options, with the closest name on a typo:
@@ -173,10 +179,16 @@ def load_recipe(path: Path) -> tuple[dict, list[list[str]]]:
         [heuristics]    languages = ["en"], language_threshold = 0.65, filters = [...]
         [dedup]         ngrams = 5, buckets = 14, hashes_per_bucket = 8, seed = 1
         [decontaminate] data_dir = "bench", ngrams = 13, benchmarks = ["gsm8k"]
+        [synthetic]     url, model, topics = "topics.txt", n, temperature, seed, batch, styles, audiences
+        [judge]         url, model, sample = 1000, seed
+        [classify]      embedder = "minilm-static/", threshold = 3
+        [phases]        t1 = 2, t2 = 3, tokenizer
         [tokenize]      tokenizer = "default", eos = "...", seed = 0
 
-    Stages run in that order (those present); each reads the one before it. A recipe that starts
-    after ingest names its documents with `input = "..."` at the top."""
+    Stages run in that order (those present). ingest, heuristics, dedup and decontaminate each read
+    the one before; judge, classify and tokenize read the last of those; classify takes the judge's
+    scores, phases the classifier's documents plus the synthetic ones. A recipe that starts after
+    ingest names its documents with `input = "..."` at the top."""
     import tomllib
     path = Path(path)
     try:
@@ -196,8 +208,9 @@ def load_recipe(path: Path) -> tuple[dict, list[list[str]]]:
     stages = [s for s in STAGES if s in raw]
     if not stages:
         raise Phi3Error(f"{path}: no stage tables; give one or more of [{'], ['.join(STAGES)}]")
-    if stages[0] != "ingest" and "input" not in raw:
-        raise Phi3Error(f"{path}: starts at [{stages[0]}] with no ingest: say which documents with `input = \"...\"`")
+    needs_docs = [st for st in stages if st not in ("ingest", "synthetic")]
+    if "ingest" not in stages and needs_docs and "input" not in raw:
+        raise Phi3Error(f"{path}: starts at [{needs_docs[0]}] with no ingest: say which documents with `input = \"...\"`")
     ex = raw.get("executor", {})
     common = []
     for key, value in ex.items():
@@ -219,7 +232,7 @@ def load_recipe(path: Path) -> tuple[dict, list[list[str]]]:
                 raise Phi3Error(f"{path}: unknown key {stage}.{key}{_close(key, keys)}; [{stage}] takes {', '.join(keys)}")
             action = keys[key]
             many = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)
-            listy = many or key in ("languages", "filters", "benchmarks")
+            listy = many or key in ("languages", "filters", "benchmarks", "audiences", "styles")
             items = value if isinstance(value, list) and listy else [value]
             want = action.type or str
             for v in items:
@@ -237,10 +250,31 @@ def load_recipe(path: Path) -> tuple[dict, list[list[str]]]:
                 argv += [action.option_strings[0], ",".join(str(v) for v in items)]
         if stage == "ingest" and not positional:
             raise Phi3Error(f"{path}: [ingest] needs inputs = [\"...\"] (WARC/WET, HTML folders, jsonl/parquet)")
-        argv += positional if stage == "ingest" else [str(previous)]
-        argv += ["--out", str(out / stage), *common]
+        given = set(raw[stage])
+        if stage == "classify" and "judgments" not in given:
+            if "judge" not in stages:
+                raise Phi3Error(f"{path}: [classify] needs the judge's scores: add a [judge] table or judgments = \"...\"")
+            argv += ["--judgments", str(out / "judge")]
+            given.add("judgments")
+        if stage == "phases" and "synthetic" in stages and "synthetic" not in given:
+            argv += ["--synthetic", str(out / "synthetic")]
+        for key, action in keys.items():
+            if action.required and action.option_strings and key not in given:
+                raise Phi3Error(f"{path}: [{stage}] needs {key} = ... ({action.help})")
+        if stage == "ingest":
+            argv += positional
+        elif stage == "phases":
+            if "classify" not in stages:
+                raise Phi3Error(f"{path}: [phases] splits the classifier's scores: add a [classify] table")
+            argv += [str(out / "classify")]
+        elif stage != "synthetic":
+            argv += [str(previous)]
+        argv += ["--out", str(out / stage)]
+        if "--executor" in _option_strings(parser, stage):
+            argv += common
         argvs.append(argv)
-        previous = out / stage
+        if stage in DOC_STAGES:
+            previous = out / stage
     return {"out": str(out), "stages": stages}, argvs
 
 
@@ -250,10 +284,18 @@ def run_recipe(args: argparse.Namespace) -> list[dict]:
     parsed = [parser.parse_args(a + (["--verbose"] if args.verbose else [])) for a in argvs]  # all checked first
     summaries = []
     for stage_args in parsed:
-        summary = run(stage_args)
+        summary = dispatch(stage_args)
         _print(summary, args.json)
         summaries.append(summary)
     return summaries
+
+
+def dispatch(args: argparse.Namespace) -> dict:
+    if args.stage == "judge":
+        return run_judge_stage(args)
+    if args.stage == "synthetic":
+        return run_synthetic_stage(args)
+    return run(args)
 
 
 def _endpoint(args: argparse.Namespace, temperature: float):
@@ -396,16 +438,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.stage == "run":
             run_recipe(args)
-        elif args.stage == "judge":
-            _print(run_judge_stage(args), args.json)
         elif args.stage == "report":
             from phi3.recipe.report import write_report
             summary = write_report([Path(p) for p in args.stages], Path(args.out))
             print(json.dumps(summary) if args.json else f"report: {summary['report']} ({', '.join(summary['stages'])})")
-        elif args.stage == "synthetic":
-            _print(run_synthetic_stage(args), args.json)
         else:
-            _print(run(args), args.json)
+            _print(dispatch(args), args.json)
         return 0
     except Phi3Error as e:
         print(f"phi3: error: {e}", file=sys.stderr)
