@@ -19,7 +19,8 @@ rows per second (tok/s of that one matrix) instead of GB/s.
 
 --baseline DIR also builds each --build from the kernel sources in DIR (a copy of an older
 phi3/kernels/, e.g. `git show REV:phi3/kernels/quant_core.h`), named `<build>-base`, and alternates
-it with the current one: an A/B in one process, which a shared machine's drift cannot skew.
+it with the current one: an A/B in one process, which a shared machine's drift cannot skew. (Sources
+from before block_matmul's `decode` argument, 2026-12-02, no longer fit QuantLinear's call.)
 """
 
 from __future__ import annotations

@@ -81,9 +81,12 @@ constexpr int64_t kRowChunk = 16;
 
 }  // namespace
 
-// x [..., K] (any float dtype) @ W^T -> [..., N] in x's dtype, products in float32.
+// x [..., K] (any float dtype) @ W^T -> [..., N] in x's dtype, products in float32. `decode`: x's
+// rows are one new token each of separate sequences (quant_core.h's matmul_int8_decode, the
+// fastest kernel at one row), else a prompt's tokens (matmul_int8_rows); each gives a row the
+// same bits in any batch.
 torch::Tensor block_matmul(torch::Tensor x, int64_t fmt, torch::Tensor qs, torch::Tensor qh, torch::Tensor a,
-                           torch::Tensor b, torch::Tensor c, bool int8_activations) {
+                           torch::Tensor b, torch::Tensor c, bool int8_activations, bool decode) {
   const Weight w = make_weight(fmt, qs, qh, a, b, c);
   auto shape = x.sizes().vec();
   TORCH_CHECK(shape.back() == w.K, "K mismatch: x has ", shape.back(), ", weight ", w.K);
@@ -99,7 +102,10 @@ torch::Tensor block_matmul(torch::Tensor x, int64_t fmt, torch::Tensor qs, torch
       const int64_t rows = std::min(kRowChunk, M - m0);
       const auto xr = core::quantize_rows(xf.data_ptr<float>() + m0 * w.K, rows, w.K, static_cast<phi3::Format>(fmt));
       float* yc = yp + m0 * w.N;
-      at::parallel_for(0, w.N, kGrain, [&](int64_t begin, int64_t end) { core::matmul_int8_rows(w, xr, yc, begin, end); });
+      at::parallel_for(0, w.N, kGrain, [&](int64_t begin, int64_t end) {
+        if (decode) core::matmul_int8_decode(w, xr, yc, begin, end);
+        else core::matmul_int8_rows(w, xr, yc, begin, end);
+      });
     }
   } else {
     const auto xr = core::prepare_float_rows(xf.data_ptr<float>(), M, w.K);

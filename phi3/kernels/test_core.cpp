@@ -279,7 +279,8 @@ void check_format(Format fmt, const char* name, int64_t N, int64_t K, Random& rn
 // magnitudes: float summation order allows ~1e-7 there (worst seen 7e-8), while one wrong block
 // scale, min or code anywhere shows as 1e-3 or more. Activation rows 1..17 cover every remainder
 // of AVX2's tiles (6 and 8 rows), N = 1, 5, 13 the four-weight-row groups' tails, and row ranges
-// of 1 to 5 per call the tails at every start. (A relative tolerance on the whole output, as in
+// of 1 to 5 per call the tails at every start; for both the prompt kernel (matmul_int8_rows) and
+// decoding's (matmul_int8_decode). (A relative tolerance on the whole output, as in
 // check_format, let errors on small entries through.)
 void check_int8_exact(Format fmt, const char* name, int64_t K, Random& rng) {
   bool ok = true, solo = true;
@@ -293,9 +294,11 @@ void check_int8_exact(Format fmt, const char* name, int64_t K, Random& rng) {
       const std::vector<float> x = random_floats(M * K, rng);
       const auto qi = phi3::isa::quantize_rows(x.data(), M, K, fmt);
       const auto qr = phi3::ref::quantize_rows(x.data(), M, K, fmt);
+      for (bool decode : {false, true}) {
+      const auto matmul = decode ? phi3::isa::matmul_int8_decode : phi3::isa::matmul_int8_rows;
       std::vector<float> y(M * N);
       const int64_t step = 1 + M % 5;
-      for (int64_t n = 0; n < N; n += step) phi3::isa::matmul_int8_rows(w, qi, y.data(), n, std::min(N, n + step));
+      for (int64_t n = 0; n < N; n += step) matmul(w, qi, y.data(), n, std::min(N, n + step));
       for (int64_t n = 0; n < N; ++n) {
         const uint8_t* row = w.qs + n * w.row_bytes();
         if (w.wide()) phi3::with_wide_format<phi3::WideScales, void>(w.fmt, w, n, sw.data(), mw.data());
@@ -329,15 +332,16 @@ void check_int8_exact(Format fmt, const char* name, int64_t K, Random& rng) {
       for (int64_t m = 0; m < M && solo; ++m) {
         const auto q1 = phi3::isa::quantize_rows(x.data() + m * K, 1, K, fmt);
         std::vector<float> alone(N);
-        phi3::isa::matmul_int8_rows(w, q1, alone.data(), 0, N);
+        matmul(w, q1, alone.data(), 0, N);
         solo &= std::memcmp(alone.data(), y.data() + m * N, N * sizeof(float)) == 0;
+      }
       }
     }
   }
   char buf[64];
   std::snprintf(buf, sizeof buf, " (worst %.1e)", worst);
-  check(ok && solo, std::string("int8 matmul: every element within 1e-6 of the exact sum of its terms, "
-                                "and each row's bits alone, M = 1..17, N = 1, 5, 13, ") +
+  check(ok && solo, std::string("int8 matmul, prompt and decode kernels: every element within 1e-6 of the exact "
+                                "sum of its terms, and each row's bits alone, M = 1..17, N = 1, 5, 13, ") +
                         name + " K=" + std::to_string(K) + buf);
 }
 
