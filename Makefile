@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned: an unpinned torch resolves to a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench parity clean
+.PHONY: demo test bench parity finetune-demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,12 @@ bench: $(VENV)/.bench
 parity: $(VENV)/.test
 	$(BIN)/phi3 fetch
 	$(BIN)/python benchmarks/lm_eval_parity.py --write EVALUATION.md
+
+# SFT then DPO of the real SmolLM2-135M-Instruct with `phi3 train` (a new identity, refusals), then the
+# base and the fine-tuned model side by side: answers, GSM-8K and the ARC-layout set.
+# recipes/finetune-demo/README.md; the measured run is recipes/finetune-demo/RESULT.md.
+finetune-demo: $(VENV)/.base
+	$(BIN)/python benchmarks/finetune_demo.py --summary recipes/finetune-demo/RESULT.md
 
 clean:
 	rm -rf $(VENV) $(LLAMA_AVX2) build *.egg-info
