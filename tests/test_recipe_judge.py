@@ -159,11 +159,12 @@ def static_embedder(folder: Path) -> Path:
     return folder
 
 
-def test_classifier_learns_the_judges_hidden_rule_and_phases_split_by_it(monkeypatch, tmp_path):
+def test_classifier_learns_the_judges_hidden_rule_then_phases_feed_phi3_train(monkeypatch, tmp_path):
     """Done-when 2: the judge scores Python-tutorial paragraphs 4 and Debian-handbook paragraphs 1 (a
     rule it does not state); the head trained on its labels reaches F1 >= 0.8 on held-out documents.
-    Then the phases stage splits the scored documents by threshold (one test: judging and
-    classifying once is most of the cost)."""
+    Then the phases stage splits the scored documents by threshold, the report describes them, and
+    `phi3 train pretrain` trains on the two phases (Done-when 5); one test, since judging and
+    classifying once is most of its cost."""
     pytest.importorskip("model2vec", reason="the edu classifier needs model2vec: pip install -e '.[data]'")
     pytest.importorskip("sklearn", reason="the edu classifier needs scikit-learn: pip install -e '.[data]'")
     monkeypatch.setattr(J, "RETRY_BACKOFF_S", 0.001)
@@ -280,3 +281,23 @@ def test_synthetic_generations_keep_provenance_resume_and_drop_duplicates(monkey
     assert d["prompt"] == next(r["prompt"] for r in records if r["seed"] == d["seed"])
     s = json.loads((out / "summary.json").read_text())
     assert s["removed"]["exact_duplicate"]["dropped"] == len(same) - 1
+
+    # Done-when 5: `phi3 train pretrain` runs a tiny model on the two phases (256-token budgets here)
+    from phi3.train.trainer import main as train_main
+    recipe = tmp_path / "pretrain.toml"
+    recipe.write_text(f'''stage = "pretrain"
+model = "phi-3-mini:layers=1,hidden=64,heads=2,intermediate=128,vocab=32064,context=64"
+tokenizer = "{vocab}"
+out = "{tmp_path / 'run'}"
+seq_len = 64
+micro_batch_size = 2
+global_batch_size = 2
+save_every = 0
+[optim]
+lr = 1e-3
+warmup_steps = 1
+''' + re.sub(r"tokens = \d+", "tokens = 256", (phases / "mixture.toml").read_text()))
+    assert train_main(["pretrain", "--recipe", str(recipe), "--no-progress"]) == 0
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [s["phase"] for s in steps] == ["phase1", "phase1", "phase2", "phase2"]
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
