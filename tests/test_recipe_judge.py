@@ -301,3 +301,28 @@ warmup_steps = 1
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [s["phase"] for s in steps] == ["phase1", "phase1", "phase2", "phase2"]
     assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+def test_endpoint_answering_junk_is_one_line(fake, tmp_path, capsys):
+    src, _ = documents(tmp_path)
+
+    class Junk(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>not an API</html>")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Junk)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert main(["judge", str(src), "--out", str(tmp_path / "j"), "--url", f"http://127.0.0.1:{server.server_port}/v1",
+                     "--model", "m", "--sample", "3", "--no-progress"]) == 2
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not an OpenAI chat completion" in err and "0 of 3 judged" in err
+    assert not (tmp_path / "j").exists()
