@@ -388,3 +388,48 @@ tokenizer = "default"
     recipe.write_text('out = "w"\ninput = "docs"\n[classify]\nembedder = "e"\n')
     with pytest.raises(Exception, match=r"add a \[judge\] table"):
         load_recipe(recipe)
+
+
+FAKE_SBATCH = """#!{python}
+# A one-machine stand-in for Slurm's sbatch: runs every array task of the script now, in order.
+import os, re, subprocess, sys
+script = sys.argv[-1]
+text = open(script).read()
+if "merge_stats" in text:  # datatrove's stats-merging job: not needed here (each task wrote its own)
+    print("Submitted batch job 43")
+    sys.exit(0)
+m = re.search(r"#SBATCH --array=(\\d+)-(\\d+)", text)
+for i in range(int(m.group(1)), int(m.group(2)) + 1) if m else [0]:
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(i), SLURM_JOB_ID="42", SLURM_ARRAY_JOB_ID="42",
+               SLURM_NODELIST="localhost", SLURM_NODEID="0")
+    subprocess.run(["bash", script], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print("Submitted batch job 42")
+"""
+
+
+def test_slurm_executor_through_sbatch_gives_the_local_result(tmp_path, monkeypatch):
+    """--executor slurm writes datatrove's sbatch array script and submits it (here to a fake sbatch
+    that runs the array tasks at once, an srun that runs its command and an scontrol that names this
+    host): the same kept documents as the local executor, MinHash's four dependent steps included."""
+    import os
+    import sys
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(python=sys.executable))
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == -* ]]; do [[ "$1" == -n ]] && shift; shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho localhost\n')  # `scontrol show hostnames NODELIST`
+    for f in ("sbatch", "srun", "scontrol"):
+        (bin_dir / f).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    rng = random.Random(1)
+    docs = tutorial_sections()
+    dups = [{"id": f"dup-{d['id']}", "text": near_duplicate(d["text"], rng)} for d in docs[:3]]
+    src = write_jsonl(tmp_path / "docs.jsonl", docs + dups)
+    # 2 buckets instead of 14: each array task is a fresh Python process (about 2 s of imports here)
+    assert main(["dedup", str(src), "--out", str(tmp_path / "local"), "--buckets", "2", "--hashes-per-bucket", "4"]) == 0
+    assert main(["dedup", str(src), "--out", str(tmp_path / "slurm"), "--buckets", "2", "--hashes-per-bucket", "4",
+                 "--executor", "slurm", "--slurm-partition", "cpu"]) == 0
+    ids = lambda d: sorted(x["id"] for x in read_docs(d / "docs"))  # noqa: E731
+    assert ids(tmp_path / "slurm") == ids(tmp_path / "local") == sorted(d["id"] for d in docs)
+    script = (tmp_path / "slurm" / "logs" / "2-buckets" / "launch_script.slurm").read_text()
+    assert "#SBATCH --partition=cpu" in script and "#SBATCH --array=0-1" in script  # one task per bucket
