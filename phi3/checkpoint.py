@@ -640,7 +640,7 @@ def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str 
         cfg = cfg.with_(eos_token_id=(tokenizer.eos_id,))
     torch_dtype = resolve_dtype(dtype, device=device)
     model = _empty_model(cfg, torch_dtype)
-    if not keep_quantized:
+    if not keep_quantized and os.environ.get("RANK", "0") == "0":  # once under torchrun, not per process
         unpacked = cfg.num_parameters() * torch.empty(0, dtype=torch_dtype).element_size()
         print(f"phi3: dequantizing every weight to {str(torch_dtype).removeprefix('torch.')}: about "
               f"{unpacked / 1e9:.1f} GB in memory, against {path.stat().st_size / 1e9:.1f} GB kept packed",

@@ -544,7 +544,8 @@ def make_job(recipe: Any, model: nn.Module, tokenizer: Any, cfg: Any, ctx: DistC
         open_source = lambda s: open_sft(s.path, tokenizer)  # noqa: E731
 
     if stage == "longctx":
-        phases, cfg, report = _longctx_prepare(recipe, model, tokenizer, cfg, open_source, pad_id, progress, saved)
+        phases, cfg, report = _longctx_prepare(recipe, model, tokenizer, cfg, open_source, pad_id,
+                                               progress and ctx.is_main, saved, ctx.device)
         extra["longrope"] = report
     elif stage == "dpo":
         if len(recipe.phases) != 1:
@@ -598,20 +599,24 @@ class _Prefix:
         import numpy as np
         out = []
         for d in self.source.get_many(indices):
-            d = np.asarray(d)
-            out.append(d[:self.n])
+            # An item is ids, or (ids, loss mask) for a .ds shard with a .ds.loss file.
+            out.append((np.asarray(d[0])[:self.n], np.asarray(d[1])[:self.n]) if isinstance(d, tuple)
+                       else np.asarray(d)[:self.n])
         return out
 
 
 def _longctx_prepare(recipe: Any, model: nn.Module, tokenizer: Any, cfg: Any, open_source: Callable,
-                     pad_id: int, progress: bool, saved: dict | None = None) -> tuple[list[PhasePlan], Any, dict]:
+                     pad_id: int, progress: bool, saved: dict | None = None,
+                     device: torch.device | None = None) -> tuple[list[PhasePlan], Any, dict]:
     """LongRoPE: search the factors on the loaded model (rank 0; broadcast), put the new rope into
     the model, then train on rows of seq_len (= the target context, or less) mixing the original
     documents (long, long factors) with their first C tokens (short, short factors) at
     longctx.short_fraction of the tokens."""
-    from phi3.train.longrope import long_windows, run_longctx_search
+    from phi3.train.longrope import long_windows, original_context, run_longctx_search
     lc = recipe.longctx
-    C = lc.original_len or cfg.max_position_embeddings
+    # A model that already has LongRoPE factors switches at original_max_position_embeddings, not at
+    # its (already extended) max_position_embeddings.
+    C = lc.original_len or original_context(cfg)
     if saved is not None and saved.get("stage") == "longctx" and "longrope" in saved:
         # Resuming: the factors this run found are in the checkpoint (the search is the slow part).
         from phi3.config import config_from_hf_dict
@@ -623,8 +628,9 @@ def _longctx_prepare(recipe: Any, model: nn.Module, tokenizer: Any, cfg: Any, op
         first = open_source(recipe.phases[0].sources[0])
         windows = long_windows(first, lc.target_len, lc.search_documents, seed=recipe.seed)
         new_cfg, report = run_longctx_search(model, [torch.as_tensor(w) for w in windows], lc.target_len,
-                                             original_len=C, seed=recipe.seed, progress=progress and ctx.is_main,
-                                             population=lc.population, iterations=lc.iterations)
+                                             original_len=C, seed=recipe.seed, progress=progress,
+                                             population=lc.population, iterations=lc.iterations,
+                                             device=device if device is not None and device.type == "cuda" else None)
 
     def wrap(sources: list, weights: list) -> tuple[list, list]:
         total = float(sum(weights))
