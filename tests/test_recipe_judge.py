@@ -237,6 +237,26 @@ def test_classifier_learns_the_judges_hidden_rule_then_phases_feed_phi3_train(mo
         on_disk = sum(f.stat().st_size // 2 for src in m["sources"] for f in Path(src["path"]).glob("*.ds"))
         assert m["tokens"] == on_disk == sum(v for k, v in ps["tokens"].items() if k.startswith(m["name"]))
 
+    # Done-when 5: `phi3 train pretrain` runs a tiny model on the two phases (256-token budgets here)
+    from phi3.train.trainer import main as train_main
+    recipe = tmp_path / "pretrain.toml"
+    recipe.write_text(f'''stage = "pretrain"
+model = "phi-3-mini:layers=1,hidden=64,heads=2,intermediate=128,vocab=32064,context=64"
+tokenizer = "{vocab}"
+out = "{tmp_path / 'run'}"
+seq_len = 64
+micro_batch_size = 2
+global_batch_size = 2
+save_every = 0
+[optim]
+lr = 1e-3
+warmup_steps = 1
+''' + re.sub(r"tokens = \d+", "tokens = 256", (phases / "mixture.toml").read_text()))
+    assert train_main(["pretrain", "--recipe", str(recipe), "--no-progress"]) == 0
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [s["phase"] for s in steps] == ["phase1", "phase1", "phase2", "phase2"]
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+
 
 def test_synthetic_generations_keep_provenance_resume_and_drop_duplicates(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(J, "RETRY_BACKOFF_S", 0.001)
@@ -282,25 +302,6 @@ def test_synthetic_generations_keep_provenance_resume_and_drop_duplicates(monkey
     s = json.loads((out / "summary.json").read_text())
     assert s["removed"]["exact_duplicate"]["dropped"] == len(same) - 1
 
-    # Done-when 5: `phi3 train pretrain` runs a tiny model on the two phases (256-token budgets here)
-    from phi3.train.trainer import main as train_main
-    recipe = tmp_path / "pretrain.toml"
-    recipe.write_text(f'''stage = "pretrain"
-model = "phi-3-mini:layers=1,hidden=64,heads=2,intermediate=128,vocab=32064,context=64"
-tokenizer = "{vocab}"
-out = "{tmp_path / 'run'}"
-seq_len = 64
-micro_batch_size = 2
-global_batch_size = 2
-save_every = 0
-[optim]
-lr = 1e-3
-warmup_steps = 1
-''' + re.sub(r"tokens = \d+", "tokens = 256", (phases / "mixture.toml").read_text()))
-    assert train_main(["pretrain", "--recipe", str(recipe), "--no-progress"]) == 0
-    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    assert [s["phase"] for s in steps] == ["phase1", "phase1", "phase2", "phase2"]
-    assert (tmp_path / "run" / "final" / "config.json").is_file()
 
 
 def test_endpoint_answering_junk_is_one_line(fake, tmp_path, capsys):
