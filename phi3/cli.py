@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         "safety", help="multi-turn safety benchmark: simulated users, judged harm severity (DR-x) and ungroundedness"))
 
     # `phi3 train ...` is handed whole to phi3.train.trainer.main (its own parser; see main below).
+    sub.add_parser("data", help="the data recipe on datatrove: ingest, heuristics, dedup, decontaminate, judge, "
+                                "classify, synthetic, phases, tokenize, report, run (phi3 data --help)", add_help=False)
     sub.add_parser("train", help="train or fine-tune: pretrain, sft, dpo, longctx (alone or under torchrun; "
                                  "`phi3 train --help`)", add_help=False)
 
@@ -592,6 +594,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["train"]:  # a verb module with its own parser (and torchrun's process group)
         from phi3.train.trainer import main as train_main
         return train_main(argv[1:])
+    if argv[:1] == ["data"]:  # the data recipe on datatrove, a verb module with its own parser
+        from phi3.recipe.cli import main as data_main
+        return data_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
