@@ -164,8 +164,8 @@ def test_unknown_key_names_it_and_the_closest(tmp_path):
                    match=r"did you mean 'optim.lr'\?")  # a synonym, not min_lr by spelling
     one_line_error(R.load_recipe, write(tmp_path, BASE), ["lora.rank=8"], match=r"did you mean 'lora.r'\?")
     one_line_error(R.load_recipe, write(tmp_path, BASE), ["nonsense"], match="has no '='")
-    one_line_error(R.load_recipe, None, [], {"stage": "pretrain", "model": "m", "steps": 3},
-                   match="command line: unknown key 'steps'")
+    one_line_error(R.load_recipe, None, [], {"stage": "pretrain", "model": "m", "lr": 3},
+                   match="command line: unknown key 'lr'")
 
 
 def test_wrong_types_name_key_and_type(tmp_path):
@@ -202,9 +202,15 @@ def test_empty_mixture_and_budgets(tmp_path):
     one_line_error(R.load_recipe, write(tmp_path, no_phases + "[[phases]]\nsteps = 3\n"),
                    match=r"phases.0.sources is empty: phase 'phase1' has an empty mixture")
     one_line_error(R.load_recipe, write(tmp_path, no_phases), ["phases.0.steps=3"], match="no phases to set")
-    one_line_error(R.load_recipe, write(tmp_path, BASE.replace("steps = 10", "")),
-                   match=r"phases.0 \('phase1'\) has no budget: set exactly one of tokens or steps")
-    one_line_error(R.load_recipe, write(tmp_path, BASE), ["phases.0.tokens=100"], match="sets both")
+    two = BASE + '[[phases]]\nsteps = 2\n[[phases.sources]]\npath = "b"\n'
+    one_line_error(R.load_recipe, write(tmp_path, two.replace("steps = 10", "")),
+                   match=r"phases.0 \('phase1'\) has no budget: set exactly one of tokens, steps or epochs; "
+                         r"e.g. --set phases.0.epochs=1")
+    one_line_error(R.load_recipe, write(tmp_path, BASE), ["phases.0.tokens=100"],
+                   match=r"sets both tokens and steps: .* drop one \(--set phases.0.tokens=none\)")
+    one_line_error(R.load_recipe, write(tmp_path, BASE), ["phases.0.epochs=2"], match="sets both steps and epochs")
+    one_line_error(R.load_recipe, write(tmp_path, BASE), ["phases.0.steps=none", "phases.0.epochs=0"],
+                   match=r"phases.0.epochs is 0; it must be positive")
     one_line_error(R.load_recipe, write(tmp_path, BASE), ["phases.0.sources.0.weight=0"],
                    match=r"phases.0.sources.0.weight is 0.0; weights must be positive")
     one_line_error(R.load_recipe, write(tmp_path, BASE), ["optim.warmup_steps=11"],
@@ -233,6 +239,56 @@ def test_precedence_file_then_flags_then_set(tmp_path):
     two = BASE + '[[phases]]\nsteps = 2\n[[phases.sources]]\npath = "b"\n'
     one_line_error(R.load_recipe, write(tmp_path, two), [], {"data": ["x"]}, match="--data makes one phase but r.toml has 2")
     one_line_error(R.load_recipe, write(tmp_path, two), ["phases.2.steps=1"], match=r"phases has 2 entries")
+
+
+def test_epoch_budget_default_flags_and_warmup(tmp_path):
+    """A third budget, epochs: 1 epoch when no phase gives a budget; --epochs/--steps/--tokens set
+    the single phase's; the warmup default waits for the steps the trainer counts."""
+    no_budget = write(tmp_path, BASE.replace("steps = 10", ""), "none.toml")
+    r = R.load_recipe(no_budget)
+    assert (r.phases[0].epochs, r.phases[0].steps, r.default_budget, r.optim.warmup_steps) == (1.0, None, True, None)
+    one_line_error(r.phase_steps, match=r"^phase 'phase1' is 1 epoch: its steps are known once the data is read")
+    r.resolve_epochs({0: 30})
+    assert (r.phase_steps(), r.total_steps(), r.optim.warmup_steps) == ([30], 30, 3)  # 10% of 30
+    # Each flag replaces the recipe's budget (here steps = 10); a budget in the file is not a default.
+    p = write(tmp_path, BASE)
+    assert R.load_recipe(p).default_budget is False
+    r = R.load_recipe(p, [], {"epochs": 2.5})
+    assert (r.phases[0].epochs, r.phases[0].steps, r.default_budget) == (2.5, None, False)
+    assert R.load_recipe(p, [], {"tokens": 640}).phase_steps() == [-(-640 // (8 * 64))]
+    assert R.load_recipe(no_budget, [], {"steps": 7, "data": ["x.jsonl"]}).phase_steps() == [7]
+    # --set comes after the flags, as for every other key
+    assert R.load_recipe(p, ["phases.0.epochs=none", "phases.0.steps=4"], {"epochs": 2}).phase_steps() == [4]
+    one_line_error(R.load_recipe, p, [], {"epochs": 1, "steps": 3},
+                   match=r"^--steps and --epochs both set the budget; give one of --epochs, --steps or --tokens$")
+    two = BASE + '[[phases]]\nsteps = 2\n[[phases.sources]]\npath = "b"\n'
+    one_line_error(R.load_recipe, write(tmp_path, two), [], {"epochs": 1},
+                   match=r"--epochs sets the budget of a single phase but r.toml has 2; use --set "
+                         r"phases.K.epochs=N for phase K \(0..1\)")
+    # Every phase without a budget: 1 epoch each; a budget on some phases only is an error (above).
+    r = R.load_recipe(write(tmp_path, two.replace("steps = 10", "").replace("steps = 2", "")))
+    assert [p.epochs for p in r.phases] == [1.0, 1.0] and r.default_budget
+    r.resolve_epochs({0: 5})
+    assert r.optim.warmup_steps is None  # phase 2 not counted yet
+    r.resolve_epochs({1: 15})
+    assert (r.phase_steps(), r.optim.warmup_steps) == ([5, 15], 2)
+    # An explicit warmup is checked against the counted steps, in one line.
+    r = R.load_recipe(no_budget, ["optim.warmup_steps=50"])
+    one_line_error(r.resolve_epochs, {0: 30},
+                   match=r"^optim.warmup_steps is 50, more than the run's 30 steps \(1 epoch\); lower it$")
+
+
+def test_dry_run_with_an_epoch_budget_says_steps_come_from_the_data(tok_dir):
+    text = R.dry_run_report(R.load_recipe(write_tmp(BASE), [f"tokenizer={tok_dir}", "phases.0.steps=none",
+                                                            "phases.0.epochs=2"]), 1)
+    assert "phase phase1: 2 epochs (steps known once the data is read) (1 source)" in text
+    assert "compute and time: known once the data is read" in text and "FLOPs" not in text
+    # A mixture of known and epoch phases: the estimate covers the known ones and says so.
+    two = BASE + '[[phases]]\nepochs = 1\n[[phases.sources]]\npath = "b"\n'
+    text = R.dry_run_report(R.load_recipe(write_tmp(two), [f"tokenizer={tok_dir}"]), 1)
+    assert "phase phase1: 10 steps -> 10 steps, 5,120 tokens (1 source)" in text
+    assert "total: 10 steps, 5,120 tokens (5.12K) in the other phases; phase phase2 in epochs" in text
+    assert "compute (the phases whose steps are known): " in text
 
 
 def test_lr_schedules():

@@ -4,7 +4,9 @@ and LoRA), DPO, and the one-line errors (exit 2, nothing written)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -258,3 +260,149 @@ def test_continues_a_hugging_face_folder_and_exports_its_layout(tmp_path):
         a, b = hf(ids).logits, ours(ids)
         assert not torch.allclose(b, before(ids), atol=1e-3)  # it trained
     assert (a - b).abs().max().item() < 1e-4
+
+
+# --- Epoch budgets ----------------------------------------------------------------------------------
+
+def packer_rows(stream, need: dict[int, int]) -> int:
+    """Rows the real PackedStream produces until each source s in `need` has had need[s] documents
+    drawn and the last of them laid out in full (only one document is ever in flight: `carry`)."""
+    rows = 0
+    while True:
+        done = True
+        for s, n in need.items():
+            drawn = stream.epoch[s] * len(stream.sources[s]) + stream.pos[s]
+            in_flight = stream.carry is not None and stream.carry[0] == s and drawn == n
+            done &= drawn >= n and not in_flight
+        if done:
+            return rows
+        stream.next_rows(1)
+        rows += 1
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_epoch_rows_replays_the_packer_row_for_row(whole):
+    """epoch_rows counts on document lengths alone what PackedStream does: the mixture's picks,
+    the seeded per-epoch orders, documents cut at row ends, conversations moved whole to a new row."""
+    import numpy as np
+
+    from phi3.train.data import PackedStream
+    from phi3.train.trainer import document_lengths, epoch_rows
+    from tests.test_train_data import ListSource
+    rng = np.random.default_rng(0)
+    T = 16
+    a = ListSource([list(range(1, int(n) + 1)) for n in rng.integers(1, 40, 23)], "a", whole)  # some > T
+    b = ListSource([[7] * int(n) for n in rng.integers(1, 12, 9)], "b", whole)
+    cases = [([a], [1.0], 1.0, None), ([a], [1.0], 2.0, None), ([a], [1.0], 0.5, None), ([a], [1.0], 1.3, None),
+             ([a, b], [1.0, 3.0], 1.0, None), ([a, b], [2.0, 1.0], 2.0, None), ([a, b], [1.0, 1.0], 1.0, [0])]
+    for sources, weights, epochs, counted in cases:
+        lengths = [document_lengths(s) for s in sources]
+        assert [list(x) for x in lengths] == [[len(d) for d in s.docs] for s in sources]
+        got = epoch_rows(lengths, [whole] * len(sources), weights, T, 3, epochs, counted)
+        need = {k: math.ceil(epochs * len(s) - 1e-9) for k, s in enumerate(sources) if counted is None or k in counted}
+        want = packer_rows(PackedStream(sources, weights, T, 3), need)
+        assert got == want, (len(sources), weights, epochs, got, want)
+
+
+def test_ds_shard_lengths_come_from_its_index(tmp_path):
+    """A .ds shard's document lengths are read from its index, with the EOS the packer appends to a
+    document that lacks one, without reading a token more than each document's last."""
+    from phi3.train.data import open_documents
+    from phi3.train.trainer import document_lengths
+    from tests.test_train_data import write_ds
+
+    class Tok:
+        vocab_size, eos_id = 320, 0
+    path = write_ds(tmp_path / "s.ds", [[5, 6, 0], [7], [8, 9, 10, 0], [11, 12]])
+    source = open_documents(path, Tok())
+    assert list(document_lengths(source)) == [len(d) for d in source.get_many(range(4))] == [3, 2, 4, 3]
+
+
+def test_sft_without_a_budget_trains_exactly_one_epoch(tmp_path, capsys):
+    """No --epochs/--steps/--tokens: one epoch, i.e. the fewest whole steps whose rows hold every
+    conversation's assistant tokens; one line says how many steps that is."""
+    from phi3.train import ckpt
+    from phi3.train.data import PackedStream, open_sft
+    from phi3.tokenizer import load_tokenizer
+    tok = tokenizer_folder(tmp_path)
+    data = tmp_path / "chat.jsonl"
+    convs = [[{"role": "user", "content": f"Question {i}?" * (1 + i % 3)},
+              {"role": "assistant", "content": f"Answer number {i}." * (1 + i % 4)}] for i in range(13)]
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
+    G, T = 4, 64
+    out = tmp_path / "run"
+    assert train("sft", "--model", MODEL, "--tokenizer", str(tok), "--data", str(data), "--out", str(out),
+                 "--set", f"seq_len={T}", "--set", "micro_batch_size=2", "--set", f"global_batch_size={G}",
+                 "--set", "save_every=1000") == 0
+    # Independently: the assistant tokens of one epoch, and the rows the packer needs to hold them.
+    source = open_sft(data, load_tokenizer(tok))
+    assistant = sum(int(m[1:].sum()) for _, m in source.get_many(range(13)))  # labels: mask of the NEXT token
+    stream = PackedStream([source], [1.0], T, 0)
+    labels, steps = 0, 0
+    while labels < assistant:
+        labels += int((stream.next_rows(G).labels != -100).sum())
+        steps += 1
+    recs = metrics(out)
+    assert [r["step"] for r in recs] == list(range(1, steps + 1)) and steps > 2
+    err = capsys.readouterr().err
+    assert (f"phi3 train: no budget given (--epochs, --steps or --tokens), training 1 epoch = {steps} steps of "
+            f"{G} rows (warmup 0 steps)") in err
+    # The trainer's stream at the end: one epoch done, and at most the last step's rows into the next.
+    state = ckpt.read_state(out / f"step_{steps:06d}")["data"]["sources"][0]
+    epochs = state["epoch"] + state["position"] / state["documents"]
+    assert state["documents"] == 13 and 1.0 <= epochs < 1.0 + G / 13, state
+    assert stream.epochs[0] == epochs
+
+
+def test_dpo_epochs_are_pairs_over_the_global_batch(tmp_path, capsys):
+    """dpo: 1 epoch = ceil(pairs / global_batch_size) steps (no budget given), --epochs 2 =
+    ceil(2 * pairs / global_batch_size); resuming with another budget is refused, like steps."""
+    tok = tokenizer_folder(tmp_path)
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"Bad request {i}?"}],
+             "chosen": {"role": "assistant", "content": "I can't help with that."},
+             "rejected": {"role": "assistant", "content": f"Sure, step {i}."}} for i in range(5)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--model", MODEL, "--tokenizer", str(tok), "--data", str(pairs), "--set", "seq_len=64",
+              "--set", "micro_batch_size=1", "--set", "global_batch_size=2", "--set", "save_every=1"]
+    assert train("dpo", *common, "--out", str(tmp_path / "one")) == 0
+    assert len(metrics(tmp_path / "one")) == 3  # ceil(5 / 2)
+    assert "training 1 epoch = 3 steps of 2 pairs" in capsys.readouterr().err
+    assert train("dpo", *common, "--out", str(tmp_path / "two"), "--epochs", "2") == 0
+    assert len(metrics(tmp_path / "two")) == 5  # ceil(10 / 2)
+    assert "phi3 train: 2 epochs = 5 steps of 2 pairs" in capsys.readouterr().err
+    # Resume: the same budget continues; another one is refused in one line.
+    assert train("dpo", *common, "--out", str(tmp_path / "two"), "--epochs", "3", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "phases (sources and budgets) differs" in err, err
+    import shutil
+    shutil.rmtree(tmp_path / "two" / "step_000005")
+    assert train("dpo", *common, "--out", str(tmp_path / "two"), "--epochs", "2", "--resume") == 0
+    assert [r["step"] for r in metrics(tmp_path / "two")] == [1, 2, 3, 4, 5]
+
+
+def test_budget_flag_errors_are_one_line(tmp_path, capsys):
+    tok = tokenizer_folder(tmp_path)
+    (tmp_path / "text.txt").write_text(TEXT)
+    two = tmp_path / "two.toml"
+    two.write_text(f'stage = "pretrain"\nmodel = "{MODEL}"\n[[phases]]\nsteps = 2\n[[phases.sources]]\n'
+                   f'path = "{tmp_path / "text.txt"}"\n[[phases]]\nsteps = 2\n[[phases.sources]]\n'
+                   f'path = "{tmp_path / "text.txt"}"\n')
+    base = ["pretrain", "--model", MODEL, "--tokenizer", str(tok), "--out", str(tmp_path / "run"), "--set", "seq_len=64"]
+    cases = [
+        (["--data", str(tmp_path / "text.txt"), "--epochs", "1", "--steps", "3"], "argument --steps: not allowed with argument --epochs"),
+        (["--data", str(tmp_path / "text.txt"), "--epochs", "0"], "argument --epochs: '0' must be a positive number"),
+        (["--data", str(tmp_path / "text.txt"), "--tokens", "1.5"], "argument --tokens: '1.5' must be a whole number"),
+        (["--recipe", str(two), "--epochs", "2"], "--epochs sets the budget of a single phase but two.toml has 2; use --set phases.K.epochs=N"),
+        (["--data", str(tmp_path / "text.txt"), "--steps", "3", "--set", "phases.0.epochs=1"], "sets both steps and epochs"),
+    ]
+    for extra, expected in cases:
+        with pytest.raises(SystemExit) if "argument" in expected else contextlib.nullcontext():
+            assert train(*base, *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("phi3: error:") and expected in err, err
+        assert not (tmp_path / "run").exists()
+    # --tokens takes 2e3 or 2_000 as a whole number (here 2,048 tokens = 16 steps of 2 rows of 64)
+    assert train(*base, "--data", str(tmp_path / "text.txt"), "--tokens", "2e3", "--set", "global_batch_size=2",
+                 "--set", "micro_batch_size=2", "--set", "save_every=0") == 0
+    assert len(metrics(tmp_path / "run")) == 16

@@ -24,9 +24,19 @@ directory (as torchtitan's and litgpt's configs are), so the shipped recipes run
 repository root.
 
 Batch sizes count rows of seq_len tokens (pretrain, sft, longctx) or preference pairs (dpo: each
-pair is a chosen and a rejected row). A phase's budget is `tokens` or `steps`:
-steps = ceil(tokens / tokens_per_step), tokens_per_step = global_batch_size * seq_len
-(x2 in dpo).
+pair is a chosen and a rejected row). A phase's budget is exactly one of:
+  tokens  steps = ceil(tokens / tokens_per_step), tokens_per_step = global_batch_size * seq_len
+          (x2 in dpo);
+  steps   optimizer steps;
+  epochs  passes over the phase's data (a number: 0.5 and 2 are fine). The steps depend on the
+          data, so the trainer counts them once the sources are open (Recipe.resolve_epochs):
+          the rows the packed stream produces until every document of every source has been read
+          `epochs` times (a mixture repeats its other sources meanwhile, in the weights' shares),
+          rounded up to whole optimizer steps; dpo: ceil(epochs * pairs / global_batch_size).
+          Until then --dry-run says "N epochs (steps known once the data is read)".
+With no budget on any phase, every phase gets 1 epoch (TRL's and litgpt's default), and the trainer
+prints one line with the steps that makes. `phi3 train --epochs N` / `--steps N` / `--tokens N` set
+the budget of a recipe's single phase (a recipe with several phases takes --set phases.K.epochs=N).
 
 Where the checks live: `load_recipe` checks everything the recipe alone decides (keys, types,
 ranges, the batch arithmetic for the world size, an empty mixture); `validate(recipe, cfg)` checks
@@ -72,7 +82,21 @@ class Phase:
     name: str = ""               # "" -> "phase1", "phase2", ...
     sources: list[Source] = field(default_factory=list)
     tokens: int | None = None    # budget in tokens (rounded up to whole steps) ...
-    steps: int | None = None     # ... or in optimizer steps; exactly one of the two
+    steps: int | None = None     # ... or in optimizer steps ...
+    epochs: float | None = None  # ... or in passes over the data; exactly one of the three (none on
+    #                              any phase: 1 epoch each)
+
+    # Not recipe keys (no annotation, so neither TOML nor --set reaches them): the steps an epoch
+    # budget comes to, set by Recipe.resolve_epochs once the trainer has read the data.
+    epoch_steps = None
+
+    def budget(self) -> str:
+        """The budget as written, for messages: '1,000 tokens', '10 steps', '2 epochs'."""
+        if self.tokens is not None:
+            return f"{self.tokens:,} tokens"
+        if self.steps is not None:
+            return f"{self.steps:,} steps"
+        return f"{self.epochs:g} epoch{'' if self.epochs == 1 else 's'}"
 
 
 @dataclass
@@ -141,18 +165,50 @@ class Recipe:
     longctx: Longctx = field(default_factory=Longctx)
     tensorboard: bool = False
 
+    # Not a recipe key: True when no phase named a budget and load_recipe gave each 1 epoch (the
+    # trainer then says so, with the steps it comes to).
+    default_budget = False
+
     def tokens_per_step(self) -> int:
         """Tokens in one optimizer step over all processes (dpo: both rows of every pair, padded)."""
         rows = self.global_batch_size * (2 if self.stage == "dpo" else 1)
         return rows * self.seq_len
 
     def phase_steps(self) -> list[int]:
-        """Optimizer steps of each phase: `steps`, or `tokens` rounded up to whole steps."""
+        """Optimizer steps of each phase: `steps`, `tokens` rounded up to whole steps, or what
+        `epochs` came to (resolve_epochs; before that, a Phi3Error)."""
         per = self.tokens_per_step()
-        return [p.steps if p.steps is not None else -(-p.tokens // per) for p in self.phases]
+        out = []
+        for p in self.phases:
+            if p.steps is not None:
+                out.append(p.steps)
+            elif p.tokens is not None:
+                out.append(-(-p.tokens // per))
+            elif p.epoch_steps is not None:
+                out.append(p.epoch_steps)
+            else:
+                raise Phi3Error(f"phase {p.name!r} is {p.budget()}: its steps are known once the data is read "
+                                f"(the trainer counts them); give steps or tokens to know them beforehand")
+        return out
 
     def total_steps(self) -> int:
         return sum(self.phase_steps())
+
+    def unresolved_epochs(self) -> bool:
+        """Whether some phase's budget is in epochs whose steps are not counted yet."""
+        return any(p.epochs is not None and p.epoch_steps is None for p in self.phases)
+
+    def resolve_epochs(self, steps: dict[int, int]) -> None:
+        """Give epoch-budget phases (by index) the steps the trainer counted from their data, then
+        finish what load_recipe left for then: the warmup default (10% of the run's steps, at most
+        100) and the check that an explicit warmup fits in the run."""
+        for i, n in steps.items():
+            p = self.phases[i]
+            if p.epochs is None:
+                raise ValueError(f"phase {i} has no epoch budget")
+            p.epoch_steps = max(1, int(n))
+        if not self.unresolved_epochs():
+            _finish_warmup(self, None)
 
 
 def lr_at(optim: Optim, step: int, total_steps: int) -> float:
@@ -395,15 +451,18 @@ def _apply_set(raw: dict[str, Any], item: str, origins: dict[str, str]) -> None:
     origins[key] = "--set"
 
 
-CLI_KEYS = ("data", "dry_run", "world")
+CLI_KEYS = ("data", "dry_run", "world", "epochs", "steps", "tokens")
+BUDGETS = ("tokens", "steps", "epochs")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
                 cli: dict[str, Any] | None = None) -> Recipe:
     """The recipe from a TOML file (or none), the command line's flags (`cli`: any top-level Recipe
     field, e.g. stage/model/tokenizer/out/seq_len, plus `data`: a list of paths that makes one
-    phase of equal weights, `dry_run`: out is then optional, and `world`: the process count,
-    default $WORLD_SIZE or 1), then `--set` overrides ("optim.lr=1e-4", "phases.0.steps=100").
+    phase of equal weights, `epochs` / `steps` / `tokens`: the budget of the single phase (it
+    replaces the one the recipe gives), `dry_run`: out is then optional, and `world`: the process
+    count, default $WORLD_SIZE or 1), then `--set` overrides ("optim.lr=1e-4", "phases.0.steps=100").
+    No budget on any phase: 1 epoch each (recipe.default_budget is then True).
     Raises Phi3Error with one line naming the key for any unknown key, wrong type or bad value."""
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
     origins: dict[str, str] = {}
@@ -444,6 +503,20 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
         phase["sources"] = [{"path": str(p), "weight": 1.0} for p in data]
         raw["phases"] = [phase]
         origins["phases"] = "--data"
+    given = [k for k in BUDGETS if k in cli]
+    if len(given) > 1:
+        raise Phi3Error(f"--{given[0]} and --{given[1]} both set the budget; give one of --epochs, --steps or --tokens")
+    if given:
+        key = given[0]
+        phases = raw.get("phases")
+        if isinstance(phases, list) and len(phases) > 1:
+            raise Phi3Error(f"--{key} sets the budget of a single phase but {source} has {len(phases)}; use "
+                            f"--set phases.K.{key}=N for phase K (0..{len(phases) - 1}), or edit its [[phases]]")
+        if isinstance(phases, list) and phases and isinstance(phases[0], dict):
+            phases[0] = {k: v for k, v in phases[0].items() if k not in BUDGETS}
+            phases[0][key] = cli[key]
+            origins[f"phases.0.{key}"] = f"--{key}"
+        # No phase yet (no --data, no [[phases]]): the empty-mixture error below says what to add.
     for item in overrides or []:
         _apply_set(raw, item, origins)
 
@@ -513,13 +586,25 @@ def _check(r: Recipe, world: int, need_out: bool, where: Any) -> None:
                 fail(f"phases.{i}.sources.{j}.path", "is empty")
             if not s.weight > 0:
                 fail(f"phases.{i}.sources.{j}.weight", f"is {s.weight}; weights must be positive")
-        if (p.tokens is None) == (p.steps is None):
-            both = "sets both tokens and steps" if p.tokens is not None else "has no budget"
-            fail(f"phases.{i}", f"({p.name!r}) {both}: set exactly one of tokens or steps "
-                                f"(e.g. --set phases.{i}.steps=100)")
-        budget = "tokens" if p.tokens is not None else "steps"
-        if getattr(p, budget) < 1:
-            fail(f"phases.{i}.{budget}", f"is {getattr(p, budget)}; it must be at least 1")
+    # No budget anywhere: 1 epoch per phase (what TRL's num_train_epochs and litgpt's epochs
+    # default to). A budget on some phases only is an error: a forgotten one is more likely.
+    if all(getattr(p, b) is None for p in r.phases for b in BUDGETS):
+        for p in r.phases:
+            p.epochs = 1.0
+        r.default_budget = True
+    for i, p in enumerate(r.phases):
+        given = [b for b in BUDGETS if getattr(p, b) is not None]
+        if len(given) != 1:
+            what = f"sets both {given[0]} and {given[1]}" if len(given) > 1 else "has no budget"
+            fix = (f"drop one (--set phases.{i}.{given[0]}=none)" if len(given) > 1
+                   else f"e.g. --set phases.{i}.epochs=1")
+            fail(f"phases.{i}", f"({p.name!r}) {what}: set exactly one of tokens, steps or epochs; {fix}")
+        budget = given[0]
+        value = getattr(p, budget)
+        if budget == "epochs" and not value > 0:
+            fail(f"phases.{i}.epochs", f"is {value:g}; it must be positive (1 = one pass over the data)")
+        if budget != "epochs" and value < 1:
+            fail(f"phases.{i}.{budget}", f"is {value}; it must be at least 1")
 
     o = r.optim
     if not o.lr > 0:
@@ -527,13 +612,10 @@ def _check(r: Recipe, world: int, need_out: bool, where: Any) -> None:
     if not 0 <= o.min_lr <= o.lr:
         fail("optim.min_lr", f"is {o.min_lr}; it must be between 0 and optim.lr ({o.lr})")
     _choice(o.schedule, SCHEDULES, "optim.schedule", where("optim.schedule"))
-    total = r.total_steps()
-    if o.warmup_steps is None:
-        o.warmup_steps = min(100, total // 10)
-    if o.warmup_steps < 0:
+    if o.warmup_steps is not None and o.warmup_steps < 0:
         fail("optim.warmup_steps", f"is {o.warmup_steps}; it must be 0 or more")
-    if o.warmup_steps > total:
-        fail("optim.warmup_steps", f"is {o.warmup_steps}, more than the run's {total} steps; lower it")
+    if not r.unresolved_epochs():  # else resolve_epochs does this once the data is counted
+        _finish_warmup(r, where)
     if not 0 <= o.decay_fraction <= 1:
         fail("optim.decay_fraction", f"is {o.decay_fraction}; it must be in [0, 1]")
     if o.weight_decay < 0:
@@ -574,6 +656,19 @@ def _check(r: Recipe, world: int, need_out: bool, where: Any) -> None:
                                f"search_documents >= 1)")
     if not 0 <= lc.short_fraction <= 1:
         fail("longctx.short_fraction", f"is {lc.short_fraction}; it must be in [0, 1]")
+
+
+def _finish_warmup(r: Recipe, where: Any) -> None:
+    """The warmup default (10% of the run's steps, at most 100) and the check that it fits, once
+    every phase's steps are known."""
+    o, total = r.optim, r.total_steps()
+    if o.warmup_steps is None:
+        o.warmup_steps = min(100, total // 10)
+    elif o.warmup_steps > total:
+        origin = f"{where('optim.warmup_steps')}: " if where is not None else ""
+        epochs = "" if where is not None else " (" + ", ".join(p.budget() for p in r.phases) + ")"
+        raise Phi3Error(f"{origin}optim.warmup_steps is {o.warmup_steps}, more than the run's {total} steps{epochs}; "
+                        f"lower it")
 
 
 def validate(recipe: Recipe, cfg: ModelConfig) -> None:
@@ -947,8 +1042,12 @@ def dry_run_report(recipe: Recipe, world: int) -> str:
     validate(recipe, cfg)
     n = cfg.num_parameters()
     per_step = recipe.tokens_per_step()
-    steps = recipe.phase_steps()
-    total_steps = sum(steps)
+    # An epoch budget's steps depend on the data, which a dry run does not read (tokenizing a corpus
+    # or rendering every conversation is a pass over the data): those phases say so, and the
+    # totals, FLOPs and time cover the phases whose steps are known.
+    steps = _known_steps(recipe)
+    unknown = [p for p, s in zip(recipe.phases, steps) if s is None]
+    total_steps = sum(s for s in steps if s is not None)
     tokens = total_steps * per_step
     accum = recipe.global_batch_size // (recipe.micro_batch_size * world)
     unit = "pairs" if recipe.stage == "dpo" else "rows"
@@ -975,18 +1074,30 @@ def dry_run_report(recipe: Recipe, world: int) -> str:
         f"micro-batch {recipe.micro_batch_size} per process, {accum} accumulation step{'s' if accum > 1 else ''}",
     ]
     for p, s in zip(recipe.phases, steps):
-        budget = f"{p.tokens:,} tokens" if p.tokens is not None else f"{p.steps:,} steps"
-        lines.append(f"phase {p.name}: {budget} -> {s:,} steps, {s * per_step:,} tokens "
-                     f"({len(p.sources)} source{'s' if len(p.sources) > 1 else ''})")
-    lines.append(f"total: {total_steps:,} steps, {tokens:,} tokens ({_count(tokens)})")
+        nsrc = f"{len(p.sources)} source{'s' if len(p.sources) > 1 else ''}"
+        if s is None:
+            lines.append(f"phase {p.name}: {p.budget()} (steps known once the data is read) ({nsrc})")
+        else:
+            lines.append(f"phase {p.name}: {p.budget()} -> {s:,} steps, {s * per_step:,} tokens ({nsrc})")
+    if unknown:
+        names = ", ".join(p.name for p in unknown)
+        known = f"{total_steps:,} steps, {tokens:,} tokens ({_count(tokens)}) in the other phases; " if tokens else ""
+        lines.append(f"total: {known}phase{'s' if len(unknown) > 1 else ''} {names} in epochs: steps known once the "
+                     f"data is read (give steps or tokens for a complete estimate)")
+    else:
+        lines.append(f"total: {total_steps:,} steps, {tokens:,} tokens ({_count(tokens)})")
     ac = ", activation checkpointing" if recipe.activation_checkpointing else ""
     lines.append(f"memory per device ({recipe.precision}{ac}; fp32 weights + grads + AdamW states + "
                  f"one micro-batch's activations):")
     for name, label in (("none", "single device"), ("ddp", "DDP"), ("fsdp", f"FSDP over {world}")):
         fits = "fits" if mem[name] <= GPU_MEMORY else "does NOT fit"
         lines.append(f"  {label}: {_gib(mem[name])} ({fits} in an {GPU_NAME}'s 80 GiB)")
-    lines.append(f"compute: {flops:.3e} FLOPs (6*N*D + 12*L*d*T*D, model FLOPs)")
-    lines.append(f"time: {gpu_time} on {GPU_NAME} ({peak / 1e12:,.1f} TFLOP/s dense "
+    if not tokens:
+        lines.append("compute and time: known once the data is read (the budget is in epochs)")
+        return "\n".join(lines)
+    part = " (the phases whose steps are known)" if unknown else ""
+    lines.append(f"compute{part}: {flops:.3e} FLOPs (6*N*D + 12*L*d*T*D, model FLOPs)")
+    lines.append(f"time{part}: {gpu_time} on {GPU_NAME} ({peak / 1e12:,.1f} TFLOP/s dense "
                  f"{'bf16' if recipe.precision == 'bfloat16' else 'TF32'} at an assumed {MFU:.0%} MFU), "
                  f"{wall_text} on {world} GPU{'s' if world > 1 else ''}")
     # Planning without launching: the same recipe on other cluster sizes its batch splits over.
@@ -998,6 +1109,13 @@ def dry_run_report(recipe: Recipe, world: int) -> str:
 
 
 SCALES = (8, 64, 256, 1024)
+
+
+def _known_steps(recipe: Recipe) -> list[int | None]:
+    """phase_steps(), with None for an epoch budget not counted yet."""
+    per = recipe.tokens_per_step()
+    return [p.steps if p.steps is not None else -(-p.tokens // per) if p.tokens is not None else p.epoch_steps
+            for p in recipe.phases]
 
 
 def _duration(hours: float) -> str:

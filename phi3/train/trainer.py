@@ -1,6 +1,7 @@
 """`phi3 train STAGE`: one training loop for pretrain, sft, dpo and longctx.
 
     phi3 train pretrain --model phi-3-mini:layers=4,hidden=256,heads=4 --tokenizer TOK --data a.txt --out runs/a
+    phi3 train sft --model runs/a --data chat.jsonl --out runs/sft --epochs 2   (no budget: 1 epoch)
     torchrun --nproc-per-node 2 -m phi3.cli train pretrain ... (same command: RANK/WORLD_SIZE come from torchrun)
 
 The loop, in order (nanoGPT's loop with torchtitan's pieces):
@@ -27,6 +28,13 @@ Stages differ only in their data and loss:
             rope_scaling put into the model, then training on documents mixed with their first C
             tokens (the short rows, longctx.short_fraction of the tokens).
 
+Budgets: a phase trains `steps`, `tokens` (rounded up to whole steps) or `epochs`, 1 epoch when
+no budget is given. Epochs become steps here, once the sources are open (make_job): the rows the
+packed stream produces until every document has been read that many times (epoch_rows, which
+replays the packer on document lengths; dpo: pairs / global_batch_size), rounded up to whole
+optimizer steps, the same on every rank (checked). The LR schedule and the warmup default use
+those steps, and a resume compares them as it compares any other budget's.
+
 precision = "bfloat16": autocast around the forward (alone and DDP), FSDP2's
 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) under fsdp; the parameters the
 optimizer steps stay float32 either way.
@@ -37,14 +45,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -91,6 +102,7 @@ class Job:
     # DPO: reference log-probs, computed once before training (pair index -> (chosen, rejected)).
     dpo_reference: Any = None
     extra_state: dict = field(default_factory=dict)
+    note: str | None = None  # one line rank 0 prints once the run is known to start (an epoch budget's steps)
 
     @property
     def total_steps(self) -> int:
@@ -248,6 +260,8 @@ def run(job: Job, ctx: DistContext, out: Path, resume: bool = False, export: boo
     current = run_state(job, ctx)
     if resume:
         ckpt.check_compatible(ckpt.read_state(existing), current, existing)
+    if job.note and ctx.is_main:
+        print(job.note, file=sys.stderr)
 
     # Wrap: activation checkpointing, then DDP / FSDP2, then the optimizer.
     model = job.model
@@ -455,11 +469,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None, metavar="FILE.toml", help="recipe file (recipes/ has examples)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key (dotted: optim.lr=1e-4); repeatable")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=_positive_float, default=None, metavar="N",
+                        help="train N passes over the data (the default, 1, when no budget is given); "
+                             "sets the budget of a recipe's single phase")
+    budget.add_argument("--steps", type=_positive_int, default=None, metavar="N", help="train N optimizer steps")
+    budget.add_argument("--tokens", type=_positive_int, default=None, metavar="N",
+                        help="train N tokens (2e6 or 2_000_000), rounded up to whole steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--dry-run", action="store_true",
                    help="print parameters, memory per device, tokens per step, steps, FLOPs and GPU-hours; train nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = float(text.replace("_", "")) if any(c in text for c in ".eE") else int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value != int(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of at least 1")
+    return int(value)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number (1 = one pass over the data)")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -488,7 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train_command(args: argparse.Namespace, ctx: DistContext) -> int:
     from phi3.train.recipe import build_model, dry_run_report, load_recipe
     cli = {"stage": args.stage, "model": args.model, "tokenizer": args.tokenizer, "data": args.data,
-           "out": args.out, "dry_run": args.dry_run, "world": ctx.world}
+           "out": args.out, "dry_run": args.dry_run, "world": ctx.world, "epochs": args.epochs,
+           "steps": args.steps, "tokens": args.tokens}
     recipe = load_recipe(args.recipe, args.overrides, cli)
     if args.dry_run:
         if ctx.is_main:
@@ -502,18 +544,128 @@ def _train_command(args: argparse.Namespace, ctx: DistContext) -> int:
     if args.resume and (latest := ckpt.latest_checkpoint(Path(recipe.out))) is not None:
         saved = ckpt.read_state(latest)
     job = make_job(recipe, model, tokenizer, cfg, ctx, progress=not args.no_progress, saved=saved)
+    if any(p.epochs is not None for p in recipe.phases):
+        job.note = _budget_note(recipe, [p.steps for p in job.phases])
     run(job, ctx, Path(recipe.out), resume=args.resume, progress=not args.no_progress)
     if ctx.is_main:
         print(f"phi3 train: {job.stage} done; Hugging Face folder at {Path(recipe.out) / 'final'}", file=sys.stderr)
     return 0
 
 
+# --- Epoch budgets -------------------------------------------------------------------------------
+
+def document_lengths(source: Any) -> np.ndarray:
+    """Tokens of each document of a DocumentSource in index order, as the packer lays them out: a
+    .ds shard's from its index (plus the EOS the packer appends where a document lacks one), a
+    longctx prefix view's capped at its length, anything else by reading each document once
+    (tokenizing text, rendering conversations: one pass over the data, which an epoch budget
+    needs as TRL's and litgpt's do when they build their datasets)."""
+    from phi3.train.data import ConcatSource, TokenFile
+    if isinstance(source, _Prefix):
+        return np.minimum(document_lengths(source.source), source.n)
+    if isinstance(source, ConcatSource):
+        return np.concatenate([document_lengths(p) for p in source.parts])
+    if isinstance(source, TokenFile):
+        ends = np.asarray(source.ends, dtype=np.int64)
+        lengths = np.diff(ends, prepend=0)
+        if source.eos is not None:
+            last = np.full(len(ends), -1, dtype=np.int64)
+            nonempty = lengths > 0
+            last[nonempty] = np.asarray(source.tokens[ends[nonempty] - 1], dtype=np.int64)
+            lengths = lengths + (last != source.eos)
+        return lengths
+    out: list[int] = []
+    for i in range(0, len(source), 1024):
+        items = source.get_many(list(range(i, min(i + 1024, len(source)))))
+        out.extend(len(d[0]) if isinstance(d, tuple) else len(d) for d in items)
+    return np.asarray(out, dtype=np.int64)
+
+
+def _passes(epochs: float, n: int) -> int:
+    """Items in `epochs` passes over n, rounded up; exact for decimal epochs (0.1 * 30 is 3, not
+    3.0000000000000004 -> 4)."""
+    return math.ceil(Fraction(repr(float(epochs))) * n)
+
+
+def epoch_rows(lengths: Sequence[np.ndarray], whole: Sequence[bool], weights: Sequence[float], seq_len: int,
+               seed: int, epochs: float, counted: Sequence[int] | None = None) -> int:
+    """Rows of seq_len a PackedStream(sources, weights, seq_len, seed) produces until every
+    `counted` source (default: all) has had ceil(epochs * documents) of its documents drawn and the
+    last of them laid out in full. It replays the packer on document lengths alone: the mixture's
+    pick (smallest tokens taken / weight, ties to the first source), each source's permutation per
+    epoch seeded by (seed, source, epoch), documents cut at row ends, and `whole` documents
+    (conversations) that do not fit in the room left opening a new row (the rest padded).
+    tests/test_train_trainer.py checks it row for row against PackedStream itself."""
+    T, n = int(seq_len), len(lengths)
+    total = float(sum(weights))
+    w = [float(x) / total for x in weights]
+    need = [_passes(epochs, len(lens)) for lens in lengths]
+
+    def perm(s: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, s, epoch]).permutation(len(lengths[s]))
+
+    if n == 1 and not whole[0]:
+        # One source cut at row ends: every row is full, so rows = ceil(tokens / seq_len).
+        full, rem = divmod(need[0], len(lengths[0]))
+        tokens = full * int(lengths[0].sum()) + int(lengths[0][perm(0, full)[:rem]].sum())
+        return -(-tokens // T)
+    remaining = {s for s in (range(n) if counted is None else counted)}
+    drawn, taken = [0] * n, [0] * n
+    orders: dict[int, tuple[int, np.ndarray]] = {}
+    rows = t = 0  # full rows so far, tokens in the current one
+    while remaining:
+        s = min(range(n), key=lambda i: (taken[i] / w[i], i))
+        epoch, pos = divmod(drawn[s], len(lengths[s]))
+        if s not in orders or orders[s][0] != epoch:
+            orders[s] = (epoch, perm(s, epoch))
+        L = int(lengths[s][orders[s][1][pos]])
+        drawn[s] += 1
+        taken[s] += L
+        if whole[s] and t > 0 and L > T - t:
+            rows, t = rows + 1, 0  # the conversation starts a new row; this one is padded
+        if t + L < T:
+            t += L
+        else:
+            rest = L - (T - t)
+            rows, t = rows + 1 + rest // T, rest % T
+        if drawn[s] >= need[s]:
+            remaining.discard(s)
+    return rows + (t > 0)
+
+
+def _agree(ctx: DistContext | None, steps: int, what: str) -> None:
+    """Every rank counted the same steps (each reads the same files): checked, since data that
+    differs between nodes would otherwise hang or silently desynchronise the run."""
+    if ctx is None or not ctx.distributed:
+        return
+    t = torch.tensor([float(steps), float(steps) ** 2], dtype=torch.float64)
+    got = ctx.all_reduce_sum(t).cpu()
+    if got[0] != steps * ctx.world or got[1] != steps ** 2 * ctx.world:
+        raise Phi3Error(f"{what}: the processes counted different numbers of steps for the epoch budget; every "
+                        f"node must see the same data files")
+
+
+def _budget_note(recipe: Any, steps: list[int]) -> str:
+    """The one line a run with an epoch budget prints (rank 0): what the epochs came to."""
+    unit = "pairs" if recipe.stage == "dpo" else "rows"
+    head = "phi3 train: no budget given (--epochs, --steps or --tokens), training " if recipe.default_budget \
+        else "phi3 train: "
+    tail = f" of {recipe.global_batch_size} {unit} (warmup {recipe.optim.warmup_steps} steps)"
+    if len(recipe.phases) == 1:
+        return f"{head}{recipe.phases[0].budget()} = {steps[0]:,} steps{tail}"
+    parts = [f"phase {p.name} {p.budget()} = {n:,} steps" for p, n in zip(recipe.phases, steps) if p.epochs is not None]
+    return f"{head}{'; '.join(parts)}{tail}"
+
+
 def _phase_plans(recipe: Any, open_source: Callable[[Any], Any], seq_len: int, pad_id: int,
-                 wrap: Callable[[list, list], tuple[list, list]] | None = None) -> list[PhasePlan]:
-    """One PhasePlan per recipe phase; every source is opened (and so checked) now."""
+                 wrap: Callable[[list, list], tuple[list, list]] | None = None,
+                 ctx: DistContext | None = None) -> list[PhasePlan]:
+    """One PhasePlan per recipe phase; every source is opened (and so checked) now, and an epoch
+    budget is turned into steps (epoch_rows; longctx counts passes over the real documents, not
+    over their short prefix views)."""
     from phi3.train.data import PackedStream
-    plans = []
-    for i, (phase, steps) in enumerate(zip(recipe.phases, recipe.phase_steps())):
+    opened = []
+    for i, phase in enumerate(recipe.phases):
         sources = [open_source(s) for s in phase.sources]
         weights = [s.weight for s in phase.sources]
         if wrap is not None:
@@ -524,6 +676,20 @@ def _phase_plans(recipe: Any, open_source: Callable[[Any], Any], seq_len: int, p
             return PackedStream(sources, weights, seq_len, seed, pad_id=pad_id)
 
         make()  # weights and sources are checked now, not at the phase boundary
+        opened.append((sources, weights, seed, make))
+    counted_steps = {}
+    for i, (phase, (sources, weights, seed, _)) in enumerate(zip(recipe.phases, opened)):
+        if phase.epochs is None:
+            continue
+        rows = epoch_rows([document_lengths(s) for s in sources], [bool(getattr(s, "whole", False)) for s in sources],
+                          weights, seq_len, seed, phase.epochs,
+                          counted=[k for k, s in enumerate(sources) if not isinstance(s, _Prefix)])
+        counted_steps[i] = -(-rows // recipe.global_batch_size)
+        _agree(ctx, counted_steps[i], f"phase {phase.name!r}")
+    if counted_steps:
+        recipe.resolve_epochs(counted_steps)
+    plans = []
+    for i, (phase, steps, (_, _, _, make)) in enumerate(zip(recipe.phases, recipe.phase_steps(), opened)):
         describe = {"sources": [[s.path, s.weight] for s in phase.sources], "steps": steps}
         plans.append(PhasePlan(phase.name or f"phase{i + 1}", steps, make, describe))
     return plans
@@ -545,22 +711,28 @@ def make_job(recipe: Any, model: nn.Module, tokenizer: Any, cfg: Any, ctx: DistC
 
     if stage == "longctx":
         phases, cfg, report = _longctx_prepare(recipe, model, tokenizer, cfg, open_source, pad_id,
-                                               progress and ctx.is_main, saved, ctx.device)
+                                               progress and ctx.is_main, saved, ctx.device, ctx)
         extra["longrope"] = report
     elif stage == "dpo":
         if len(recipe.phases) != 1:
             raise Phi3Error(f"dpo takes one phase of preference data; the recipe has {len(recipe.phases)}")
-        phase, steps = recipe.phases[0], recipe.phase_steps()[0]
+        phase = recipe.phases[0]
         pairs = []
         for s in phase.sources:
             for p in open_pairs(s.path, tokenizer, recipe.seq_len):
                 p.index = len(pairs)  # one numbering over all files: the reference cache's key
                 pairs.append(p)
+        if phase.epochs is not None:
+            # PairStream serves pairs in a fresh permutation per epoch, global_batch_size a step.
+            counted = -(-_passes(phase.epochs, len(pairs)) // recipe.global_batch_size)
+            _agree(ctx, counted, f"phase {phase.name!r}")
+            recipe.resolve_epochs({0: counted})
+        steps = recipe.phase_steps()[0]
         make = lambda: pair_batches(pairs, recipe.global_batch_size, recipe.seed, pad_id)  # noqa: E731
         phases = [PhasePlan(phase.name or "phase1", steps, make,
                             {"sources": [[s.path, s.weight] for s in phase.sources], "steps": steps})]
     else:
-        phases = _phase_plans(recipe, open_source, recipe.seq_len, pad_id)
+        phases = _phase_plans(recipe, open_source, recipe.seq_len, pad_id, ctx=ctx)
 
     lora = None
     if recipe.lora.r > 0:
@@ -607,7 +779,8 @@ class _Prefix:
 
 def _longctx_prepare(recipe: Any, model: nn.Module, tokenizer: Any, cfg: Any, open_source: Callable,
                      pad_id: int, progress: bool, saved: dict | None = None,
-                     device: torch.device | None = None) -> tuple[list[PhasePlan], Any, dict]:
+                     device: torch.device | None = None,
+                     ctx: DistContext | None = None) -> tuple[list[PhasePlan], Any, dict]:
     """LongRoPE: search the factors on the loaded model (rank 0; broadcast), put the new rope into
     the model, then train on rows of seq_len (= the target context, or less) mixing the original
     documents (long, long factors) with their first C tokens (short, short factors) at
@@ -640,7 +813,7 @@ def _longctx_prepare(recipe: Any, model: nn.Module, tokenizer: Any, cfg: Any, op
         return ([*sources, *(_Prefix(s, C) for s in sources)],
                 [*(w / total * (1 - f) for w in weights), *(w / total * f for w in weights)])
 
-    return _phase_plans(recipe, open_source, recipe.seq_len, pad_id, wrap), new_cfg, report
+    return _phase_plans(recipe, open_source, recipe.seq_len, pad_id, wrap, ctx), new_cfg, report
 
 
 # --- DPO ------------------------------------------------------------------------------------------
