@@ -34,8 +34,10 @@ pair is a chosen and a rejected row). A phase's budget is exactly one of:
           `epochs` times (a mixture repeats its other sources meanwhile, in the weights' shares),
           rounded up to whole optimizer steps; dpo: ceil(epochs * pairs / global_batch_size).
           Until then --dry-run says "N epochs (steps known once the data is read)".
-With no budget on any phase, every phase gets 1 epoch (TRL's and litgpt's default), and the trainer
-prints one line with the steps that makes. `phi3 train --epochs N` / `--steps N` / `--tokens N` set
+With no budget on any phase, every phase gets 1 epoch, and the trainer prints one line with the
+steps that makes. (HF Trainer/TRL's num_train_epochs defaults to 3 and litgpt's fine-tuning scripts
+to 5 epochs; one pass is what a pretraining corpus wants, and repeating a fine-tuning set is a
+choice to make with --epochs.) `phi3 train --epochs N` / `--steps N` / `--tokens N` set
 the budget of a recipe's single phase (a recipe with several phases takes --set phases.K.epochs=N).
 
 Where the checks live: `load_recipe` checks everything the recipe alone decides (keys, types,
@@ -586,8 +588,8 @@ def _check(r: Recipe, world: int, need_out: bool, where: Any) -> None:
                 fail(f"phases.{i}.sources.{j}.path", "is empty")
             if not s.weight > 0:
                 fail(f"phases.{i}.sources.{j}.weight", f"is {s.weight}; weights must be positive")
-    # No budget anywhere: 1 epoch per phase (what TRL's num_train_epochs and litgpt's epochs
-    # default to). A budget on some phases only is an error: a forgotten one is more likely.
+    # No budget anywhere: 1 epoch per phase (see the module docstring). A budget on some phases
+    # only is an error: a forgotten one is more likely than a wish for 1 epoch.
     if all(getattr(p, b) is None for p in r.phases for b in BUDGETS):
         for p in r.phases:
             p.epochs = 1.0
