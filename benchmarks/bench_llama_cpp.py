@@ -44,6 +44,7 @@ LLAMA_FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k": 14, "q4_k_m": 15, "iq4_
 AVX2_ONLY = {"PHI3_KERNELS": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
              "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 PHI3_ENV: dict[str, str] = {}  # set from --phi3-kernels
+GIVEN_FILES: dict[str, Path] = {}  # set from --gguf: phi-3-mini-shape files made before, by type
 LLAMA_PYTHON = sys.executable  # set from --llama-python
 
 
@@ -139,11 +140,14 @@ def speed(shape: str, prompt_tokens: int, new_tokens: int, threads: int, work: P
           file_type: str = "q4_0") -> dict:
     """Both engines on one file, alternating runs: phi-3-*-shape random weights written by
     `phi3 bench` (q4_0), or quantized by llama.cpp's own quantizer from a 16-bit file (q4_k_m)."""
-    gguf = work / f"{shape}-{file_type}.gguf"
+    given = GIVEN_FILES.get(file_type) if shape == "phi-3-mini" else None
+    gguf = given or work / f"{shape}-{file_type}.gguf"
     args = ["--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--threads", str(threads),
             "--json"]
     ours, theirs = [], []
-    if file_type == "q4_0":
+    if given:
+        pass  # made before (--gguf): measured as it is, and kept
+    elif file_type == "q4_0":
         ours.append(json.loads(phi3("bench", "--shape", shape, "--type", "q4_0", "--save-gguf", str(gguf), *args).stdout))
     else:
         f16 = work / f"{shape}-f16.gguf"
@@ -162,7 +166,8 @@ def speed(shape: str, prompt_tokens: int, new_tokens: int, threads: int, work: P
               "llama.cpp": {k: best(theirs, k) for k in keys}, "runs": runs, "prompt_tokens": prompt_tokens,
               "new_tokens": new_tokens, "gguf_bytes": gguf.stat().st_size,
               "kv_cache_mb": ours[0].get("kv_cache_mb"), "packed": ours[0].get("packed")}
-    gguf.unlink()
+    if not given:
+        gguf.unlink()
     return result
 
 
@@ -330,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", default="q4_0",
                     help="comma-separated: q4_0 (written by phi3) and/or q4_k_m (written by llama.cpp's quantizer)")
     ap.add_argument("--only-speed", action="store_true", help="skip greedy agreement and perplexity")
+    ap.add_argument("--gguf", action="append", default=[], metavar="TYPE=PATH",
+                    help="use this phi-3-mini-shape file for TYPE (q4_0 or q4_k_m) instead of making one "
+                         "(making the Q4_K_M writes a 7.6 GB 16-bit file first); kept afterwards")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -338,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     global LLAMA_PYTHON, START_MARK, END_MARK
     LLAMA_PYTHON = args.llama_python
+    for item in args.gguf:
+        kind, _, path = item.partition("=")
+        if kind not in ("q4_0", "q4_k_m") or not Path(path).is_file():
+            ap.error(f"--gguf {item}: expected q4_0=PATH or q4_k_m=PATH naming an existing phi-3-mini-shape GGUF")
+        GIVEN_FILES[kind] = Path(path)
     if args.phi3_kernels != "auto":
         PHI3_ENV.update(AVX2_ONLY if args.phi3_kernels == "avx2" else {"PHI3_KERNELS": args.phi3_kernels})
         # one section per build, so that runs of different builds sit side by side
