@@ -20,8 +20,14 @@ def assert_one_line_error(r, *fragments: str) -> None:
         assert f in lines[0], lines[0]
 
 
+# "What is the capital of France?" is a near tie for SmolLM2's first token ("The" vs "L'Étoile…":
+# +0.08 logits in exact float maths, -0.04 to +0.016 with int8 activations, and llama.cpp's AVX2
+# build answers "L'Étoile" too); this prompt's margin is +1.4 to +1.8 on every kernel build.
+ROBUST_FRANCE = "Name the capital of France."
+
+
 def test_chat_answers_from_stdin(smollm_gguf):
-    r = run_cli("chat", stdin="What is the capital of France?\n")
+    r = run_cli("chat", stdin=ROBUST_FRANCE + "\n")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "using the default model" in r.stderr
@@ -37,12 +43,12 @@ def test_chat_is_multi_turn_with_commands(smollm_gguf):
 
 
 def test_generate_json_and_stop_string(smollm_gguf):
-    r = run_cli("generate", "--model", str(smollm_gguf), "--prompt", "What is the capital of France?", "--json")
+    r = run_cli("generate", "--model", str(smollm_gguf), "--prompt", ROBUST_FRANCE, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert "Paris" in out["text"] and out["finish_reason"] == "stop"
     assert 2 not in out["token_ids"]  # the stop token is not part of the output
-    r = run_cli("generate", "--model", str(smollm_gguf), "--prompt", "What is the capital of France?", "--json",
+    r = run_cli("generate", "--model", str(smollm_gguf), "--prompt", ROBUST_FRANCE, "--json",
                 "--stop", "France")
     out2 = json.loads(r.stdout)
     assert "France" not in out2["text"] and out2["finish_reason"] == "stop"

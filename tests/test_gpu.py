@@ -35,7 +35,9 @@ def test_gguf_runs_packed_on_the_device(smollm_gguf, device):
     down = lm.model.model.layers[0].mlp.down_proj
     assert isinstance(down, quant.QuantLinear) and down.qs.device.type == device
     assert lm.model.dtype == (torch.bfloat16 if device == "cuda" else torch.float32)
-    ids = lm.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    # Not "What is the capital of France?": a near tie for the first token under int8 activations
+    # (tests/test_cli.py's ROBUST_FRANCE says how near).
+    ids = lm.tokenizer.encode_chat([{"role": "user", "content": "Name the capital of France."}])
     out = generate(lm.model, lm.tokenizer, [ids], SamplingParams(max_new_tokens=12))[0]
     assert "Paris" in out.text
     # Through the unpacking path (more tokens than the CPU kernel takes): the dequantized weight's
