@@ -114,15 +114,19 @@ def _content(endpoint: str, raw: bytes) -> str:
 
 def chat_completion(url: str, model: str, messages: list[dict[str, str]], temperature: float = 0.0,
                     max_tokens: int = 2048, api_key: str | None = None, timeout: float = 300.0,
-                    retries: int = MAX_RETRIES) -> str:
+                    retries: int = MAX_RETRIES, seed: int | None = None) -> str:
     """The assistant's text for `messages` from an OpenAI-compatible server at base `url`.
+    `seed` is OpenAI's sampling seed (phi3 serve and vLLM honour it), for reproducible sampling.
 
     Retries (with doubling backoff, or the server's Retry-After) on 408/429/5xx and on connection
     errors, since judges are rate-limited remote services; any other failure is an EndpointError
     (a Phi3Error) of one line naming the URL and the problem."""
     endpoint = chat_endpoint(url)
-    body = json.dumps({"model": model, "messages": messages, "temperature": temperature,
-                       "max_tokens": max_tokens, "n": 1}).encode("utf-8")
+    request_body: dict[str, Any] = {"model": model, "messages": messages, "temperature": temperature,
+                                    "max_tokens": max_tokens, "n": 1}
+    if seed is not None:
+        request_body["seed"] = seed
+    body = json.dumps(request_body).encode("utf-8")
     headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "phi3-judge"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -166,9 +170,9 @@ class Endpoint:
     temperature: float = 0.0
     timeout: float = 300.0
 
-    def chat(self, messages: list[dict[str, str]]) -> str:
+    def chat(self, messages: list[dict[str, str]], seed: int | None = None) -> str:
         return chat_completion(self.url, self.model, messages, temperature=self.temperature,
-                               max_tokens=self.max_tokens, api_key=self.api_key, timeout=self.timeout)
+                               max_tokens=self.max_tokens, api_key=self.api_key, timeout=self.timeout, seed=seed)
 
 
 # --- the model under test ------------------------------------------------------------------------------

@@ -91,7 +91,10 @@ def run_synthetic(out: Path, endpoint, topics: list[str], audiences: list[str], 
     todo = [s for s in chosen if _key(s) not in done]
 
     def generate(s: dict) -> tuple[dict, str]:
-        return s, endpoint.chat([{"role": "user", "content": prompt(s)}])
+        # One sampling seed per prompt, from --seed and the prompt's own key: a rerun (or a resumed
+        # run) asks each prompt with the same seed, whatever batch it lands in.
+        sampling_seed = int(hashlib.sha1(f"{seed}:{_key(s)}".encode()).hexdigest()[:15], 16)
+        return s, endpoint.chat([{"role": "user", "content": prompt(s)}], seed=sampling_seed)
 
     bar = _progress(None, len(todo), "generating", progress)
     with ThreadPoolExecutor(max_workers=batch) as pool:
