@@ -556,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.from_results:
         runs = [Run(**json.loads(ln)) for ln in Path(a.from_results).read_text().splitlines() if ln.strip()]
         a.rounds = len({r.round for r in runs})
+        # The header then describes the recorded run (its start load, its summed run times).
+        env["load_start"] = runs[0].loadavg_before if runs else env["load_start"]
     for rnd in range(0 if a.from_results else a.rounds):
         elapsed = time.perf_counter() - t_start
         if rnd and a.budget_min and elapsed + t_round > a.budget_min * 60:
@@ -578,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {rnd} {model:13s} {prec:8s} {LABELS[t]:17s} {tps:>14s}  peak RSS {rss}  "
                           f"wall {r.wall_s:.0f} s  cpu {r.cpu_s or 0:.0f} s  load {r.loadavg_before}", flush=True)
         t_round = time.perf_counter() - r0
-    total = time.perf_counter() - t_start
+    total = sum(r.wall_s for r in runs) if a.from_results else time.perf_counter() - t_start
     for model in a.models:
         for prec in a.precisions:
             if any(r.model == model and r.precision == prec for r in runs):
