@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned: an unpinned torch resolves to a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench parity finetune-demo clean
+.PHONY: demo test bench bench-train parity finetune-demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -81,3 +81,9 @@ finetune-demo: $(VENV)/.base
 
 clean:
 	rm -rf $(VENV) $(LLAMA_AVX2) build *.egg-info
+
+# Training throughput: phi3 train against HF Trainer, litgpt and nanoGPT on one token stream -> TRAINING.md
+# (~4-7 min on an idle machine). litgpt needs its own venv and nanoGPT its source (each skipped with
+# one line when missing; benchmarks/train_throughput.py --help says how to set them up).
+bench-train: $(VENV)/.test
+	$(BIN)/python benchmarks/train_throughput.py --quick --write TRAINING.md

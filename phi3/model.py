@@ -470,12 +470,16 @@ class Transformer(nn.Module):
         if self.config.rope_scaling is not None:
             lengths = torch.zeros(B, T + 1, dtype=torch.long, device=device).scatter_add_(1, run, torch.ones_like(run))
             long = self.uses_long_rope(lengths.gather(1, run))
+        window = self.config.sliding_window
+        cos, sin = self.rotary(positions, long)
+        if not bool(starts[:, 1:].any()) and (window is None or T <= window):
+            # One document per row: plain causal attention, which SDPA's flash kernels run without
+            # reading a mask and skipping the upper triangle (a boolean mask makes them do neither).
+            return cos, sin, None, True
         q_idx, k_idx = idx[:, None], idx[None, :]
         allowed = (k_idx <= q_idx)[None] & (run[:, :, None] == run[:, None, :])
-        window = self.config.sliding_window
         if window is not None and T > window:
             allowed = allowed & (k_idx > q_idx - window)[None]
-        cos, sin = self.rotary(positions, long)
         return cos, sin, allowed[:, None], False
 
     @torch.no_grad()

@@ -138,12 +138,14 @@ def _base_transformer(model: nn.Module) -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, optim: Any, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: fused where the device has the fused kernel (CUDA); elsewhere the multi-tensor
-    (foreach) path, which torch uses by default only on CUDA: on the CPU it stepped a 46M-parameter
-    model (4 layers x 512, vocab 32k) in 0.34 s against 0.53 s for the per-tensor loop."""
-    cuda = device.type == "cuda"
+    """AdamW, fused (one kernel over all parameters) on CUDA and on the CPU, where torch 2.13 has
+    it: clip + step of a 37.8M-parameter model took 0.15 CPU-s fused against 0.70 with the
+    multi-tensor (foreach) path (benchmarks/train_baselines/profile_step.py). FSDP2's DTensor
+    parameters keep the foreach path, which torch supports for them."""
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())
+    fused = device.type in ("cuda", "cpu") and not sharded
     return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
-                             eps=optim.eps, fused=True if cuda else None, foreach=None if cuda else True)
+                             eps=optim.eps, fused=True if fused else None, foreach=None if fused else True)
 
 
 # --- Data helpers ---------------------------------------------------------------------------------
