@@ -268,7 +268,7 @@ BYTES_SLACK = 8  # tokens beyond one per UTF-8 byte (BOS, SentencePiece's dummy 
 def max_chars_per_token(tokenizer: Tokenizer) -> int:
     """The most characters one token can stand for: the longest vocabulary entry (its byte-level
     or SentencePiece spelling is never shorter than its text), or T.MAX_CHARS_PER_TOKEN."""
-    vocab = tokenizer.tk.get_vocab(with_added_tokens=True)
+    vocab = tokenizer.vocab()
     return max(T.MAX_CHARS_PER_TOKEN, max((len(t) for t in vocab), default=0))
 
 

@@ -326,7 +326,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
     # The longest text one token covers (81 characters for SmolLM2: a run of '#'): a prompt of more
     # than context x that many characters cannot fit, and is refused before tokenizing. A tokenizer
     # that normalizes text away could only make this refuse a prompt already absurdly long.
-    vocab = tokenizer.tk.get_vocab(with_added_tokens=True) if hasattr(tokenizer, "tk") else {}
+    vocab = tokenizer.vocab() if hasattr(tokenizer, "vocab") else {}
     max_chars = context * max((len(t) for t in vocab), default=1 << 10)
 
     def check_chars(n: int, what: str, param: str) -> None:

@@ -84,10 +84,10 @@ def _tokenize_texts(tokenizer, texts: list[str]) -> list[np.ndarray]:
     """Each text as BOS (when the tokenizer adds one) + tokens + EOS, in one encode_batch call."""
     if tokenizer is None:
         raise Phi3Error("text data needs a tokenizer: give the model's tokenizer (--model or tokenizer=)")
-    encs = tokenizer.tk.encode_batch(texts, add_special_tokens=False)
+    encs = tokenizer.encode_batch(texts)
     bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    return [np.array(bos + e.ids + eos, dtype=np.int64) for e in encs]
+    return [np.array(bos + e + eos, dtype=np.int64) for e in encs]
 
 
 class TokenFile(DocumentSource):
@@ -608,13 +608,13 @@ def _mask_from_offsets(offsets: list[tuple[int, int]], spans: list[tuple[int, in
 def _render_many(tokenizer, conversations: list[list[dict]], wheres: list[str],
                  only_last: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     laid = [_assistant_spans(tokenizer, m, w, only_last) for m, w in zip(conversations, wheres)]
-    encs = tokenizer.tk.encode_batch([text for text, _ in laid], add_special_tokens=False)
+    encs = tokenizer.encode_batch_with_offsets([text for text, _ in laid])
     out = []
-    for (text, spans), enc, where in zip(laid, encs, wheres):
-        mask = _mask_from_offsets(enc.offsets, spans, len(text))
+    for (text, spans), (ids, offsets), where in zip(laid, encs, wheres):
+        mask = _mask_from_offsets(offsets, spans, len(text))
         if not mask.any():
             raise Phi3Error(f"{where}: no assistant token survives tokenization; check the chat template")
-        out.append((np.array(enc.ids, dtype=np.int64), mask))
+        out.append((np.array(ids, dtype=np.int64), mask))
     return out
 
 
@@ -736,9 +736,9 @@ def open_pairs(path: str | Path, tokenizer, max_len: int) -> list[Pair]:
         for r, w in zip(recs, wheres):
             texts.append(_render(tokenizer, r["prompt"], True))
             texts += [_render(tokenizer, r["prompt"] + [answer(r, k, w)], False) for k in ("chosen", "rejected")]
-        encs = tokenizer.tk.encode_batch(texts, add_special_tokens=False)
+        encs = tokenizer.encode_batch(texts)
         for k, (i, w) in enumerate(zip(idx, wheres)):
-            p, c, r = (encs[3 * k + j].ids for j in range(3))
+            p, c, r = (encs[3 * k + j] for j in range(3))
             n = min(_common_prefix(p, c), _common_prefix(p, r))
             if n == len(c) or n == len(r):
                 raise Phi3Error(f"{w}: an answer adds no tokens after the prompt; give it some content")
