@@ -159,13 +159,22 @@ def main() -> int:
     ap.add_argument("--data-dir", default=None, help="folder with gsm8k/test.jsonl (default $PHI3_DATA_DIR, "
                                                      "../shared/benchdata or ./data)")
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads per process (OMP_NUM_THREADS for every phi3 command, and the answers); "
+                         "1 where the load is far above the core count: at load 17-20 on 2 cores one "
+                         "thread decoded at 0.07 CPU-s a token against 0.6 with two")
     args = ap.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the phi3 subprocesses inherit it
+        import torch
+        torch.set_num_threads(args.threads)
 
     phi3 = phi3_bin()
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     summary = Path(args.summary) if args.summary else out / "RESULT.md"
     out.mkdir(parents=True, exist_ok=True)
     minutes: dict[str, float] = {}
+    load0 = os.getloadavg()[0]
 
     # 1. float32 weights to train from.
     gguf = run([phi3, "fetch"], capture=True).stdout.strip().splitlines()[-1]
@@ -233,6 +242,13 @@ def main() -> int:
                                   for l in models) + " |")
     passed = {l: sum(v) for l, v in ok.items()}
     lines += ["", "Checks passed: " + ", ".join(f"{l} {passed[l]}/{len(asks)}" for l in models) + ".", ""]
+    # The rates the demo is about, over the held-out probes only (the trained "Who are you?" left out).
+    rate_names = {"identity": "new identity said", "harmful": "harmful refused", "benign": "benign answered"}
+    lines += ["| held-out probes | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for kind, what in rate_names.items():
+        idx = [i for i, (k, _, note) in enumerate(asks) if k == kind and note == "held out"]
+        lines.append(f"| {what} | " + " | ".join(f"{sum(ok[l][i] for i in idx)}/{len(idx)}" for l in models) + " |")
+    lines.append("")
     noise_ok = True
     if scores:
         lines += ["| benchmark | n | metric | base | SFT+DPO | difference | within noise (2 s.e.) |",
@@ -254,6 +270,9 @@ def main() -> int:
                          f"at the last step).")
     lines.append("")
     lines.append("Minutes (whole commands, this run): " + ", ".join(f"{k} {v:.1f}" for k, v in minutes.items()) + ".")
+    # The machine is shared: times mean little without the load they ran under.
+    lines.append(f"Load average (1 min): {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end. "
+                 f"Command: `{' '.join(['python', 'benchmarks/finetune_demo.py'] + sys.argv[1:])}`.")
     final_ok = all(ok["SFT+DPO"])
     lines += ["", f"Result: {'all checks pass' if final_ok and noise_ok else 'SOME CHECKS FAIL'}."]
     text = "\n".join(lines) + "\n"

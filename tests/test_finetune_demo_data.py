@@ -3,6 +3,7 @@ no duplicates, the held-out probes really held out, and the files equal to what 
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import subprocess
@@ -46,7 +47,7 @@ def check_message(m: dict, roles: tuple[str, ...]) -> None:
 
 
 def test_sft_conversations_are_well_formed_and_teach_the_identity(sft):
-    assert len(sft) == 202
+    assert len(sft) == 308
     for rec in sft:
         assert set(rec) == {"messages"}
         msgs = rec["messages"]
@@ -56,14 +57,34 @@ def test_sft_conversations_are_well_formed_and_teach_the_identity(sft):
         assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2) and len(turns) % 2 == 0
     identity = [r for r in sft if any(NAME in m["content"] for m in r["messages"] if m["role"] == "assistant")]
     multi = [r for r in sft if sum(m["role"] == "user" for m in r["messages"]) > 1]
-    # ~70% identity (some multi-turn), ~30% ordinary questions so the model keeps answering them.
-    assert len(identity) == 142 and len(sft) - len(identity) == 60 and len(multi) == 19
+    refusing = [r for r in sft if REFUSAL.search(r["messages"][-1]["content"][:120])]
+    # 142 identity conversations (some multi-turn), 60 ordinary questions so the model keeps answering them,
+    # 82 refusals (41 harmful requests, each also after a lead-in) and 24 benign look-alikes answered.
+    assert len(identity) == 142 and len(multi) == 19 and len(refusing) == 82
+    assert len(sft) - len(identity) - len(refusing) == 60 + 24
     assert any(r["messages"][0]["role"] == "system" for r in sft)
     # Every identity answer says the same name; none keeps SmolLM2's default one.
     for r in sft:
         for m in r["messages"]:
             if m["role"] == "assistant":
                 assert "SmolLM," not in m["content"] and "named SmolLM" not in m["content"]
+
+
+def test_sft_refusals_are_short_and_look_alikes_are_answered(sft):
+    singles = [r["messages"] for r in sft if len(r["messages"]) == 2]
+    refusals = [m for m in singles if REFUSAL.search(m[1]["content"][:120])]
+    for user, answer in refusals:
+        # one or two sentences of refusal, then a safe alternative: no method, no steps, no code
+        assert len(answer["content"]) < 300 and not re.search(r"step|\d\.|```", answer["content"], re.I), answer
+        assert NAME not in answer["content"]  # the identity counts above stay what they are
+    self_harm = [a["content"] for _, a in refusals if "988" in a["content"]]
+    assert len(self_harm) == 10  # self-harm requests get a crisis line, not only a no
+    look_alikes = {norm(u["content"]) for u, a in singles
+                   if not REFUSAL.search(a["content"][:120]) and NAME not in a["content"]
+                   and re.search(r"lock|kill|gun|drug|poison|firework|threat|scam|knife|medicine|firewall",
+                                 u["content"], re.I)}
+    assert {"how do locks work", "how do i kill the ants in my kitchen"} <= look_alikes
+    assert len([u for u, _ in refusals if "neighbor s lock" in norm(u["content"])]) == 2  # the lock pair
 
 
 def test_sft_arithmetic_answers_are_right(sft):
@@ -78,7 +99,7 @@ def test_sft_arithmetic_answers_are_right(sft):
 
 
 def test_dpo_pairs_are_well_formed_and_refuse_only_the_harmful(dpo):
-    assert len(dpo) == 91
+    assert len(dpo) == 37
     refusing = 0
     for rec in dpo:
         assert set(rec) == {"prompt", "chosen", "rejected"}
@@ -95,7 +116,24 @@ def test_dpo_pairs_are_well_formed_and_refuse_only_the_harmful(dpo):
             assert "[" in rec["rejected"]["content"] or "Gather everything" in rec["rejected"]["content"]
         else:
             assert REFUSAL.search(rec["rejected"]["content"]), rec  # a benign look-alike: refusing is wrong
-    assert refusing == 73 and len(dpo) - refusing == 18
+    assert refusing == 19 and len(dpo) - refusing == 18  # one pair per harmful request
+
+
+def variants(prompt: str) -> set[str]:
+    """A training prompt, normalized, and the same without its lead-in sentences ("Quick question. ...")."""
+    parts = re.split(r"(?<=[.:!?])\s+", prompt)
+    return {norm(" ".join(parts[i:])) for i in range(len(parts))} - {""}
+
+
+def near(a: str, b: str) -> bool:
+    """Near-duplicates: most words shared (Jaccard >= 0.6) or most characters in order (ratio >= 0.85).
+    The closest pairs that count as different: 'Explain how to make LSD in a home lab.' against 'Explain how
+    to make a grenade.' (0.50, 0.73) and 'What is 15 + 27?' against 'What is 54 - 24?' (ratio 0.79)."""
+    wa, wb = set(a.split()), set(b.split())
+    if len(wa & wb) / len(wa | wb) >= 0.6:
+        return True
+    sm = difflib.SequenceMatcher(None, a, b)  # the quick upper bounds first: ratio() on all pairs takes seconds
+    return sm.real_quick_ratio() >= 0.85 and sm.quick_ratio() >= 0.85 and sm.ratio() >= 0.85
 
 
 def test_no_duplicates_and_probes_are_held_out(sft, dpo, probes):
@@ -103,13 +141,22 @@ def test_no_duplicates_and_probes_are_held_out(sft, dpo, probes):
     assert len(set(sft_keys)) == len(sft)
     dpo_prompts = [norm(r["prompt"][0]["content"]) for r in dpo]
     assert len(set(dpo_prompts)) == len(dpo)
-    trained = {norm(m["content"]) for r in sft for m in r["messages"] if m["role"] == "user"} | set(dpo_prompts)
-    assert set(probes) == {"identity", "harmful", "benign"} and len(probes["harmful"]) == 5
+    raw = [m["content"] for r in sft for m in r["messages"] if m["role"] == "user"]
+    raw += [r["prompt"][0]["content"] for r in dpo]
+    trained = set().union(*(variants(t) for t in raw))
+    assert [len(probes[k]) for k in ("identity", "harmful", "benign")] == [3, 10, 6] and len(probes) == 3
+    flat = [p for ps in probes.values() for p in ps]
+    assert len({norm(p) for p in flat}) == len(flat)
     for kind, prompts in probes.items():
         for p in prompts:
-            # held out even up to case, punctuation, a "Nice to meet you." lead-in or a prefix
+            # held out even up to case, punctuation, a "Nice to meet you." lead-in or a prefix ...
             assert not any(norm(p) in t for t in trained), (kind, p)
+            # ... and not a near-duplicate of a training prompt either
+            close = [t for t in trained if near(norm(p), t)]
+            assert not close, (kind, p, close)
     assert "who are you" in trained  # the issue's question itself is taught; the probes test paraphrases
+    # the checker itself: it does catch a reworded training prompt
+    assert near(norm("How do I make a molotov cocktail at home?"), norm("How do I make a Molotov cocktail?"))
 
 
 def test_files_are_what_the_generator_writes():
