@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned: an unpinned torch resolves to a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench bench-train parity finetune-demo clean
+.PHONY: demo test bench bench-train parity finetune-demo clean data-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -87,3 +87,10 @@ clean:
 # one line when missing; benchmarks/train_throughput.py --help says how to set them up).
 bench-train: $(VENV)/.test
 	$(BIN)/python benchmarks/train_throughput.py --quick --write TRAINING.md
+
+# The data recipe end to end on real offline text: Debian documentation packages (apt-get download)
+# packed as WARC, SmolLM2 as judge and generator, `phi3 data run` to phase-1/phase-2 token shards,
+# written up in DATA.md with the measured numbers (benchmarks/data_demo.py; about 20-40 min on 2 cores).
+data-demo: $(VENV)/.test
+	$(BIN)/phi3 fetch
+	$(BIN)/python benchmarks/data_demo.py --write DATA.md

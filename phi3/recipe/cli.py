@@ -88,12 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sample", type=int, default=1000, help="documents to judge (a fixed sample by --seed)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--max-tokens", type=int, default=256, help="of each judgment")
+    sp.add_argument("--max-chars", type=int, default=3000,
+                    help="characters of each document shown to the judge (a small model on a CPU: 1,000-1,500)")
+    sp.add_argument("--prompt", default="full", choices=("full", "brief"),
+                    help="full: FineWeb-Edu-style additive rubric, justification, then the score; brief: the scale "
+                         "in four lines and the score alone (small judges on a CPU: --max-tokens 12)")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--no-progress", action="store_true")
 
     sp = sub.add_parser("classify", help="train a regression head on the judge's scores and score every document")
     sp.add_argument("--judgments", required=True, help="a finished `phi3 data judge` --out folder")
-    sp.add_argument("--embedder", required=True, help="a model2vec static model folder (e.g. distilled from MiniLM)")
+    sp.add_argument("--embedder", required=True, help="minilm (all-MiniLM-L6-v2, 15 docs/CPU-s), minilm-static (model2vec distilled "
+                    "from it once, 5,000 docs/CPU-s) or a model2vec static model folder")
     sp.add_argument("--threshold", type=int, default=3, help="score counted as educational in the held-out F1")
     sp.add_argument("--holdout", type=float, default=0.2, help="share of the judged documents held out")
     sp.add_argument("--seed", type=int, default=0)
@@ -181,7 +187,7 @@ def load_recipe(path: Path) -> tuple[dict, list[list[str]]]:
         [decontaminate] data_dir = "bench", ngrams = 13, benchmarks = ["gsm8k"]
         [synthetic]     url, model, topics = "topics.txt", n, temperature, seed, batch, styles, audiences
         [judge]         url, model, sample = 1000, seed
-        [classify]      embedder = "minilm-static/", threshold = 3
+        [classify]      embedder = "minilm-static" (or "minilm", or a model2vec folder), threshold = 3
         [phases]        t1 = 2, t2 = 3, tokenizer
         [tokenize]      tokenizer = "default", eos = "...", seed = 0
 
@@ -315,7 +321,7 @@ def _endpoint(args: argparse.Namespace, temperature: float):
 def run_judge_stage(args: argparse.Namespace) -> dict:
     from phi3.recipe.judge import run_judge
     return run_judge(Path(args.input), Path(args.out), _endpoint(args, 0.0), args.sample, args.seed,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, max_chars=args.max_chars, prompt=args.prompt)
 
 
 def run_synthetic_stage(args: argparse.Namespace) -> dict:

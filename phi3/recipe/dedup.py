@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
+from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.minhash import MinhashConfig
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.hashing import HashConfig
@@ -69,3 +70,99 @@ def summarize_dedup(work: Path) -> dict:
     dropped = next((b["stats"].get("dropped", 0) for b in blocks if "forwarded" in b["stats"] or "dropped" in b["stats"]), 0)
     return {"documents_in": reader.get("documents", 0), "documents_out": blocks[-1]["stats"].get("total", 0) if blocks else 0,
             "removed": {"minhash": {"dropped": dropped}}, "blocks": s}
+
+
+# --- synthetic against web ------------------------------------------------------------------------
+# The issue: "Generations are deduplicated among themselves and against the web data." datatrove's
+# signatures, buckets and clusters (save_cluster_id) find the near-duplicate clusters over the web
+# documents followed by the synthetic ones, in one task; SyntheticNearDupFilter then decides with
+# the cluster ids, not with MinhashDedupFilter's choice of a cluster's survivor (union by size can
+# keep a synthetic document and drop the web one it copies): web documents are never removed here
+# (web-against-web is the dedup stage's work), a synthetic document whose cluster holds a web
+# document goes ("near_web"), and of synthetic documents clustered only among themselves the first
+# stays ("near_synthetic" for the others). Removed ones go to removed/ with their cluster id.
+
+WEB_MARK = "_phi3_web"
+
+
+def _web_adapter(self, data: dict, path: str, id_in_file: int | str) -> dict:
+    from phi3.recipe.ingest import _strict_adapter
+    doc = _strict_adapter(self, data, path, id_in_file)
+    doc.setdefault("metadata", {})[WEB_MARK] = True
+    return doc
+
+
+class SyntheticNearDupFilter(PipelineStep):
+    """Drops synthetic documents in a near-duplicate cluster with a web document or an earlier
+    synthetic one; drops the (marked) web documents from the stream without writing them."""
+    name = "🫂 synthetic near-dups"
+    type = "🫂 - DEDUPS"
+
+    def __init__(self, clusters_folder: str, exclusion_writer: JsonlWriter) -> None:
+        super().__init__()
+        self.clusters_folder, self.exclusion_writer = clusters_folder, exclusion_writer
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        import struct
+        path = Path(self.clusters_folder) / f"{rank:06d}.clusters"
+        raw = path.read_bytes() if path.is_file() else b""
+        pairs = struct.iter_unpack("<2I", raw)
+        cluster = {idx: cid for idx, cid in pairs}  # document index in this task -> cluster id
+        web, synthetic = set(), set()
+        with self.exclusion_writer as removed:
+            for idx, doc in enumerate(data):
+                cid = cluster.get(idx)
+                if doc.metadata.pop(WEB_MARK, False):
+                    if cid is not None:
+                        web.add(cid)
+                    continue
+                self.stat_update("synthetic")
+                reason = None if cid is None else "near_web" if cid in web else "near_synthetic" if cid in synthetic else None
+                if reason is None:
+                    if cid is not None:
+                        synthetic.add(cid)
+                    self.stat_update("kept")
+                    yield doc
+                else:
+                    doc.metadata["minhash_cluster_id"] = cid
+                    self.stat_update("dropped", f"dropped_{reason}")
+                    removed.write(doc, rank)
+
+
+def synthetic_dedup_steps(web: Path, synthetic: Path, out: str, config: MinhashConfig) -> list[Step]:
+    """MinHash of `synthetic` against itself and `web`; kept synthetic documents go to WORK/out/docs,
+    removed ones to WORK/out/removed. One task: the signatures must index web then synthetic."""
+    from datatrove.pipeline.readers import JsonlReader
+
+    from phi3.recipe.ingest import docs_input
+    docs_reader(web)
+    docs_reader(synthetic)
+
+    def readers() -> list:
+        folder, glob = docs_input(web)
+        return [JsonlReader(folder, glob_pattern=glob, adapter=_web_adapter), docs_reader(synthetic)]
+
+    def d(work: Path, *parts: str) -> str:
+        return str(work.joinpath(out, "minhash", *parts))
+
+    return [
+        Step(f"{out.replace('/', '-')}-1-signatures",
+             lambda w: [*readers(), MinhashDedupSignature(output_folder=d(w, "signatures"), config=config)], tasks=1),
+        Step(f"{out.replace('/', '-')}-2-buckets",
+             lambda w: [MinhashDedupBuckets(input_folder=d(w, "signatures"), output_folder=d(w, "buckets"), config=config)],
+             tasks=config.num_buckets),
+        Step(f"{out.replace('/', '-')}-3-cluster",
+             lambda w: [MinhashDedupCluster(input_folder=d(w, "buckets"), output_folder=d(w, "clusters"), config=config,
+                                            save_cluster_id=True)], tasks=1),
+        Step(f"{out.replace('/', '-')}-4-filter",
+             lambda w: [*readers(), SyntheticNearDupFilter(d(w, "clusters"), JsonlWriter(str(w / out / "removed"))),
+                        JsonlWriter(str(w / out / "docs"))], tasks=1),
+    ]
+
+
+def summarize_synthetic_dedup(work: Path, out: str) -> dict:
+    """{"documents_in", "documents_out", "removed": {"near_web": n, "near_synthetic": n}} of the synthetic part."""
+    blocks = step_stats(work, f"{out.replace('/', '-')}-4-filter")
+    s = next((b["stats"] for b in blocks if "synthetic" in b["stats"]), {})
+    return {"documents_in": s.get("synthetic", 0), "documents_out": s.get("kept", 0),
+            "removed": {r: s.get(f"dropped_{r}", 0) for r in ("near_web", "near_synthetic")}}

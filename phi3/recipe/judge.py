@@ -56,6 +56,27 @@ The extract:
 
 Justify your total score in at most 100 words, then end with a last line "Educational score: <points>"."""
 
+# For a small judge on a CPU (SmolLM2-135M in `make data-demo`): the same scale in four lines and
+# the score alone. The full prompt's justification costs ~100 generated tokens per document, and
+# SmolLM2-135M mostly echoed the extract instead of justifying (its first demo judgment took 3.5
+# minutes on a loaded 2-core machine and held no score).
+PROMPT_BRIEF = """Rate the educational value of the extract below for a student, from 0 to 5:
+0-1: no educational value, or ephemeral facts (sports results, prices, schedules, announcements, lists of links).
+2: some basic information on an educational topic, mixed with noise.
+3: introduces key concepts coherently, like a textbook or a tutorial.
+4: clear explanations with reasoning or worked examples a student can follow.
+5: outstanding step-by-step teaching, with exercises or solutions.
+
+<extract>
+{document}
+</extract>
+
+Answer with one line only: "Educational score: <0-5>"."""
+PROMPTS = {"full": PROMPT, "brief": PROMPT_BRIEF}
+BARE = re.compile(r"^\W*([0-5])(?:\s*/\s*5)?\W*$")
+# SmolLM2-135M's usual brief answer: "The educational value of the extract is 0."
+STATED = re.compile(r"educational (?:score|value)\b[^0-9\n]{0,40}?\b([0-5])(?:\s*/\s*5)?\b(?![.,]?\d)", re.IGNORECASE)
+
 
 def sample_ids(ids: list[str], n: int, seed: int) -> list[str]:
     """The n ids with the smallest sha1(seed, id): a fixed sample, whatever the order of the input."""
@@ -64,18 +85,21 @@ def sample_ids(ids: list[str], n: int, seed: int) -> list[str]:
 
 
 def parse_score(answer: str) -> int | None:
-    """The last "Educational score: N" of an answer, if N is a whole number in 0-5."""
+    """The last "Educational score: N" of an answer, if N is a whole number in 0-5; else an answer
+    that is only a digit 0-5, or states "educational value ... is N" (the brief prompt's small
+    judges answer so)."""
     found = SCORE.findall(answer or "")
     if not found:
-        return None
+        bare = BARE.match((answer or "").strip()) or STATED.search(answer or "")
+        return int(bare.group(1)) if bare else None
     value = float(found[-1])
     return int(value) if value.is_integer() and 0 <= value <= 5 else None
 
 
-def messages(text: str) -> tuple[list[dict[str, str]], int]:
+def messages(text: str, max_chars: int = MAX_DOC_CHARS, prompt: str = "full") -> tuple[list[dict[str, str]], int]:
     """The judge's prompt for a document, and how many characters of it were cut (recorded)."""
-    shown = text[:MAX_DOC_CHARS]
-    return [{"role": "user", "content": PROMPT.format(document=shown)}], len(text) - len(shown)
+    shown = text[:max_chars]
+    return [{"role": "user", "content": PROMPTS[prompt].format(document=shown)}], len(text) - len(shown)
 
 
 def read_documents(folder: str, glob: str | None) -> dict[str, dict]:
@@ -93,7 +117,8 @@ def read_documents(folder: str, glob: str | None) -> dict[str, dict]:
     return docs
 
 
-def run_judge(src: Path, out: Path, endpoint, sample: int, seed: int = 0, progress: bool = True) -> dict:
+def run_judge(src: Path, out: Path, endpoint, sample: int, seed: int = 0, progress: bool = True,
+              max_chars: int = MAX_DOC_CHARS, prompt: str = "full") -> dict:
     from phi3.judge import EndpointError, _progress, append_record, read_records
     from phi3.recipe.ingest import docs_input
     from phi3.recipe.pipeline import _write_json
@@ -107,6 +132,10 @@ def run_judge(src: Path, out: Path, endpoint, sample: int, seed: int = 0, progre
         raise Phi3Error(f"{out} exists but is not a finished `phi3 data` stage folder; delete it or pick another --out")
     if sample < 1:
         raise Phi3Error(f"--sample {sample} must be at least 1")
+    if prompt not in PROMPTS:
+        raise Phi3Error(f"--prompt {prompt!r} is not one of {', '.join(PROMPTS)}")
+    if max_chars < 100:
+        raise Phi3Error(f"--max-chars {max_chars}: show the judge at least 100 characters of each document")
     docs = read_documents(*docs_input(src))
     chosen = sample_ids(list(docs), sample, seed)
     work = out.with_name(out.name + ".partial")
@@ -114,12 +143,12 @@ def run_judge(src: Path, out: Path, endpoint, sample: int, seed: int = 0, progre
     path = work / "judgments.jsonl"
     done = {r["id"] for r in read_records(path)}
     for rec in read_records(path):
-        if rec.get("model") != endpoint.model or rec.get("prompt_sha1") != _prompt_sha1():
+        if rec.get("model") != endpoint.model or rec.get("prompt_sha1") != _prompt_sha1(prompt):
             raise Phi3Error(f"{path} holds judgments by {rec.get('model')!r} or another prompt; "
                             f"delete {work} to start over with {endpoint.model!r}")
     todo = [i for i in chosen if i not in done]
     for doc_id in _progress(todo, len(todo), "judging", progress):
-        msgs, cut = messages(docs[doc_id]["text"])
+        msgs, cut = messages(docs[doc_id]["text"], max_chars, prompt)
         try:
             answer = endpoint.chat(msgs)
         except EndpointError as e:
@@ -129,18 +158,18 @@ def run_judge(src: Path, out: Path, endpoint, sample: int, seed: int = 0, progre
             answer, cut = f"ERROR: {e}", cut
         score = parse_score(answer)
         append_record(path, {"id": doc_id, "score": score, "unparsable": score is None, "answer": answer,
-                             "chars_cut": cut, "model": endpoint.model, "prompt_sha1": _prompt_sha1(),
+                             "chars_cut": cut, "model": endpoint.model, "prompt_sha1": _prompt_sha1(prompt),
                              "url": docs[doc_id].get("metadata", {}).get("url"),
                              "source": docs[doc_id].get("metadata", {}).get("source")})
     records = {r["id"]: r for r in read_records(path)}
     scores = [records[i]["score"] for i in chosen]
     hist = {str(s): sum(1 for x in scores if x == s) for s in range(6)}
-    summary = {"stage": "judge", "documents_in": len(docs), "sample": len(chosen), "model": endpoint.model,
+    summary = {"stage": "judge", "documents_in": len(docs), "sample": len(chosen), "model": endpoint.model, "prompt": prompt,
                "histogram": hist, "unparsable": sum(1 for x in scores if x is None)}
     _write_json(work / "summary.json", summary)
     os.replace(work, out)
     return summary
 
 
-def _prompt_sha1() -> str:
-    return hashlib.sha1(PROMPT.encode()).hexdigest()[:12]
+def _prompt_sha1(prompt: str = "full") -> str:
+    return hashlib.sha1(PROMPTS[prompt].encode()).hexdigest()[:12]

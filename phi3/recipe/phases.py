@@ -9,7 +9,12 @@ and each phase's token count), to paste into a training recipe.
     OUT/phase1/tokens/*.ds          phase 1 (web, score >= t1)
     OUT/phase2/web/tokens/*.ds      phase 2's web part (score >= t2)
     OUT/phase2/synthetic/tokens/*.ds  phase 2's synthetic part (when --synthetic is given)
+    OUT/phase2/synthetic/removed/   synthetic documents near-duplicate to web text or to each other
     OUT/mixture.toml, OUT/summary.json
+
+The synthetic documents are MinHash-deduplicated against the web documents (all of IN, whatever
+their score) and among themselves before they are tokenized (dedup.synthetic_dedup_steps, with
+the dedup stage's parameters), as the issue asks of the generations.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ def check_thresholds(src: Path, t1: int, t2: int) -> dict:
 
 
 def phases_steps(src: Path, t1: int, t2: int, tokenizer_spec: str, eos: str | None = None,
-                 synthetic: Path | None = None, seed: int = 0) -> list[Step]:
+                 synthetic: Path | None = None, seed: int = 0, minhash=None) -> list[Step]:
     check_thresholds(src, t1, t2)
     if synthetic is not None:
         docs_reader(synthetic)
@@ -85,7 +90,15 @@ def phases_steps(src: Path, t1: int, t2: int, tokenizer_spec: str, eos: str | No
         tokenize("phase2/web", lambda w: w / "phase2" / "web" / "docs"),
     ]
     if synthetic is not None:
-        steps.append(tokenize("phase2/synthetic", lambda w: Path(synthetic)))
+        from phi3.recipe.dedup import minhash_config, synthetic_dedup_steps
+        steps += synthetic_dedup_steps(src, Path(synthetic), "phase2/synthetic", minhash or minhash_config())
+
+        def kept_synthetic(w: Path) -> Path:
+            if not any((w / "phase2" / "synthetic" / "docs").glob("*.jsonl.gz")):
+                raise Phi3Error(f"every synthetic document of {synthetic} is a near-duplicate of web text or of another "
+                                f"(see {w / 'phase2' / 'synthetic' / 'removed'}); generate more varied text")
+            return w / "phase2" / "synthetic" / "docs"
+        steps.append(tokenize("phase2/synthetic", kept_synthetic))
     return steps
 
 
@@ -99,6 +112,11 @@ def summarize_phases(work: Path, out: Path, t1: int, t2: int, synthetic: bool) -
     if synthetic:
         parts["phase2/synthetic"] = _tokens(work, "phase2-synthetic-tokenize")
     docs = {p: step_stats(work, f"{p}-filter")[-1]["stats"].get("total", 0) for p in ("phase1", "phase2")}
+    extra = {}
+    if synthetic:
+        from phi3.recipe.dedup import summarize_synthetic_dedup
+        extra["synthetic_dedup"] = sd = summarize_synthetic_dedup(work, "phase2/synthetic")
+        extra["removed"] = {f"synthetic_{k}": {"dropped": v, "kept": sd["documents_out"]} for k, v in sd["removed"].items()}
     lines = [f"# phi3 data phases: phase 1 = edu score >= {t1}, phase 2 = score >= {t2}"
              + (" + synthetic" if synthetic else "") + "; paste into a `phi3 train pretrain` recipe and set",
              "# each phase's token budget (these are the tokens on disk; a budget above them repeats data)."]
@@ -109,4 +127,4 @@ def summarize_phases(work: Path, out: Path, t1: int, t2: int, synthetic: bool) -
             # weights proportional to tokens: each document is seen about equally often
             lines += ["[[phases.sources]]", f'path = "{out / p / "tokens"}"', f"weight = {max(parts[p], 1)}"]
     (work / "mixture.toml").write_text("\n".join(lines) + "\n")
-    return {"documents_out": docs["phase1"], "phase_documents": docs, "tokens": parts, "t1": t1, "t2": t2}
+    return {"documents_out": docs["phase1"], "phase_documents": docs, "tokens": parts, "t1": t1, "t2": t2, **extra}

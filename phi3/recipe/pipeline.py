@@ -32,6 +32,7 @@ from typing import Any, Callable
 from phi3.errors import Phi3Error
 
 EXECUTORS = ("local", "ray", "slurm")
+TERMINAL = None  # the real stderr while _quiet sends datatrove's log to a file: progress bars go there
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Step:
     pipeline: Callable[[Path], list]
     tasks: int | None = None  # None: the executor's --tasks
     local_only: bool = False  # runs in this process whatever the executor (MinHash's single cluster task is cheap)
+    total: int | None = None  # documents the step reads, when known: its progress bar's total (one task only)
 
 
 def check_options(opts: ExecOptions) -> None:
@@ -130,7 +132,9 @@ def run_stage(name: str, out: Path, steps: list[Step], opts: ExecOptions,
         tasks = step.tasks or opts.tasks
         logging_dir = work / "logs" / step.name
         kind = ExecOptions(**{**opts.__dict__, "kind": "local"}) if step.local_only and opts.kind != "slurm" else opts
-        executor = _executor(kind, step.pipeline(work), tasks, logging_dir, depends=previous)
+        from phi3.recipe.progress import with_progress
+        blocks = with_progress(step.pipeline(work), f"{name} {step.name}" if step.name != name else name, step.total)
+        executor = _executor(kind, blocks, tasks, logging_dir, depends=previous)
         try:
             if opts.verbose:
                 executor.run()
@@ -172,7 +176,9 @@ def _quiet(log: Path):
     """datatrove logs every task to stderr (each also to its own file in logs/): send that to `log`,
     both Python's sys.stderr (loguru's sink) and file descriptor 2 (worker processes inherit it),
     so that a failing stage ends in our one error line."""
+    global TERMINAL
     saved = os.dup(2)
+    TERMINAL = os.fdopen(os.dup(saved), "w")
     with open(log, "a") as f:
         os.dup2(f.fileno(), 2)
         try:
@@ -181,6 +187,8 @@ def _quiet(log: Path):
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+            TERMINAL.close()
+            TERMINAL = None
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -40,7 +40,10 @@ def load_target_tokenizer(spec: str, eos: str | None = None):
     else:
         from phi3.train.recipe import load_tokenizer_spec
         tok, _ = load_tokenizer_spec(spec)
-        tk, eos_token = tok.tk, eos or tok.eos_token
+        # The tokenizers form of any phi3 tokenizer (Phi-3-small's tiktoken vocabulary converts exactly):
+        # datatrove's tokenizer step takes a tokenizers.Tokenizer.
+        from tokenizers import Tokenizer
+        tk, eos_token = Tokenizer.from_str(tok.to_tokenizers_json()), eos or tok.eos_token
         if eos_token is None:
             raise Phi3Error(f"tokenizer {spec} names no EOS token; pass --eos")
     if tk.token_to_id(eos_token) is None:
