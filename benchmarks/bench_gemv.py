@@ -14,6 +14,11 @@ bytes the packed weight holds (codes, high bits and scales).
 picks; with several, their rounds alternate on each shape and the medians are reported, since on
 a shared machine memory bandwidth drifts by tens of percent within minutes.
 
+Times are CPU time (time.process_time, all of the process's threads together), not wall time: on a
+machine shared with other jobs wall time swings by 2x between rounds, CPU time by a few percent. So
+with --threads 2 the GB/s are per CPU-second (about half the wall-clock figure of an idle machine);
+--threads 1 gives the one-core speed. Each cell also gives the CPU milliseconds per matrix.
+
 --rows M multiplies M activation rows at once (a prompt: 512 is a phi-3 prefill) and reports
 rows per second (tok/s of that one matrix) instead of GB/s.
 
@@ -73,18 +78,18 @@ def load_baseline(name: str, source: Path) -> Any:
 
 
 def gb_per_s(layers: list[quant.QuantLinear], ext: Any, seconds: float, rows: int = 1) -> float:
-    """Weight bytes streamed per second by `ext`'s kernel, cycling through `layers`, `rows`
+    """Weight bytes streamed per CPU-second by `ext`'s kernel, cycling through `layers`, `rows`
     activation rows per call."""
     cpu_kernels._ext = ext  # the build QuantLinear.forward calls
     x = torch.randn(1, rows, layers[0].in_features)
     for layer in layers:
         layer(x)
-    start, reps = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
+    start, reps = time.process_time(), 0
+    while time.process_time() - start < seconds:
         for layer in layers:
             layer(x)
         reps += 1
-    per_call = (time.perf_counter() - start) / (reps * len(layers))
+    per_call = (time.process_time() - start) / (reps * len(layers))
     return layers[0].weight_bytes / 1e9 / per_call
 
 
@@ -99,8 +104,10 @@ def measure(label: str, kind: str, n: int, k: int, builds: dict[str, Any], round
         per_row = rows / (layers[0].weight_bytes / 1e9)  # GB/s -> rows per second
         results = {name: [g * per_row for g in v] for name, v in results.items()}
     unit = "rows/s" if rows > 1 else "GB/s"
+    ms = {name: layers[0].weight_bytes / 1e6 / statistics.median(v) if rows == 1 else rows * 1e3 / statistics.median(v)
+          for name, v in results.items()}  # CPU ms per matrix (per call)
     cells = [f"{name} {statistics.median(v):6.1f} {unit}" + (f" ({min(v):.1f}-{max(v):.1f})" if len(v) > 1 else "")
-             for name, v in results.items()]
+             + f" {ms[name]:.3f} ms" for name, v in results.items()]
     print(f"{label}  " + "  ".join(cells), flush=True)
 
 

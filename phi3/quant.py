@@ -68,9 +68,10 @@ class QuantLinear(nn.Module):
     Buffers, all with `out` rows:
     - `qs`: codes, int8 for q8_0, else the low 4 bits two per byte (per block of 32, byte j holds
       element j in its low nibble and element j + 16 in its high nibble);
-    - `qh`: the high bits of 5- and 6-bit codes, one 32-bit little-endian plane per block and bit
-      (bit e of a plane is that bit of element e): q5_*: 4 bytes per block (bit 4); q6_k: 8 bytes
-      per block (bit 4 plane, then bit 5 plane); empty for the others;
+    - `qh`: the high bits of 5- and 6-bit codes: q5_*: 4 bytes per block, one 32-bit little-endian
+      plane (bit e is bit 4 of element e); q6_k: 8 bytes per block, bits 4..5 of element 8k + i in
+      bits 2k, 2k+1 of byte i (llama.cpp's 2 bits per code, grouped so that one 64-bit shift per
+      8 elements expands them; see quant_core.h); empty for the others;
     - `a`, `b`, `c`: the format's scales:
         q4_0, q8_0, iq4_nl: a = d (half) per block;  q5_0: a = d;  q4_1, q5_1: a = d, b = m;
         q4_k, q5_k: a = 6-bit sub-scales, b = sub-mins (uint8 per block), c = (d, dmin) per 256;
@@ -82,7 +83,8 @@ class QuantLinear(nn.Module):
 
     def __init__(self, kind: str, qs: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None,
                  c: torch.Tensor | None, in_features: int, out_features: int,
-                 int8_activations: bool = True, qh: torch.Tensor | None = None) -> None:
+                 int8_activations: bool = True, qh: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None) -> None:
         super().__init__()
         assert kind in FORMAT_IDS, kind
         self.kind = kind
@@ -95,12 +97,19 @@ class QuantLinear(nn.Module):
         self.register_buffer("b", b if b is not None else empty)
         self.register_buffer("c", c if c is not None else empty)
         self.register_buffer("qh", qh if qh is not None else empty)
+        # Optional [out] bias, added after the product (Phi-3-small's linears have one; the
+        # kernels know nothing of it).
+        self.register_buffer("bias", bias)
 
     @property
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qs, self.qh, self.a, self.b, self.c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._product(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         ext = cpu_kernels.kernel() if x.device.type == "cpu" else None
         # Tokens per sequence, not rows in all: a batch of decode steps ([rows, 1, in]) stays on
         # the kernel, whose rows are computed exactly as one alone would be.
@@ -177,12 +186,14 @@ class QuantLinear(nn.Module):
             return qs.view(torch.int8).view(n, k).float()
         blocks = qs.view(n, k // BLOCK, 16)
         q = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1)
-        if self.qh.numel():
-            planes = self.qh[start:end].view(n, k // BLOCK, -1, 4)  # [rows, blocks, planes, 4 bytes]
+        if self.kind == "q6_k":  # element 8k + i: bits 2k, 2k+1 of byte i
+            high = self.qh[start:end].view(n, k // BLOCK, 1, 8)
+            shift = 2 * torch.arange(4, dtype=torch.uint8, device=qs.device).view(1, 1, 4, 1)
+            q = q | (((high >> shift) & 3) << 4).view(n, k // BLOCK, BLOCK)
+        elif self.qh.numel():
+            plane = self.qh[start:end].view(n, k // BLOCK, 4)  # one 32-bit plane per block: bit 4
             bit = torch.arange(BLOCK, device=qs.device)
-            for p in range(planes.shape[2]):
-                plane = planes[:, :, p, bit // 8] >> (bit % 8) & 1
-                q = q | (plane << (4 + p))
+            q = q | ((plane[:, :, bit // 8] >> (bit % 8) & 1) << 4)
         if self.kind in ("iq4_nl", "iq4_xs"):
             return torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=qs.device)[q.long()].view(n, k)
         return q.float().view(n, k)
@@ -288,11 +299,12 @@ def from_gguf_blocks(kind: str, data: np.ndarray, rows: int, cols: int) -> Quant
         low = np.stack([ql[:, :, :, 0] & 0x0F, ql[:, :, :, 1] & 0x0F, ql[:, :, :, 0] >> 4, ql[:, :, :, 1] >> 4],
                        axis=3)  # [rows, ns, 2, 4, 32]
         high = np.stack([(qh >> (2 * g)) & 3 for g in range(4)], axis=3)
-        low, high = low.reshape(rows, ns * 8, BLOCK), high.reshape(rows, ns * 8, BLOCK)
-        planes = np.stack([_pack_bit_plane(high & 1), _pack_bit_plane(high >> 1)], axis=2)  # [rows, nb, 2, 4]
+        low, high = low.reshape(rows, ns * 8, BLOCK), high.reshape(rows, ns * 8, 4, 8)
+        # Element 8k + i of a block: bits 2k, 2k+1 of byte i (quant_core.h's q6_high_bits).
+        packed_high = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).astype(np.uint8)
         return QuantLinear("q6_k", torch.from_numpy(_pack_q4_order(low).reshape(rows, nb * 16)),
                            torch.from_numpy(scales.view(np.int8).copy()), None, d, cols, rows,
-                           qh=torch.from_numpy(planes.reshape(rows, nb * 8)))
+                           qh=torch.from_numpy(packed_high.reshape(rows, nb * 8)))
     if kind == "IQ4_NL":
         blocks = raw.reshape(rows, nb, 18)
         return QuantLinear("iq4_nl", torch.from_numpy(blocks[:, :, 2:18].reshape(rows, nb * 16).copy()),
@@ -323,48 +335,59 @@ def concat_rows(parts: list[QuantLinear]) -> QuantLinear:
     assert len({p.kind for p in parts}) == 1 and len({p.in_features for p in parts}) == 1
     first = parts[0]
     cat = {name: torch.cat([getattr(p, name) for p in parts]) for name in BUFFERS}
+    bias = None
+    if any(p.bias is not None for p in parts):  # a part without one adds zeros
+        dtype = next(p.bias.dtype for p in parts if p.bias is not None)
+        bias = torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features, dtype=dtype) for p in parts])
     return QuantLinear(first.kind, cat["qs"], cat["a"], cat["b"], cat["c"], first.in_features,
-                       sum(p.out_features for p in parts), first.int8_activations, qh=cat["qh"])
+                       sum(p.out_features for p in parts), first.int8_activations, qh=cat["qh"], bias=bias)
 
 
 class ConcatLinear(nn.Module):
     """Several packed weights of different types side by side in the output dimension, e.g. a
     Q4_K_M file's q and k (Q4_K) next to its v (Q6_K) as one qkv projection."""
 
-    def __init__(self, parts: list[QuantLinear]) -> None:
+    def __init__(self, parts: list[QuantLinear], bias: torch.Tensor | None = None) -> None:
         super().__init__()
         assert len({p.in_features for p in parts}) == 1
         self.parts = nn.ModuleList(parts)
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
+        self.register_buffer("bias", bias)  # optional [out], added after the parts' outputs
 
     @property
     def weight_bytes(self) -> int:
         return sum(p.weight_bytes for p in self.parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p(x) for p in self.parts], dim=-1)
+        y = torch.cat([p(x) for p in self.parts], dim=-1)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-def join_rows(parts: list[QuantLinear]) -> QuantLinear | ConcatLinear:
+def join_rows(parts: list[QuantLinear], bias: torch.Tensor | None = None) -> QuantLinear | ConcatLinear:
     """One module for weights stacked by rows: one QuantLinear when they share a type, else a
-    ConcatLinear of runs of equal types."""
+    ConcatLinear of runs of equal types. `bias`: the joined weight's [out] bias, if it has one."""
     if len({p.kind for p in parts}) == 1:
-        return concat_rows(parts) if len(parts) > 1 else parts[0]
+        joined = concat_rows(parts) if len(parts) > 1 else parts[0]
+        if bias is not None:
+            assert joined.bias is None and bias.shape == (joined.out_features,)
+            joined.bias = bias
+        return joined
     runs: list[list[QuantLinear]] = []
     for p in parts:
         if runs and runs[-1][0].kind == p.kind:
             runs[-1].append(p)
         else:
             runs.append([p])
-    return ConcatLinear([concat_rows(r) if len(r) > 1 else r[0] for r in runs])
+    return ConcatLinear([concat_rows(r) if len(r) > 1 else r[0] for r in runs], bias)
 
 
 def permute_rows(q: QuantLinear, order: torch.Tensor) -> QuantLinear:
     """The rows `order` (a permutation, or any selection) of a packed weight."""
     bufs = {name: getattr(q, name)[order].contiguous() for name in BUFFERS}
+    bias = q.bias[order] if q.bias is not None else None
     return QuantLinear(q.kind, bufs["qs"], bufs["a"], bufs["b"], bufs["c"], q.in_features, len(order),
-                       q.int8_activations, qh=bufs["qh"])
+                       q.int8_activations, qh=bufs["qh"], bias=bias)
 
 
 class QuantEmbedding(nn.Module):
