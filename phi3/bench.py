@@ -20,7 +20,8 @@ from typing import Any
 
 from phi3.errors import Phi3Error
 
-SHAPES = {"phi-3-mini": "phi-3-mini-4k-instruct", "phi-3-medium": "phi-3-medium-4k-instruct"}
+SHAPES = {"phi-3-mini": "phi-3-mini-4k-instruct", "phi-3-medium": "phi-3-medium-4k-instruct",
+          "phi-3-small": "phi-3-small-8k-instruct"}
 
 
 def _prepare(shape: str, layers: int | None, qtype: str, save: Path | None, quiet: bool) -> tuple[Path, dict[str, Any]]:
@@ -68,6 +69,21 @@ def _gguf_file_type(path: Path) -> int | None:
     return int(field.contents()) if field is not None else None
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux carries
+    ru_maxrss across exec, so a worker spawned by a parent that had just quantized a 7B model
+    reported the parent's 3.5 GB (measured: a child of a 1.5 GB parent gets ru_maxrss 1511 MB and
+    VmHWM 11 MB). VmHWM belongs to the new process's own memory map."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # macOS: bytes there, but no /proc
+
+
 def measure(path: Path, prompt_tokens: int, new_tokens: int, threads: int, context: int | None,
             exact: bool = False) -> dict[str, Any]:
     """Load `path` and time a prompt and greedy decoding (run in a fresh process: see bench())."""
@@ -87,16 +103,19 @@ def measure(path: Path, prompt_tokens: int, new_tokens: int, threads: int, conte
     tokens = torch.randint(0, model.config.vocab_size, (1, prompt_tokens + new_tokens), generator=g)
     with torch.inference_mode():
         cache = model.new_cache(1, ctx)  # a whole context's cache, as llama.cpp's n_ctx allocates
-        t = time.perf_counter()
+        # CPU seconds beside wall seconds: on a shared machine the wall clock also counts other
+        # processes' turns, CPU time only this one's work (for all its threads together).
+        load_avg = os.getloadavg()
+        t, c = time.perf_counter(), time.process_time()
         logits = advance(model, cache, tokens[:, :prompt_tokens])
-        prefill_s = time.perf_counter() - t
+        prefill_s, prefill_cpu_s = time.perf_counter() - t, time.process_time() - c
         length = prompt_tokens
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(new_tokens):
             tokens[0, length] = logits[0, -1].argmax()
             length += 1
             logits = advance(model, cache, tokens[:, :length])
-        decode_s = time.perf_counter() - t
+        decode_s, decode_cpu_s = time.perf_counter() - t, time.process_time() - c
     from phi3 import quant
     linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, quant.QuantLinear))]
     kv_bytes = cache.k.element_size() + (cache.k_scale.element_size() / 32 if cache.quantized else 0)
@@ -105,7 +124,9 @@ def measure(path: Path, prompt_tokens: int, new_tokens: int, threads: int, conte
         "load_s": round(load_s, 3),
         "prefill_tok_s": round(prompt_tokens / prefill_s, 2),
         "decode_tok_s": round(new_tokens / decode_s, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "prefill_cpu_s": round(prefill_cpu_s, 2), "decode_cpu_s_per_token": round(decode_cpu_s / new_tokens, 3),
+        "load_avg": [round(x, 2) for x in (*load_avg, *os.getloadavg())],  # 1/5/15 min, before and after
+        "peak_rss_mb": peak_rss_mb(),
         "file_mb": round(path.stat().st_size / 1e6, 1),
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": threads, "context": ctx,
         # What the cache holds for the positions used (its pages are committed only as they fill).

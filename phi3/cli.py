@@ -74,6 +74,22 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def _add_head_aware_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--head-aware-cache", action="store_true",
+                   help="phi-3-small: in its blocksparse layers keep only the KV blocks some head can still see "
+                        "(at 8K: 22%% less KV memory and faster decoding, the same tokens)")
+
+
+def _use_head_aware_cache(args: argparse.Namespace, lm: Any) -> None:
+    if not getattr(args, "head_aware_cache", False):
+        return
+    if not hasattr(lm.model, "head_aware_cache"):
+        raise Phi3Error(f"--head-aware-cache applies to phi-3-small models (blocksparse attention); "
+                        f"{lm.path.name} is {lm.config.model_type}: drop the flag")
+    lm.model.head_aware_cache = True
+    lm.model.new_cache(1, 1)  # a cache kind it cannot hold (--kv-cache q8_0) fails here, before any prompt
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="phi3", description="Run Phi-3-family models on your own hardware.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -81,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="multi-turn chat (reads one message per line when stdin is not a TTY)")
     _add_model_args(chat)
     _add_sampling_args(chat, 512)
+    _add_head_aware_arg(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("--search", default=None, metavar="INDEX",
                       help="answer with passages from this index (phi3 index build) or SearxNG URL, and list them")
@@ -133,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads it from stdin)")
     _add_sampling_args(gen, 256)
+    _add_head_aware_arg(gen)
     gen.add_argument("--system", default=None, help="system prompt (chat template only)")
     gen.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     gen.add_argument("--json", action="store_true",
@@ -160,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="measure load time, prefill/decode speed, peak memory and file size")
     bn.add_argument("--shape", default="phi-3-mini",
-                    help="phi-3-mini (default) or phi-3-medium: random weights of that exact shape; or a model path")
+                    help="phi-3-mini (default), phi-3-small or phi-3-medium: random weights of that exact shape; "
+                         "or a model path")
     bn.add_argument("--layers", type=int, default=None, help="keep only the first N layers of the shape")
     bn.add_argument("--type", default="q4_0", metavar="TYPE", help="q4_0 (default), q4_1, q4_k, q8_0, f16 or f32")
     bn.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
@@ -247,6 +266,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args)
     params.validate()
     lm = _load(args)
+    _use_head_aware_cache(args, lm)
     tok = lm.tokenizer
     if args.raw:
         ids = tok.encode(prompt)
@@ -279,6 +299,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         from phi3.search import open_searcher
         searcher = open_searcher(args.search)
     lm = _load(args)
+    _use_head_aware_cache(args, lm)
     tok = lm.tokenizer
     interactive = sys.stdin.isatty()
     system = args.system
@@ -361,7 +382,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise Phi3Error(f"no such file: {src}")
     lm = load_gguf(src, dtype=args.dtype, keep_quantized=False)
     save_hf_folder(lm, Path(args.out_dir))
-    print(f"wrote {args.out_dir} (config.json, model.safetensors, tokenizer files)")
+    print(f"wrote {args.out_dir} (config.json, safetensors weights, tokenizer files)")
     return 0
 
 

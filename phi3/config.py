@@ -1,5 +1,7 @@
 """Model configuration: one dataclass, named presets from the official config.json files, and a
-reader for any Hugging Face `config.json` of model_type phi3, llama or mistral."""
+reader for any Hugging Face `config.json` of model_type phi3, llama or mistral. Other
+architectures (phi3small) have their own config class and reader; phi3/arch.py says which reads
+which, and load_config / config_from_hf_dict / get_preset dispatch through it."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 
 from phi3.errors import Phi3Error
 
-SUPPORTED_MODEL_TYPES = ("phi3", "llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("phi3", "llama", "mistral")  # those this module's reader reads (arch.py lists all)
 
 # Bounds on what a config may describe. No real model comes near them: the largest vocabulary is
 # ~262k (Gemma 3), the longest context 10M (Llama 4 Scout), the widest hidden/MLP sizes 16,384 and
@@ -155,10 +157,12 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json transformers expects for this model (Phi3ForCausalLM or LlamaForCausalLM)."""
-        is_phi3 = self.model_type == "phi3"
+        from phi3.arch import architecture
+        arch = architecture(self.model_type)
+        is_phi3 = arch.longrope_in_config
         out: dict[str, Any] = {
-            "architectures": ["Phi3ForCausalLM" if is_phi3 else "LlamaForCausalLM"],
-            "model_type": "phi3" if is_phi3 else "llama",
+            "architectures": [arch.hf_class],
+            "model_type": arch.hf_model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -213,13 +217,22 @@ def _eos_tuple(value: Any) -> tuple[int, ...]:
 
 
 def config_from_hf_dict(d: dict[str, Any], name: str = "custom") -> ModelConfig:
-    """Read a Hugging Face config.json (model_type phi3, llama or mistral)."""
+    """Read a Hugging Face config.json, with the reader the architecture table names for its
+    model_type (phi3_config_from_hf_dict for phi3, llama and mistral)."""
+    from phi3.arch import architecture
+    if not isinstance(d, dict):
+        raise Phi3Error(f"config.json holds a JSON {type(d).__name__}, not an object; correct config.json")
+    return architecture(d.get("model_type")).config_from_hf(d, name)
+
+
+def phi3_config_from_hf_dict(d: dict[str, Any], name: str = "custom") -> ModelConfig:
+    """Read a Hugging Face config.json of model_type phi3, llama or mistral."""
     if not isinstance(d, dict):
         raise Phi3Error(f"config.json holds a JSON {type(d).__name__}, not an object; correct config.json")
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise Phi3Error(
-            f"unknown architecture: model_type {shown(model_type)}; phi3 supports "
+            f"unknown architecture: model_type {shown(model_type)}; this reader reads "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
@@ -439,7 +452,20 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def get_preset(name: str) -> ModelConfig:
+    """A preset by name: PRESETS (the phi3 architecture), then phi3small's (config_small)."""
     key = name.lower().removeprefix("microsoft/")
-    if key not in PRESETS:
-        raise Phi3Error(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-    return PRESETS[key]
+    if key in PRESETS:
+        return PRESETS[key]
+    small = _small_presets()
+    if key in small:
+        return small[key]
+    raise Phi3Error(f"unknown preset {name!r}; known: {', '.join(sorted([*PRESETS, *small]))}")
+
+
+def _small_presets() -> dict[str, ModelConfig]:
+    # Imported here: config_small subclasses this module's ModelConfig.
+    try:
+        from phi3.config_small import SMALL_PRESETS
+    except ImportError:  # not in this tree (yet)
+        return {}
+    return dict(SMALL_PRESETS)

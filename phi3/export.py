@@ -4,6 +4,8 @@ The output follows llama.cpp's conventions, so that llama.cpp and ollama run it 
 architecture `phi3` (fused attn_qkv and ffn_up = [gate; up], LongRoPE factors as the tensors
 rope_factors_long/short) or `llama` (separate q/k/v with q and k rows interleaved the way
 llama.cpp's converter does, ffn_gate and ffn_up), tokenizer and chat template in the metadata.
+Phi-3-small, which llama.cpp never supported, is written in phi3's own `phi3small` layout
+(README "phi-3-small"). Which names and metadata each architecture gets is phi3/arch.py's table.
 
 Tensors are read, quantized and written one at a time (large ones in row chunks), so memory stays
 near one float32 tensor whatever the model's size: quantizing phi-3-mini takes about 2 GB.
@@ -11,7 +13,6 @@ near one float32 tensor whatever the model's size: quantizing phi-3-mini takes a
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from phi3 import quant
+from phi3.arch import SMALL_GGUF_KEYS, Architecture, architecture
 from phi3.config import ModelConfig
 from phi3.errors import Phi3Error
-from phi3.tokenizer import BYTE, CONTROL, NORMAL, PHI3_CHAT_TEMPLATE, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer
+from phi3.tokenizer import (BYTE, CONTROL, NORMAL, PHI3_CHAT_TEMPLATE, UNKNOWN, TokenizerBase,
+                            tokenizer_gguf_metadata)
 
 # GGUF general.file_type (llama.cpp's llama_ftype) of each output type.
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k": 15, "iq4_nl": 25, "iq4_xs": 30}
@@ -74,7 +77,7 @@ def config_metadata(cfg: ModelConfig, arch: str) -> list[tuple[str, Any, Any, An
     if hd != cfg.hidden_size // cfg.num_attention_heads:
         meta += [(f"{arch}.attention.key_length", hd, V.UINT32, None),
                  (f"{arch}.attention.value_length", hd, V.UINT32, None)]
-    if arch == "phi3":
+    if architecture(cfg.model_type).longrope_in_config:  # llama.cpp's phi3 keys
         meta.append((f"{arch}.rope.scaling.original_context_length", cfg.original_max_position_embeddings,
                      V.UINT32, None))
         # llama.cpp's converter writes 0 for "no sliding window" (Phi-4 uses the phi3 architecture)
@@ -84,125 +87,105 @@ def config_metadata(cfg: ModelConfig, arch: str) -> list[tuple[str, Any, Any, An
     return meta
 
 
-def tokenizer_metadata(tok: Tokenizer, cfg: ModelConfig, arch: str) -> list[tuple[str, Any, Any, Any]]:
-    """tokenizer.ggml.* for a Hugging Face tokenizer: SentencePiece-style vocabularies (byte
-    fallback, '▁' for spaces) as llama.cpp's 'llama' model with scores ranking the merges, byte-level
-    BPE as 'gpt2' with its merges."""
+def small_config_metadata(cfg: ModelConfig, arch: str = "phi3small") -> list[tuple[str, Any, Any, Any]]:
+    """phi3small.* from a SmallConfig, by arch.SMALL_GGUF_KEYS (checkpoint.small_config_from_gguf
+    reads the same list back)."""
     import gguf
     V = gguf.GGUFValueType
-    data = json.loads(tok.tk.to_str())
-    model = data.get("model") or {}
-    if model.get("type") != "BPE":
-        raise Phi3Error(f"cannot export a {model.get('type')} tokenizer to GGUF; phi3 writes BPE vocabularies")
-    n = max(cfg.vocab_size, tok.vocab_size)
-    tokens: list[str | None] = [None] * n
-    types = [NORMAL] * n
-    for piece, i in model["vocab"].items():
-        tokens[i] = piece
-    for a in data.get("added_tokens", []):
-        tokens[a["id"]] = a["content"]
-        types[a["id"]] = CONTROL if a.get("special") else USER_DEFINED
-    for i, t in enumerate(tokens):
-        if t is None:
-            tokens[i], types[i] = f"[PAD{i}]", UNUSED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    byte_fallback = bool(model.get("byte_fallback"))
-    meta: list[tuple[str, Any, Any, Any]] = []
-    if byte_fallback:
-        # SentencePiece BPE: merges are applied by the score of the merged piece.
-        scores = [0.0] * n
-        rank = {m.replace(" ", ""): r for r, m in reversed(list(enumerate(merges)))}
-        for i, t in enumerate(tokens):
-            if t in rank and types[i] == NORMAL:
-                scores[i] = -float(rank[t])
-            if types[i] == NORMAL and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
-                types[i] = BYTE
-        meta += [("tokenizer.ggml.model", "llama", V.STRING, None),
-                 ("tokenizer.ggml.scores", scores, V.ARRAY, V.FLOAT32)]
-        unk = model.get("unk_token")
-        if unk is not None and tok.tk.token_to_id(unk) is not None:
-            meta.append(("tokenizer.ggml.unknown_token_id", tok.tk.token_to_id(unk), V.UINT32, None))
-    else:
-        meta += [("tokenizer.ggml.model", "gpt2", V.STRING, None),
-                 ("tokenizer.ggml.pre", "default", V.STRING, None)]
-        if merges:  # GGUF cannot hold an empty array
-            meta.append(("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING))
-    meta += [("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
-             ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
-             ("tokenizer.ggml.add_bos_token", bool(tok.add_bos), V.BOOL, None)]
-    for key, token in (("bos", tok.bos_token), ("eos", tok.eos_token)):
-        if token is not None and tok.tk.token_to_id(token) is not None:
-            meta.append((f"tokenizer.ggml.{key}_token_id", tok.tk.token_to_id(token), V.UINT32, None))
-    if cfg.pad_token_id is not None:
-        meta.append(("tokenizer.ggml.padding_token_id", cfg.pad_token_id, V.UINT32, None))
-    template = tok.chat_template or (PHI3_CHAT_TEMPLATE if arch == "phi3" else None)
-    if template:
-        meta.append(("tokenizer.chat_template", template, V.STRING, None))
+    meta: list[tuple[str, Any, Any, Any]] = [("general.name", cfg.name or "phi3small", V.STRING, None)]
+    for name, suffix, kind in SMALL_GGUF_KEYS:
+        v = getattr(cfg, name)
+        key = f"{arch}.{suffix}"
+        if kind == "u32_opt0":
+            meta.append((key, v or 0, V.UINT32, None))
+        elif v is None or (kind.endswith("s") and not v):
+            continue
+        elif kind.startswith("u32s"):
+            meta.append((key, [int(x) for x in v], V.ARRAY, V.UINT32))
+        elif kind.startswith("u32"):
+            meta.append((key, int(v), V.UINT32, None))
+        elif kind.startswith("f64"):
+            meta.append((key, float(v), V.FLOAT64, None))
+        else:
+            meta.append((key, bool(v), V.BOOL, None))
+    if cfg.rope_scaling is not None:
+        meta += [(f"{arch}.rope.scaling.short_factor", [float(x) for x in cfg.rope_scaling.short_factor], V.ARRAY,
+                  V.FLOAT64),
+                 (f"{arch}.rope.scaling.long_factor", [float(x) for x in cfg.rope_scaling.long_factor], V.ARRAY,
+                  V.FLOAT64)]
+        if cfg.rope_scaling.attention_factor is not None:
+            meta.append((f"{arch}.rope.scaling.attn_factor", float(cfg.rope_scaling.attention_factor), V.FLOAT64,
+                         None))
     return meta
+
+
+def tokenizer_metadata(tok: TokenizerBase, cfg: ModelConfig, arch: str) -> list[tuple[str, Any, Any, Any]]:
+    """tokenizer.ggml.* for `tok` (phi3.tokenizer.tokenizer_gguf_metadata, sized for `cfg`)."""
+    return tokenizer_gguf_metadata(tok, cfg.vocab_size, cfg.pad_token_id, arch)
+
+
+class _Stacked:
+    """One phi3 tensor whose rows are one or more file tensors stacked (Llama's q, k, v are phi3's
+    qkv_proj): loads the rows lo:hi reading only the parts they overlap."""
+
+    def __init__(self, parts: list[tuple[str, int]], cols: tuple[int, ...], get: Callable[[str], np.ndarray]) -> None:
+        self.parts, self.get = parts, get
+        self.shape = (sum(n for _, n in parts), *cols) if cols else (sum(n for _, n in parts),)
+
+    def load(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        hi = self.shape[0] if hi is None else hi
+        out, at = [], 0
+        for name, n in self.parts:
+            if at < hi and at + n > lo:
+                a = self.get(name)
+                out.append(a if (lo <= at and at + n <= hi) else a[max(lo - at, 0):min(hi - at, n)])
+            at += n
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+
+def _phi3_tensors(arch: Architecture, cfg: ModelConfig, get: Callable[[str], np.ndarray],
+                  shapes: dict[str, tuple[int, ...]]) -> dict[str, _Stacked]:
+    """The folder's tensors under phi3's names (arch.hf_names), loaded lazily."""
+    groups = arch.hf_names.grouped(cfg)
+    out: dict[str, _Stacked] = {}
+    for p in {id(p): p for p in groups.values()}.values():
+        if all(n in shapes for n in p.theirs):
+            out[p.ours] = _Stacked([(n, shapes[n][0]) for n in p.theirs], shapes[p.theirs[0]][1:], get)
+    for name, shape in shapes.items():
+        if name not in groups and not name.endswith("rotary_emb.inv_freq"):
+            out[name] = _Stacked([(name, shape[0])], shape[1:], get)
+    return out
 
 
 def _layer_tensors(cfg: ModelConfig, arch: str, get: Callable[[str], np.ndarray],
                    shapes: dict[str, tuple[int, ...]]) -> list[SourceTensor]:
-    """GGUF tensors from Hugging Face-named ones (phi3's fused layout or Llama's separate one)."""
+    """GGUF tensors from Hugging Face-named ones: phi3 names by the architecture table's hf_names,
+    then GGUF names by its gguf_names (split by rows, Llama's q and k rows interleaved)."""
+    table = architecture(cfg.model_type)
+    ours = _phi3_tensors(table, cfg, get, shapes)
     out: list[SourceTensor] = []
-
-    def add(name: str, shape: tuple[int, ...], load: Callable[[], np.ndarray]) -> None:
-        out.append(SourceTensor(name, shape, load))
-
-    def fused(parts: list[str]) -> tuple[tuple[int, ...], Callable[[], np.ndarray]]:
-        rows = sum(shapes[p][0] for p in parts)
-        return (rows, shapes[parts[0]][1]), lambda: np.concatenate([get(p) for p in parts])
-
-    def split(name: str, start: int, stop: int) -> tuple[tuple[int, ...], Callable[[], np.ndarray]]:
-        return (stop - start, shapes[name][1]), lambda: get(name)[start:stop]
-
-    add("token_embd.weight", shapes["model.embed_tokens.weight"], lambda: get("model.embed_tokens.weight"))
-    add("output_norm.weight", shapes["model.norm.weight"], lambda: get("model.norm.weight"))
-    if not cfg.tie_word_embeddings:
-        add("output.weight", shapes["lm_head.weight"], lambda: get("lm_head.weight"))
-    if arch == "phi3" and cfg.rope_scaling is not None:
+    plans = table.gguf_names.plan(cfg)
+    for p in plans:
+        if p.ours not in ours:
+            where = getattr(shapes, "where", "the model")
+            raise Phi3Error(f"{where} is missing tensor {p.ours}")
+        src = ours[p.ours]
+        if p.rows is None:
+            out.append(SourceTensor(p.theirs[0], src.shape, src.load))
+        else:
+            lo = 0
+            for name, n, heads in zip(p.theirs, p.rows, p.heads):
+                load = (lambda src=src, lo=lo, hi=lo + n: src.load(lo, hi))
+                if heads is not None:
+                    load = (lambda load=load, h=heads: permute_for_llama_cpp(load(), h))
+                out.append(SourceTensor(name, (n, *src.shape[1:]), load))
+                lo += n
+    if table.rope_factor_tensors and cfg.rope_scaling is not None:
         long_f = np.array(cfg.rope_scaling.long_factor, np.float32)
         short_f = np.array(cfg.rope_scaling.short_factor, np.float32)
-        add("rope_factors_long.weight", long_f.shape, lambda: long_f)
-        add("rope_factors_short.weight", short_f.shape, lambda: short_f)
-    hd = cfg.dim_per_head
-    q_rows, kv_rows = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    for i in range(cfg.num_hidden_layers):
-        p, b = f"model.layers.{i}.", f"blk.{i}."
-        add(b + "attn_norm.weight", shapes[p + "input_layernorm.weight"],
-            lambda p=p: get(p + "input_layernorm.weight"))
-        qkv = p + "self_attn.qkv_proj.weight"
-        has_fused = qkv in shapes
-        if arch == "phi3":
-            add(b + "attn_qkv.weight", *(((shapes[qkv], lambda qkv=qkv: get(qkv)) if has_fused else
-                                          fused([p + f"self_attn.{x}_proj.weight" for x in "qkv"]))))
-        elif has_fused:
-            for name, (lo, hi), heads in ((b + "attn_q.weight", (0, q_rows), cfg.num_attention_heads),
-                                         (b + "attn_k.weight", (q_rows, q_rows + kv_rows), cfg.num_key_value_heads),
-                                         (b + "attn_v.weight", (q_rows + kv_rows, q_rows + 2 * kv_rows), None)):
-                shape, load = split(qkv, lo, hi)
-                add(name, shape, (lambda load=load, h=heads: permute_for_llama_cpp(load(), h)) if heads else load)
-        else:
-            for x, heads in (("q", cfg.num_attention_heads), ("k", cfg.num_key_value_heads), ("v", None)):
-                src = p + f"self_attn.{x}_proj.weight"
-                add(b + f"attn_{x}.weight", shapes[src],
-                    (lambda src=src, h=heads: permute_for_llama_cpp(get(src), h)) if heads else
-                    (lambda src=src: get(src)))
-        add(b + "attn_output.weight", shapes[p + "self_attn.o_proj.weight"], lambda p=p: get(p + "self_attn.o_proj.weight"))
-        add(b + "ffn_norm.weight", shapes[p + "post_attention_layernorm.weight"],
-            lambda p=p: get(p + "post_attention_layernorm.weight"))
-        gate_up = p + "mlp.gate_up_proj.weight"
-        ff = cfg.intermediate_size
-        if arch == "phi3":
-            add(b + "ffn_up.weight", *(((shapes[gate_up], lambda gate_up=gate_up: get(gate_up)) if gate_up in shapes
-                                        else fused([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]))))
-        elif gate_up in shapes:
-            add(b + "ffn_gate.weight", *split(gate_up, 0, ff))
-            add(b + "ffn_up.weight", *split(gate_up, ff, 2 * ff))
-        else:
-            add(b + "ffn_gate.weight", shapes[p + "mlp.gate_proj.weight"], lambda p=p: get(p + "mlp.gate_proj.weight"))
-            add(b + "ffn_up.weight", shapes[p + "mlp.up_proj.weight"], lambda p=p: get(p + "mlp.up_proj.weight"))
-        add(b + "ffn_down.weight", shapes[p + "mlp.down_proj.weight"], lambda p=p: get(p + "mlp.down_proj.weight"))
+        n_global = sum(1 for t in out if not t.name.startswith("blk."))
+        out[n_global:n_global] = [SourceTensor("rope_factors_long.weight", long_f.shape, lambda: long_f),
+                                  SourceTensor("rope_factors_short.weight", short_f.shape, lambda: short_f)]
     return out
 
 
@@ -213,7 +196,8 @@ def source_from_hf_folder(folder: Path) -> ModelSource:
     from phi3.config import load_config
     from phi3.tokenizer import load_tokenizer
     cfg = load_config(folder)
-    arch = "phi3" if cfg.model_type == "phi3" else "llama"
+    table = architecture(cfg.model_type)
+    arch = table.gguf_arch
     where: dict[str, Path] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for f in _safetensors_files(folder):
@@ -230,11 +214,13 @@ def source_from_hf_folder(folder: Path) -> ModelSource:
             return st.get_tensor(name).float().numpy()
 
     class _Shapes(dict):
+        where = str(folder)
+
         def __missing__(self, key: str):
             raise Phi3Error(f"{folder} is missing tensor {key}")
 
     tok = load_tokenizer(folder, eos_ids=cfg.eos_token_id)
-    meta = config_metadata(cfg, arch) + tokenizer_metadata(tok, cfg, arch)
+    meta = table.gguf_metadata(cfg, arch) + tokenizer_metadata(tok, cfg, arch)
     return ModelSource(cfg, arch, meta, _layer_tensors(cfg, arch, get, _Shapes(shapes)))
 
 
@@ -255,26 +241,26 @@ def source_from_gguf(path: Path) -> ModelSource:
         meta.append((key, field.contents(), vtype, sub))
     out = [SourceTensor(t.name, tuple(int(x) for x in reversed(t.shape)), lambda t=t: _tensor_numpy(t))
            for t in reader.tensors]
-    return ModelSource(cfg, cfg.model_type, meta, out)
+    return ModelSource(cfg, architecture(cfg.model_type).gguf_arch, meta, out)
 
 
 def random_source(cfg: ModelConfig, seed: int = 0) -> ModelSource:
-    """A model of `cfg`'s exact shape with random weights (N(0, 0.02), norms 1) and a byte-level
-    tokenizer stub: speed does not depend on weight values."""
+    """A model of `cfg`'s exact shape with random weights (N(0, 0.02), norms 1, biases 0) and a
+    tokenizer: speed does not depend on weight values. The phi3 family gets a byte-level stub;
+    phi3small its real tiktoken vocabulary (cl100k_base, offline), as its GGUF layout has no other."""
     import gguf
     import torch
-
-    from phi3.model import Transformer
     V = gguf.GGUFValueType
-    arch = "phi3" if cfg.model_type == "phi3" else "llama"
+    table = architecture(cfg.model_type)
+    arch = table.gguf_arch
     with torch.device("meta"):  # the model's own parameter shapes, without memory
-        shapes = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in table.model_class(cfg).state_dict().items()}
     counter = iter(range(1 << 30))
 
     def get(name: str) -> np.ndarray:
         shape = shapes[name]
         if len(shape) == 1:
-            return np.ones(shape, np.float32)
+            return (np.zeros if name.endswith(".bias") else np.ones)(shape, np.float32)
         g = torch.Generator().manual_seed(seed * 100003 + next(counter))
         return (torch.randn(shape, generator=g) * 0.02).numpy()
 
@@ -285,7 +271,11 @@ def random_source(cfg: ModelConfig, seed: int = 0) -> ModelSource:
     types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256 + [CONTROL] * len(specials) + [NORMAL]
     tokens += [f"\u2581t{i}" for i in range(len(tokens), cfg.vocab_size)]
     types += [NORMAL] * (cfg.vocab_size - len(types))
-    meta = config_metadata(cfg, arch) + [
+    if table.tokenizer is not None:  # the architecture's own vocabulary (phi3small: cl100k_base, offline)
+        from phi3.arch import _resolve
+        meta = table.gguf_metadata(cfg, arch) + tokenizer_metadata(_resolve(table.tokenizer)(), cfg, arch)
+        return ModelSource(cfg, arch, meta, _layer_tensors(cfg, arch, get, shapes))
+    meta = table.gguf_metadata(cfg, arch) + [
         ("tokenizer.ggml.model", "llama", V.STRING, None),
         ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
         ("tokenizer.ggml.scores", [-float(i) for i in range(len(tokens))], V.ARRAY, V.FLOAT32),

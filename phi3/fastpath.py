@@ -72,9 +72,27 @@ class FusedAttention(Attention):
         return out.view(M, 1, -1)
 
 
+# phi-3-small (model_small.py) has no fused kernels: its LayerNorm is one PyTorch op already, and
+# its attention is not model.py's (interleaved qkv, a 1/d scale, a per-head blocksparse pattern in
+# every other layer), so install_cpu_fast_path leaves those modules as they are. Its 4/8-bit
+# linears are packed by the loader like every other model's.
+SMALL_PARTS = {
+    "layernorm": "PyTorch (torch.layer_norm, with bias)",
+    "attention": "PyTorch: blocksparse layers compute only each head's allowed blocks (local window + "
+                 "vertical stride), dense layers SDPA; no fused decode kernel",
+}
+
+
+def _is_small(config: object) -> bool:
+    return hasattr(config, "blocksparse_block_size")  # a SmallConfig (phi3/config_small.py)
+
+
 def install_cpu_fast_path(model: nn.Module) -> dict[str, str]:
     """Swap in the fused RMSNorm and one-token attention where a compiled kernel exists and the
-    shapes fit it; returns what each part of the model now runs (for `phi3 info`)."""
+    shapes fit it; returns what each part of the model now runs (for `phi3 info`). Modules of other
+    classes (phi-3-small's LayerNorm and blocksparse attention) are left as they are."""
+    if _is_small(getattr(model, "config", None)):
+        return dict(SMALL_PARTS)
     isa = cpu_kernels.kernel_isa()
     used = {"rmsnorm": "PyTorch", "decode attention": "PyTorch (SDPA)"}
     if isa is None:

@@ -138,6 +138,12 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
         """logits [B, V] float32; history [B, n] ids seen so far (for the repetition penalty)."""
         p = self.p
+        if p.temperature > 0:
+            # A logit at float32's minimum is a token the model rules out (phi-3-small's dummy ids,
+            # HF's value). Dividing it by a temperature or scaling it by a repetition penalty below
+            # 1 would turn it into an ordinary, if tiny, logit: -inf keeps it out whatever the
+            # settings (a temperature of 1e38 would otherwise give it a share).
+            logits = logits.masked_fill(logits == torch.finfo(logits.dtype).min, float("-inf"))
         if p.repetition_penalty != 1.0 and history is not None:
             seen = logits.gather(1, history)
             seen = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
