@@ -42,7 +42,7 @@ $(QEMU_AARCH64):
 
 test: $(VENV)/.test $(CHROMIUM) $(QEMU_AARCH64)
 	$(BIN)/phi3 fetch
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 $(VENV)/.bench: $(VENV)/.test
 	$(BIN)/python -m pip install -q -e ".[test,bench]"
