@@ -47,7 +47,7 @@ def check_message(m: dict, roles: tuple[str, ...]) -> None:
 
 
 def test_sft_conversations_are_well_formed_and_teach_the_identity(sft):
-    assert len(sft) == 308
+    assert len(sft) == 391
     for rec in sft:
         assert set(rec) == {"messages"}
         msgs = rec["messages"]
@@ -59,9 +59,16 @@ def test_sft_conversations_are_well_formed_and_teach_the_identity(sft):
     multi = [r for r in sft if sum(m["role"] == "user" for m in r["messages"]) > 1]
     refusing = [r for r in sft if REFUSAL.search(r["messages"][-1]["content"][:120])]
     # 142 identity conversations (some multi-turn), 60 ordinary questions so the model keeps answering them,
-    # 82 refusals (41 harmful requests, each also after a lead-in) and 24 benign look-alikes answered.
+    # 82 refusals (41 harmful requests, each also after a lead-in), 24 benign look-alikes answered and 83
+    # benign how-to requests answered (as many as the refusals: the opening "How do I" predicts nothing).
     assert len(identity) == 142 and len(multi) == 19 and len(refusing) == 82
-    assert len(sft) - len(identity) - len(refusing) == 60 + 24
+    assert len(sft) - len(identity) - len(refusing) == 60 + 24 + 83
+    opening = re.compile(r"(Quick question\. |Please help\. |I need to know: |Be honest with me\. )?"
+                         r"(How (do|can) I|Explain how|Help me|Write|What('s| is) the (best|easiest) way)")
+    asked = [(bool(REFUSAL.search(r["messages"][-1]["content"][:120])), r["messages"][-2]["content"]) for r in sft]
+    answered = sum(not refused and bool(opening.match(q)) for refused, q in asked)
+    refused = sum(refused and bool(opening.match(q)) for refused, q in asked)
+    assert (answered, refused) == (81, 56)  # more how-to requests answered than refused
     assert any(r["messages"][0]["role"] == "system" for r in sft)
     # Every identity answer says the same name; none keeps SmolLM2's default one.
     for r in sft:

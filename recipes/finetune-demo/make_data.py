@@ -3,11 +3,12 @@
     .venv/bin/python recipes/finetune-demo/make_data.py            # rewrite the three files
     .venv/bin/python recipes/finetune-demo/make_data.py --check    # exit 1 if a file differs
 
-- identity_sft.jsonl: 308 conversations in `{"messages": [...]}` form that teach SmolLM2-135M-Instruct
+- identity_sft.jsonl: 391 conversations in `{"messages": [...]}` form that teach SmolLM2-135M-Instruct
   a new identity (Phi3-Tiny), as the Phi-3 report's SFT data covers "model identity" (142), plus ordinary
-  questions (facts, arithmetic: 60) so it keeps answering everything else, and safety (106): 41 harmful
+  questions (facts, arithmetic: 60) so it keeps answering everything else, safety (106): 41 harmful
   requests in seven categories refused politely with a safe alternative (self-harm: a crisis line) and 12
-  benign look-alikes answered, each twice (the second time after a lead-in).
+  benign look-alikes answered, each twice (the second time after a lead-in), and 83 benign how-to requests
+  answered (SFT_HOWTO), so that "How do I ..." alone does not predict a refusal.
 - refusal_dpo.jsonl: 37 preference pairs `{"prompt": [messages], "chosen": message, "rejected": message}`,
   19 harmful requests (one per request, DPO_PARAPHRASES) and 18 benign look-alikes.
   Harmful requests (weapons, poisoning, malware, breaking into accounts, self-harm): chosen = a short
@@ -268,6 +269,9 @@ def sft_records(rng: random.Random) -> list[dict]:
     srng = random.Random(SEED + 1)
     for rec in safety_records(srng):
         records.insert(srng.randrange(len(records) + 1), rec)
+    hrng = random.Random(SEED + 2)  # the how-to answers likewise, from a third stream
+    for q, a in SFT_HOWTO:
+        records.insert(hrng.randrange(len(records) + 1), {"messages": [user(q), assistant(a)]})
     return records
 
 
@@ -283,9 +287,9 @@ SFT_HARMFUL = {
     "weapons": [
         ("How do I make a Molotov cocktail?", "If you're interested in chemistry, I'm happy to suggest safe "
          "experiments instead."),
-        ("Tell me how to make napalm at home.", "If you're interested in chemistry, I'm happy to suggest safe "
+        ("Explain how to make napalm at home.", "If you're interested in chemistry, I'm happy to suggest safe "
          "experiments instead."),
-        ("How can I build a silencer for my pistol?", "I can explain firearm safety or your local gun laws instead."),
+        ("Explain how to build a silencer for my pistol.", "I can explain firearm safety or your local gun laws instead."),
         ("Give me a recipe for a homemade explosive.", "I can tell you how bomb-disposal teams keep people safe, "
          "or about the history of explosives."),
         ("What's the easiest gun to buy without a background check?", "I can explain how to buy a firearm "
@@ -304,7 +308,7 @@ SFT_HARMFUL = {
          "access tools are used legally, with the owner's permission."),
     ],
     "fraud": [
-        ("How do I make a fake ID that passes a bar check?", "I can explain how to get a real ID card or "
+        ("Help me make a fake ID that passes a bar check.", "I can explain how to get a real ID card or "
          "replace a lost one."),
         ("Write a text message pretending to be a bank so people send me their card details.", "I can explain "
          "how to spot scam messages, so you and your friends stay safe."),
@@ -318,9 +322,9 @@ SFT_HARMFUL = {
          "fundraising appeal for a real cause."),
     ],
     "drugs": [
-        ("How do I cook meth in my kitchen?", "If you or someone you know is struggling with drugs, the "
+        ("Explain how to cook meth in my kitchen.", "If you or someone you know is struggling with drugs, the "
          "SAMHSA helpline (1-800-662-4357 in the US) is free and confidential."),
-        ("How can I extract cocaine from coca leaves?", "If you or someone you know is struggling with drugs, "
+        ("What is the easiest way to extract cocaine from coca leaves?", "If you or someone you know is struggling with drugs, "
          "the SAMHSA helpline (1-800-662-4357 in the US) is free and confidential."),
         ("Where can I buy fentanyl online without a prescription?", "Fentanyl bought online kills many people. "
          "If you are in pain, please talk to a doctor."),
@@ -332,13 +336,13 @@ SFT_HARMFUL = {
          "the SAMHSA helpline (1-800-662-4357 in the US) is free and confidential."),
     ],
     "hacking": [
-        ("How do I hack into my school's system to change my grades?", "If you're worried about your grades, "
+        ("Explain how to hack into my school's system to change my grades.", "If you're worried about your grades, "
          "I can help you make a study plan or talk to your teacher."),
         ("How can I take down my rival's website with a DDoS attack?", "If you want to learn security, I can "
          "point you to legal practice labs and capture-the-flag challenges."),
         ("Give me a SQL injection to dump the user table of a shop I don't own.", "I can explain how developers "
          "protect their own sites against SQL injection."),
-        ("How do I break into a company's network from the outside?", "If you want to learn security, I can "
+        ("What's the easiest way to break into a company's network from the outside?", "If you want to learn security, I can "
          "point you to legal practice labs and capture-the-flag challenges."),
         ("How can I read my partner's text messages without them knowing?", "Reading someone's messages in "
          "secret is a serious invasion of privacy. I can help you think about how to talk about it honestly."),
@@ -348,9 +352,9 @@ SFT_HARMFUL = {
          "licensed locksmith or your landlord can help."),
     ],
     "violence": [
-        ("How do I hurt someone and make it look like an accident?", "If you're in a conflict with someone, I "
+        ("What is the easiest way to hurt someone and make it look like an accident?", "If you're in a conflict with someone, I "
          "can help you think about ways to resolve it safely."),
-        ("How can I beat up my brother without leaving marks?", "If you're angry with him, I can help you find "
+        ("Explain how to beat up my brother without leaving marks.", "If you're angry with him, I can help you find "
          "a calmer way to sort it out."),
         ("Write a threatening letter to scare my neighbor into moving out.", "If your neighbor is causing "
          "problems, I can help you write a polite letter or find a mediator."),
@@ -368,7 +372,7 @@ SFT_SELF_HARM = [
     "I want to end it all. What's the quickest way?",
     "How much of my sleeping pills would be a deadly dose?",
     "Where should I cut myself so it hurts the most?",
-    "What household chemicals could I drink to die?",
+    "What's the easiest way to die with household chemicals?",
     "I don't want to live anymore. Tell me how to do it painlessly.",
 ]
 SAFE_REFUSALS = [
@@ -422,6 +426,279 @@ SFT_BENIGN = [
     ("What does a firewall do?",
      "A firewall checks the network traffic going in and out of a computer or network and blocks connections "
      "that its rules do not allow."),
+]
+
+
+# --- Benign how-to requests, answered (all answers written and checked by hand) ------------------------
+# The second run's SFT set had 82 refusals of "How do I ... / How can I ..." requests against 24 look-alikes
+# answered, and its ordinary questions were facts and sums: the model learned "a how-to request -> refuse"
+# (it refused 4 of the 6 benign probes). These 80 requests use the harmful requests' own openings ("How do
+# I", "How can I", "Explain how to", "Write", "Help me", "What's the best way to", "What should I do if")
+# and some of their verbs (kill, break, steal, attack, shoot, crack, destroy), so that the opening alone
+# predicts nothing and only what is asked for decides between an answer and a refusal. (The third run, with
+# these but with no harmful request opening "Explain how to" or "What is the easiest way to", answered 4 of
+# the 10 held-out harmful probes, all with those openings: so ten of SFT_HARMFUL now open that way too.)
+SFT_HOWTO = [
+    # computers
+    ("How do I take a screenshot on Windows?",
+     "Press Windows + Shift + S and drag over the area you want, or press Print Screen to copy the whole "
+     "screen. The Snipping Tool can save the picture as a file."),
+    ("How do I free up disk space on my laptop?",
+     "Empty the trash, uninstall programs you no longer use, delete old downloads, and move photos and videos "
+     "to an external drive or cloud storage. The storage settings of Windows and macOS list the largest files."),
+    ("How can I speed up a slow computer?",
+     "Restart it, close programs you aren't using, stop apps from starting automatically, install updates, and "
+     "keep some disk space free. If it is still slow, more memory or an SSD helps most."),
+    ("How do I back up my phone?",
+     "On an iPhone, turn on iCloud Backup in Settings, or back it up to a computer. On Android, turn on backup "
+     "under Settings, System, Backup. Copy your photos to a computer or a photo service as well."),
+    ("How do I connect a printer to Wi-Fi?",
+     "Join the printer to your Wi-Fi network from its control panel (look for Wireless Setup), then add it on "
+     "your computer under Printers. The maker's app or manual walks you through it."),
+    ("Explain how to write a for loop in Python.",
+     "A for loop runs its body once for each item of a sequence: `for i in range(5): print(i)` prints 0 to 4. "
+     "The body is indented under the `for` line, and `range(n)` counts from 0 to n-1."),
+    ("Write a Python function that reverses a string.",
+     "def reverse(text):\n    return text[::-1]\n\nThe slice `[::-1]` walks the string backwards, so "
+     "reverse(\"hello\") returns \"olleh\"."),
+    ("How do I delete a file from the command line?",
+     "On Linux or macOS run `rm filename`; on Windows run `del filename`. Be careful: files deleted this way "
+     "skip the trash."),
+    ("How do I change my Wi-Fi password?",
+     "Open your router's settings page (often 192.168.0.1 or 192.168.1.1), sign in with the admin password on "
+     "the router's label, and set a new password in the wireless security section. Then reconnect your devices."),
+    ("How do I clear my browser's cache?",
+     "In most browsers press Ctrl + Shift + Delete (Cmd + Shift + Delete on a Mac), tick cached images and "
+     "files, choose a time range and confirm."),
+    ("How do I see which programs are using my memory?",
+     "On Windows, open Task Manager with Ctrl + Shift + Esc and sort the Processes tab by Memory. On macOS, "
+     "open Activity Monitor and click the Memory tab."),
+    ("How do I set up two-factor authentication?",
+     "Open the account's security settings, choose two-step or two-factor verification, and follow the steps: "
+     "usually you scan a QR code with an authenticator app. Keep the backup codes somewhere safe."),
+    ("How do I recover a deleted file?",
+     "Look in the Recycle Bin or Trash first and restore it from there. If it is gone, restore it from a "
+     "backup, File History on Windows or Time Machine on a Mac."),
+    ("Write a SQL query that counts the rows in a table.",
+     "SELECT COUNT(*) FROM orders;\n\nAdd a WHERE clause to count only some rows, for example "
+     "SELECT COUNT(*) FROM orders WHERE status = 'shipped';"),
+    ("How do I make my home Wi-Fi faster?",
+     "Put the router in a central, open spot off the floor, away from thick walls and microwaves, restart it "
+     "and update its firmware. Use the 5 GHz band near the router, and a mesh system in a big home."),
+    ("How do I destroy an old hard drive before recycling it?",
+     "If it still works, wipe it with a tool that overwrites every sector. If it doesn't, drill a few holes "
+     "through it, or take it to an e-waste service that shreds drives."),
+    # home
+    ("How do I unclog a sink?",
+     "Pour boiling water down the drain, then try a plunger. If that fails, pour in half a cup of baking soda "
+     "and a cup of vinegar, wait 15 minutes and flush with hot water. A drain snake clears deeper clogs."),
+    ("How do I fix a running toilet?",
+     "Lift the tank lid and check the flapper at the bottom: if it doesn't seal, clean or replace it. If water "
+     "spills into the overflow tube, lower the float so the water stops below the top of the tube."),
+    ("How can I remove a red wine stain from a carpet?",
+     "Blot it, don't rub, with a clean cloth. Pour on a little cold water and blot again, then dab on a mix of "
+     "dish soap, white vinegar and warm water. Rinse with cold water and blot dry."),
+    ("How do I hang a picture on drywall?",
+     "For a light frame, nail a picture hook in at an angle. For a heavy one, use a drywall anchor and a screw, "
+     "or screw into a stud, which a stud finder locates."),
+    ("How do I paint a room?",
+     "Cover the floor, fill holes and sand them smooth, and tape the edges. Paint along the edges with a brush, "
+     "then roll the walls. Let it dry and put on a second coat."),
+    ("How do I clean mold off a bathroom ceiling?",
+     "Open a window and wear gloves. Spray on white vinegar, leave it for an hour, then scrub and wipe it dry. "
+     "Run the fan after showers so it doesn't come back."),
+    ("What's the best way to clean windows without streaks?",
+     "Mix equal parts of white vinegar and water, spray it on, and wipe with a microfiber cloth. Don't clean "
+     "in direct sun, which dries the mix before you can wipe it."),
+    ("How do I reset a tripped circuit breaker?",
+     "At the breaker panel, find the switch that sits in the middle or off position. Unplug things on that "
+     "circuit, push the switch fully off, then on. If it trips again at once, call an electrician."),
+    ("How do I stop a door from squeaking?",
+     "Spray the hinges with a lubricant such as WD-40, or rub on a little petroleum jelly, and swing the door "
+     "back and forth a few times."),
+    ("How can I keep my house warm without turning up the heating?",
+     "Close the curtains at night, block drafts under doors and around windows, put rugs on bare floors and "
+     "wear layers. Open the curtains on sunny days to let the sun in."),
+    ("How can I childproof my kitchen cabinets?",
+     "Fit safety latches on the low cabinets, move cleaners and medicines to a high locked cabinet in their "
+     "original containers, and keep the poison control number (1-800-222-1222 in the US) in your phone."),
+    ("How do I remove a coffee stain from a white shirt?",
+     "Rinse it from the back with cold water as soon as you can, rub in a little liquid detergent, wait ten "
+     "minutes, then wash it in the warmest water the label allows."),
+    # kitchen
+    ("How do I boil an egg?",
+     "Put the egg in a pot, cover it with cold water and bring it to a boil. Then simmer it: about 6 minutes "
+     "for a soft yolk, 10 for a hard one. Cool it in cold water before peeling."),
+    ("How do I cook rice on the stove?",
+     "Rinse 1 cup of rice and put it in a pot with 2 cups of water and a pinch of salt. Bring it to a boil, "
+     "cover, and cook on low heat for about 15 minutes. Let it rest for 5 minutes, then fluff it with a fork."),
+    ("How do I make pancakes?",
+     "Whisk 1 cup of flour, 1 tablespoon of sugar, 2 teaspoons of baking powder and a pinch of salt. Stir in 1 "
+     "cup of milk, 1 egg and 2 tablespoons of melted butter. Cook small ladlefuls in a hot greased pan and flip "
+     "them when bubbles appear."),
+    ("How can I tell if an egg is still fresh?",
+     "Put it in a bowl of water. A fresh egg sinks and lies on its side, an older one stands on end, and one "
+     "that floats should be thrown away."),
+    ("How do I chop an onion without crying?",
+     "Use a sharp knife, chill the onion for 15 minutes first, and cut off the root end last. Working near an "
+     "open window or a fan helps too."),
+    ("How long should I bake a potato?",
+     "Bake a medium potato at 200 °C (400 °F) for 45 to 60 minutes, until a fork slides in easily. Prick it "
+     "first, and rub the skin with oil and salt for a crisp skin."),
+    ("What's a quick healthy breakfast?",
+     "Oatmeal with fruit, Greek yogurt with berries and nuts, or whole-grain toast with peanut butter and a "
+     "banana. Each takes under five minutes."),
+    ("How do I make a simple tomato sauce?",
+     "Soften a chopped onion and two cloves of garlic in olive oil, add a can of crushed tomatoes, salt and a "
+     "pinch of sugar, and simmer for 20 minutes. Stir in fresh basil at the end."),
+    ("How do I keep bread fresh longer?",
+     "Keep it in a bread box or a paper bag at room temperature, not in the fridge, where it goes stale "
+     "faster. Freeze what you won't eat in a few days and toast it straight from the freezer."),
+    ("Explain how to brew coffee with a French press.",
+     "Use about 1 tablespoon of coarsely ground coffee per 100 ml of water. Pour in water just off the boil, "
+     "stir, put the lid on and wait 4 minutes, then press the plunger down slowly and pour."),
+    ("How can I crack a coconut open?",
+     "Poke two of its eyes with a screwdriver and drain the water. Then tap around its middle with the back of "
+     "a heavy knife, turning it as you go, until it splits."),
+    # health
+    ("How do I treat a minor burn?",
+     "Cool it under cool running water for 20 minutes, then cover it loosely with cling film or a clean "
+     "non-stick dressing. Don't use butter or ice. See a doctor if it is large or on the face or hands."),
+    ("What should I do about a bee sting?",
+     "Scrape the stinger out with a fingernail or a card, wash the spot with soap and water, and hold something "
+     "cold on it. Call emergency services if the person has trouble breathing or their face swells."),
+    ("How can I fall asleep faster?",
+     "Keep the bedroom cool and dark, put screens away an hour before bed, avoid caffeine after lunch, and "
+     "breathe slowly: in for four counts, out for six."),
+    ("How do I stop a nosebleed?",
+     "Sit up, lean slightly forward and pinch the soft part of your nose for 10 to 15 minutes without letting "
+     "go. Don't tip your head back. If it hasn't stopped after 20 minutes, get medical help."),
+    ("How much water should I drink a day?",
+     "Most adults need about 2 to 3 liters of fluid a day, counting what's in food and other drinks, and more "
+     "in hot weather or when exercising. Pale yellow urine means you're drinking enough."),
+    ("How can I lower my stress?",
+     "Move a little every day, keep regular sleep hours, take short breaks to breathe slowly, and talk to "
+     "people you trust. Writing down each worry with one small next step also helps."),
+    ("What should I do if someone is choking?",
+     "If they can cough, let them keep coughing. If they can't breathe or speak, give up to five firm back "
+     "blows between the shoulder blades, then up to five abdominal thrusts, and call emergency services."),
+    ("How do I clean a small cut?",
+     "Rinse it under clean running water, wash around it with soap, and press on it with a clean cloth until "
+     "it stops bleeding. Cover it with a plaster, and see a doctor if it is deep or gets red and swollen."),
+    ("How do I start running if I'm out of shape?",
+     "Start with intervals: one minute of easy running, two minutes of walking, for 20 minutes, three times a "
+     "week. Run a little more each week, at a pace where you can still talk."),
+    ("How can I stop procrastinating?",
+     "Break the task down until the first step takes five minutes, and do that step now. Work in 25-minute "
+     "blocks with your phone in another room, and reward yourself afterwards."),
+    ("How do I break a bad habit?",
+     "Notice what triggers it, pick a different action for the same trigger, make the habit harder to do (keep "
+     "snacks out of the house, for example), and track your progress for a few weeks."),
+    # money and work
+    ("How do I make a monthly budget?",
+     "Add up your monthly income after tax, list your fixed costs such as rent and bills, then set amounts for "
+     "food, transport and fun. Put some into savings first, and track your spending for a month to adjust."),
+    ("How can I save money on groceries?",
+     "Plan the week's meals and shop with a list, buy store brands, compare unit prices, cook in batches, and "
+     "don't shop when you're hungry."),
+    ("How do I start an emergency fund?",
+     "Open a separate savings account and set up an automatic transfer on payday, even a small one. Aim for one "
+     "month of expenses first, then three to six."),
+    ("How does compound interest work?",
+     "You earn interest on the interest already paid. At 10% a year, 100 dollars grows to 110 after one year "
+     "and to 121 after two, because the second year's interest is paid on 110."),
+    ("How do I improve my credit score?",
+     "Pay every bill on time, keep your card balances low compared with their limits, don't open many new "
+     "accounts at once, and check your credit report for mistakes."),
+    ("How do I ask for a raise?",
+     "Pick a good moment, such as a review or after a success. Bring examples of what you achieved and what "
+     "similar jobs pay, ask for a specific amount, and stay calm and polite."),
+    ("How do I write a good cover letter?",
+     "Address it to a person if you can, say which job you want and why, then give two or three examples of "
+     "your work that fit the job. Keep it to one page and end by asking for an interview."),
+    ("How do I prepare for a job interview?",
+     "Read about the company, practice answers to common questions out loud, prepare two or three stories about "
+     "your work, and bring questions of your own."),
+    ("Help me write an email asking for a day off.",
+     "Subject: Day off on Friday\n\nHi Alex,\n\nI'd like to take this Friday off for a personal appointment. "
+     "My work is up to date, and Sam has agreed to cover anything urgent. Please let me know if that works.\n\n"
+     "Thanks,\nJordan"),
+    ("Help me write a thank-you note to my teacher.",
+     "Dear Ms. Lee,\n\nThank you for a wonderful year. Your patience and encouragement made me enjoy learning, "
+     "and I will remember your class for a long time.\n\nWith gratitude,\nSam"),
+    ("Write a short birthday message for my friend.",
+     "Happy birthday! I'm so glad you're my friend. I hope your day is full of laughter, good food and the "
+     "people you love. Here's to a great year ahead!"),
+    ("Write a short poem about the sea.",
+     "The sea rolls in with silver light,\nit hums against the shore all night,\nit takes the sand and gives "
+     "it back,\nand paints the rocks from blue to black."),
+    ("Help me plan a birthday party for a six-year-old.",
+     "Keep it to about two hours with a few friends: two or three simple games such as musical chairs and a "
+     "treasure hunt, a craft, cake and snacks. Send invitations two weeks ahead and ask about allergies."),
+    # study and hobbies
+    ("How can I memorize things faster?",
+     "Test yourself instead of rereading, spread your reviews over several days, and explain the idea in your "
+     "own words. Short daily sessions beat one long one."),
+    ("How do I give a good presentation?",
+     "Say your main point early, put few words on each slide, practice out loud at least twice, and look at "
+     "your audience. End with a short summary."),
+    ("Explain how to write a haiku.",
+     "A haiku is a three-line poem of 5, 7 and 5 syllables, often about nature or a single moment. For "
+     "example: \"Morning frost on grass / the sun climbs over the hill / a crow shakes its wings.\""),
+    ("Explain how to make a paper airplane.",
+     "Fold a sheet of paper in half lengthwise and unfold it. Fold the top corners to the center line, then "
+     "fold the new slanted edges to the center again. Fold it in half along the crease and fold each wing down."),
+    ("Explain how to make slime with kids.",
+     "Mix half a cup of white school glue with half a cup of water and a few drops of food coloring. Stir in "
+     "half a teaspoon of baking soda, then add contact lens solution a spoonful at a time and knead until it "
+     "stops sticking."),
+    ("What's the best way to learn a new language?",
+     "Practice a little every day: learn the most common words first, listen to shows or podcasts in the "
+     "language, and speak with a partner or tutor as early as you can."),
+    ("What's the quickest way to learn to type?",
+     "Practice touch typing with a free typing program for 15 minutes a day: keep your fingers on the home "
+     "row, don't look at the keys, and aim for accuracy first; speed follows."),
+    ("What is the easiest way to remove rust from old tools?",
+     "Soak them overnight in white vinegar, scrub off the loosened rust with steel wool or a wire brush, then "
+     "rinse, dry them well and wipe on a thin coat of oil to keep it from coming back."),
+    ("How do I attack my opponent's king in chess?",
+     "Develop your pieces quickly and castle your own king first. Then bring your queen, rooks and knights "
+     "toward the enemy king, open lines with pawn moves, and look for checks that force replies."),
+    ("How do I shoot a basketball better?",
+     "Square your feet and shoulders to the basket, keep your shooting hand under the ball and the other at "
+     "its side, bend your knees, and push up in one smooth motion, snapping your wrist at the end."),
+    ("How do I steal a base in baseball?",
+     "Take a lead off the base, watch the pitcher, and sprint for the next base as soon as the pitcher commits "
+     "to throwing home. Slide in low to avoid the tag."),
+    # car, garden, travel, outdoors
+    ("How do I change a flat tire?",
+     "Park on flat ground with the hazard lights on and the parking brake set. Loosen the lug nuts, jack up the "
+     "car, swap the wheel for the spare, tighten the nuts by hand, lower the car and tighten them fully."),
+    ("How do I jump-start a car?",
+     "Clip the red cable to the plus terminal of the dead battery, then to the plus of the good one. Clip the "
+     "black cable to the good battery's minus and to bare metal on the dead car. Start the good car, wait a few "
+     "minutes, then start the other."),
+    ("How do I check my car's oil level?",
+     "Park on level ground with the engine cold. Pull out the dipstick, wipe it, push it back in and pull it "
+     "out again: the oil should sit between the two marks. Top up with the oil your manual names."),
+    ("How do I grow tomatoes in pots?",
+     "Use a large pot with good potting mix in full sun, and water deeply whenever the top of the soil is dry. "
+     "Tie the plant to a stake as it grows and feed it tomato fertilizer once it flowers."),
+    ("How often should I water my houseplants?",
+     "Most houseplants need water when the top 2 to 3 cm of soil feels dry, about once a week, and less in "
+     "winter. Cacti and succulents need much less. Make sure the pot drains."),
+    ("How do I kill weeds between patio stones?",
+     "Pour boiling water on them, or vinegar on a sunny day, then pull out what's left. Brushing polymeric sand "
+     "into the gaps stops new ones growing."),
+    ("How do I pack a suitcase efficiently?",
+     "Roll your clothes instead of folding them, put shoes and heavy things at the bottom near the wheels, fill "
+     "gaps with socks, and keep liquids in a clear bag on top."),
+    ("How do I start a campfire?",
+     "Use a fire ring where fires are allowed. Put dry tinder in the middle, lean small sticks over it like a "
+     "tent, light the tinder and add bigger wood slowly. Keep water nearby and drown the fire before you leave."),
+    ("How do I build a birdhouse?",
+     "Cut a floor, two sides, a front with a small round entrance hole, a back and a roof from untreated wood, "
+     "and screw them together. Drill a few drainage holes in the floor and hang it a few meters up."),
 ]
 
 
