@@ -341,7 +341,8 @@ class Transformer(nn.Module):
                 last_only: bool = False,
                 allowed: torch.Tensor | None = None,
                 rows: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None,
+                float_logits: bool = True) -> torch.Tensor:
         """input_ids [B, T]; attention_mask [B, T] with 0 at (left) padding; returns logits
         [B, T, vocab] (or [B, 1, vocab] with last_only) in float32.
 
@@ -353,7 +354,12 @@ class Transformer(nn.Module):
 
         `document_ids` [B, T] (training): each row is several documents packed end to end, a run of
         equal ids being one document. Each document gets the logits it would get alone: positions
-        restart at 0, attention stays within it, and LongRoPE picks factors by its own length."""
+        restart at 0, attention stays within it, and LongRoPE picks factors by its own length.
+
+        `float_logits=False` (training under bfloat16 autocast) returns the head's own dtype:
+        phi3.train.losses upcasts 16 MB chunks itself, so neither the [B, T, V] float32 copy (400 MB
+        at 4 x 512 x 49,152) nor its float32 gradient is made. The values are the same: the upcast
+        is exact, and the gradient is rounded to bfloat16 once either way."""
         if document_ids is not None:
             if cache is not None or attention_mask is not None or positions is not None or allowed is not None:
                 raise Phi3Error("forward: document_ids set positions and the mask themselves; "
@@ -377,7 +383,8 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         elif rows is not None:
             x = x[:, rows]
-        return self.lm_head(self.model.norm(x)).float()
+        logits = self.lm_head(self.model.norm(x))
+        return logits.float() if float_logits else logits
 
     def decode_step(self, input_ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         """One new token for each of several independent sequences, each with its own cache

@@ -258,3 +258,64 @@ def test_reference_logps_cache_every_pair_by_index():
         want = sequence_logps(model(ids, attention_mask=attn), labels)
     assert torch.equal(cache[5], torch.stack([want[0], want[2]])) and torch.equal(cache[2], torch.stack([want[1], want[3]]))
     assert cache[[0, 1, 3, 4]].isnan().all()
+
+
+def test_bf16_logits_into_the_loss_equal_float32_logits_bit_for_bit():
+    """The trainer in bfloat16 passes the head's bf16 logits to token_losses (forward(...,
+    float_logits=False)) rather than a float32 copy: the loss and every weight's gradient are the
+    same bits (the upcast is exact; the logits' gradient is rounded to bf16 once either way)."""
+    cfg = tiny_config("medium")
+    model = random_model(cfg).train()
+    torch.manual_seed(2)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    labels = torch.roll(ids, -1, 1)
+    labels[0, :5] = IGNORE
+    doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    results = []
+    for float_logits in (True, False):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids, document_ids=doc_ids, float_logits=float_logits)
+        assert logits.dtype == (torch.float32 if float_logits else torch.bfloat16)
+        loss, _ = lm_loss_sum(logits, labels)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+
+
+def test_dpo_rpo_alpha_adds_trl_chosen_nll():
+    """rpo_alpha (TRL's RPO): each pair's loss gains rpo_alpha * the chosen rows' cross-entropy, one
+    mean over all their label tokens (TRL: F.cross_entropy over the chosen logits, ignore_index);
+    None and 0 leave the plain loss bit for bit."""
+    cfg = tiny_config("medium")
+    model = random_model(cfg)
+    torch.manual_seed(3)
+    P, T = 3, 20
+    ids = torch.randint(0, cfg.vocab_size, (2 * P, T))
+    labels = torch.roll(ids, -1, 1)
+    for row, start in enumerate([4, 7, 5, 6, 3, 9]):  # prompt tokens and a padded tail carry no label
+        labels[row, :start] = IGNORE
+        labels[row, T - row - 1:] = IGNORE
+    with torch.no_grad():
+        logits = model(ids)
+    lp = sequence_logps(logits, labels)
+    ref = lp.detach() + torch.tensor([0.3, -0.2, 0.1, -0.4, 0.25, 0.05])
+    args = (lp[:P], lp[P:], ref[:P], ref[P:])
+    plain, rc, rr = dpo_loss(*args, beta=0.1)
+    n_chosen = (labels[:P] != IGNORE).sum()
+    for off in (None, 0.0):
+        same, _, _ = dpo_loss(*args, beta=0.1, rpo_alpha=off, chosen_tokens=n_chosen)
+        assert torch.equal(same, plain)
+    nll = F.cross_entropy(logits[:P].flatten(0, 1), labels[:P].flatten(), ignore_index=IGNORE)
+    for alpha in (0.5, 1.0):
+        per_row = (labels[:P] != IGNORE).sum(dim=1)  # per-answer counts sum to the same total
+        for tokens in (n_chosen, per_row, int(n_chosen)):
+            losses, rc2, rr2 = dpo_loss(*args, beta=0.1, rpo_alpha=alpha, chosen_tokens=tokens)
+            torch.testing.assert_close(losses, plain + alpha * nll, rtol=0, atol=1e-6)
+            assert torch.equal(rc2, rc) and torch.equal(rr2, rr)  # the rewards logged are DPO's own
+    with pytest.raises(Phi3Error, match="rpo_alpha"):
+        dpo_loss(*args, rpo_alpha=-1.0, chosen_tokens=n_chosen)
+    with pytest.raises(Phi3Error, match="chosen_tokens"):
+        dpo_loss(*args, rpo_alpha=1.0)

@@ -131,6 +131,7 @@ class Lora:
 class Dpo:
     beta: float = 0.1            # TRL's default
     label_smoothing: float = 0.0  # cDPO; 0 = the plain sigmoid loss
+    rpo_alpha: float | None = None  # RPO: + rpo_alpha * NLL per token of the chosen answers (TRL's); None/0 = off
 
 
 @dataclass
@@ -646,6 +647,8 @@ def _check(r: Recipe, world: int, need_out: bool, where: Any) -> None:
         fail("dpo.beta", f"is {r.dpo.beta}; it must be positive")
     if not 0 <= r.dpo.label_smoothing < 0.5:
         fail("dpo.label_smoothing", f"is {r.dpo.label_smoothing}; it must be in [0, 0.5)")
+    if r.dpo.rpo_alpha is not None and not r.dpo.rpo_alpha >= 0:
+        fail("dpo.rpo_alpha", f"is {r.dpo.rpo_alpha}; it must be >= 0 (TRL's RPO uses 1.0; 0 turns it off)")
     lc = r.longctx
     if r.stage == "longctx" and lc.target_len < 1:
         fail("longctx.target_len", "is not set; the longctx stage needs the context to extend to "

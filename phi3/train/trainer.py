@@ -178,6 +178,9 @@ class _Precision:
         # autocast. Either way the optimizer steps float32 master weights.
         self.autocast = self.bf16 and parallel != "fsdp"
         self.device_type = device.type
+        # Whether the training forward upcasts the logits to float32 itself; in bfloat16 the run
+        # turns it off for phi3's Transformer (train(): its loss upcasts chunk by chunk instead).
+        self.float_logits = True
 
     def __call__(self) -> contextlib.AbstractContextManager:
         if self.autocast:
@@ -202,7 +205,10 @@ def _lm_micro_step(model: nn.Module, batch: Any, device: torch.device, precision
     labels = batch.labels.to(device, non_blocking=True)
     docs = batch.document_ids.to(device, non_blocking=True)
     with precision():
-        logits = model(ids, document_ids=docs)
+        if precision.float_logits:
+            logits = model(ids, document_ids=docs)
+        else:
+            logits = model(ids, document_ids=docs, float_logits=False)
     loss_sum = token_losses(logits, labels).sum()
     (loss_sum * scale).backward()
     return loss_sum.detach().float()
@@ -268,6 +274,12 @@ def run(job: Job, ctx: DistContext, out: Path, resume: bool = False, export: boo
     # Wrap: activation checkpointing, then DDP / FSDP2, then the optimizer.
     model = job.model
     base = _base_transformer(model)
+    from phi3.model import Transformer
+    if precision.bf16 and isinstance(base, Transformer):
+        # bfloat16 logits straight into the chunked loss: no [B, T, V] float32 copy and gradient
+        # (400 MB each at 4 x 512 x 49,152), the same bits (tests/test_train_losses.py).
+        # phi3-shape bf16 peak RSS 1,675 MiB (TRAINING.md "What is slow").
+        precision.float_logits = False
     if r.activation_checkpointing:
         apply_activation_checkpointing(base)
     if getattr(r, "compile", False):
@@ -443,7 +455,8 @@ def _dpo_step(job: Job, model: nn.Module, batches: Sequence[Any], ctx: DistConte
                 logits = model(b.input_ids.to(ctx.device), attention_mask=b.attention_mask.to(ctx.device))
             lp = sequence_logps(logits, b.labels.to(ctx.device))
             losses, rc, rr = dpo_loss(lp[:P], lp[P:], ref[:, 0].to(lp.device), ref[:, 1].to(lp.device),
-                                      beta=r.dpo.beta, label_smoothing=r.dpo.label_smoothing)
+                                      beta=r.dpo.beta, label_smoothing=r.dpo.label_smoothing,
+                                      rpo_alpha=r.dpo.rpo_alpha, chosen_tokens=(b.labels[:P] != -100).sum())
             (losses.sum() * scale).backward()
         sums += torch.tensor([float(losses.detach().sum()), float(rc.sum()), float(rr.sum()), float((rc - rr).sum()),
                               float((rc > rr).float().sum()), float(b.attention_mask.sum())], dtype=torch.float64)
