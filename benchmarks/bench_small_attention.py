@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -45,17 +46,38 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def ab_cpu_time(a, b, repeats: int) -> tuple[float, float]:
-    """Median CPU seconds of a() and of b(), run alternately (a, b, a, b, ...) after one warm-up
-    each: on a shared machine the load drifts, and alternating gives both the same drift."""
-    a(), b()
-    ta, tb = [], []
+def ab_times(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (CPU seconds, wall seconds) of each function, run in turns (a, b, c, a, b, c, ...)
+    after one warm-up each: on a shared machine the load drifts, and taking turns gives all the
+    same drift."""
+    for fn in fns.values():
+        fn()
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        for fn, times in ((a, ta), (b, tb)):
-            t = time.process_time()
+        for name, fn in fns.items():
+            t, w = time.process_time(), time.perf_counter()
             fn()
-            times.append(time.process_time() - t)
-    return statistics.median(ta), statistics.median(tb)
+            cpu[name].append(time.process_time() - t)
+            wall[name].append(time.perf_counter() - w)
+    return {name: (statistics.median(cpu[name]), statistics.median(wall[name])) for name in fns}
+
+
+def ab_cpu_time(a, b, repeats: int) -> tuple[float, float]:
+    """Median CPU seconds of a() and of b(), taking turns (ab_times)."""
+    t = ab_times({"a": a, "b": b}, repeats)
+    return t["a"][0], t["b"][0]
+
+
+def load_baseline(path: str):
+    """Another model_small.py (e.g. `git show HEAD~1:phi3/model_small.py > /tmp/old.py`) as a
+    module of its own, to time its blocksparse prefill against this tree's in the same process."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("phi3._baseline_model_small", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def kv_bytes(context: int) -> dict[str, object]:
@@ -77,7 +99,7 @@ def kv_bytes(context: int) -> dict[str, object]:
             "saved_total": 1 - aware / full, "saved_sparse_layers": 1 - sparse_aware / sparse_full}
 
 
-def attention_times(context: int, repeats: int, decode_repeats: int) -> dict[str, float]:
+def attention_times(context: int, repeats: int, decode_repeats: int, baseline: str | None = None) -> dict[str, float]:
     from phi3.config_small import SMALL_PRESETS
     from phi3.model_small import SmallTransformer
     # The real attention shape; a tiny MLP and vocabulary (attention does not touch them).
@@ -101,7 +123,19 @@ def attention_times(context: int, repeats: int, decode_repeats: int) -> dict[str
                 plan = model._prepare(torch.zeros(1, context, dtype=torch.long), cache, None, None, None)
                 attn.attend(qkv_prefill, plan, cache, layer)
             return run
-        out["prefill_sparse_s"], out["prefill_dense_s"] = ab_cpu_time(prefill(0), prefill(1), repeats)
+        fns = {"sparse": prefill(0), "dense": prefill(1)}
+        if baseline:
+            torch.manual_seed(0)
+            old = load_baseline(baseline).SmallTransformer(cfg).eval()
+            attn_old = old.model.layers[0].self_attn
+
+            def prefill_old() -> None:
+                cache = old.new_cache(1, context)
+                plan = old._prepare(torch.zeros(1, context, dtype=torch.long), cache, None, None, None)
+                attn_old.attend(qkv_prefill, plan, cache, 0)
+            fns["baseline_sparse"] = prefill_old
+        for name, (cpu, wall) in ab_times(fns, repeats).items():
+            out[f"prefill_{name}_s"], out[f"prefill_{name}_wall_s"] = cpu, wall
 
         for label, dtype, head_aware in (("f32", torch.float32, False), ("f16", torch.float16, False),
                                          ("head_aware_f16", torch.float16, True)):
@@ -134,13 +168,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="prefill runs (median; after a warm-up)")
     p.add_argument("--decode-repeats", type=int, default=15, help="decode-step runs (median; after a warm-up)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--baseline", metavar="MODEL_SMALL_PY",
+                   help="another model_small.py whose blocksparse prefill is timed in turns with this one's")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     t0 = time.process_time()
     kv = kv_bytes(args.context)
-    times = attention_times(args.context, args.repeats, args.decode_repeats)
+    times = attention_times(args.context, args.repeats, args.decode_repeats, args.baseline)
     result = {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
               "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
               "cpu_s_total": round(time.process_time() - t0, 1), "kv": kv,
@@ -162,6 +198,13 @@ def main() -> None:
              for name, lab in (("float32", "f32"), ("float16", "f16"), ("head-aware float16", "head_aware_f16"))]
     for name, s, d in rows:
         print(f"| {name} | {t[s]:.4f} | {t[d]:.4f} | {t[d] / t[s]:.2f}x |")
+    print(f"\nPrefill wall seconds (median): blocksparse {t['prefill_sparse_wall_s']:.3f}, dense "
+          f"{t['prefill_dense_wall_s']:.3f} ({t['prefill_dense_wall_s'] / t['prefill_sparse_wall_s']:.2f}x)")
+    if "prefill_baseline_sparse_s" in t:
+        print(f"Baseline {args.baseline}: blocksparse prefill {t['prefill_baseline_sparse_s']:.4f} CPU s, "
+              f"{t['prefill_baseline_sparse_wall_s']:.3f} wall s (dense / baseline "
+              f"{t['prefill_dense_s'] / t['prefill_baseline_sparse_s']:.2f}x CPU, "
+              f"{t['prefill_dense_wall_s'] / t['prefill_baseline_sparse_wall_s']:.2f}x wall)")
 
 
 if __name__ == "__main__":

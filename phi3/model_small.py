@@ -13,16 +13,23 @@ and, every other layer, blocksparse attention whose pattern differs per head (§
 so each head sees a local window of L blocks plus every V-th block before it, a different residue
 per head (8K prefill: 31.8% of the causal pairs per head).
 
-Blocksparse layers compute only the allowed blocks; no T x T mask exists. Per query block, the
-local window is one contiguous slice of keys shared by the 4 query heads of a KV group (their
-rows stacked: one product per group, no key copied), and each head's vertical blocks come from a
-per-layer copy of just that head's residue blocks, whose prefix is what the query block may see.
-Each part is a call of PyTorch's CPU flash-attention kernel, which also returns the log-sum-exp,
-and the parts merge exactly (`_partial`, `_merge`). Measured at 8K, real shape, one thread, CPU
-time, A/B in one process (machine under load 12-20): a sparse layer's attention 2.3-2.5 s against
-4.8-5.6 s for dense causal SDPA in float32 (2.0-2.4x); bfloat16 3.3 against 8.2 s (2.5x). Decoding reads the local window and
-the head's vertical blocks only. Training (gradients on) takes the same path with plain matmul
-and softmax in place of the kernel.
+Blocksparse layers compute only the allowed blocks; no T x T mask exists, and a prefill is a
+few large calls of PyTorch's CPU flash-attention kernel, which also returns each row's
+log-sum-exp, so that partial attentions merge exactly (SmallAttention._prefill):
+  - the first L-1 blocks: plain causal attention (the window still reaches position 0);
+  - the local window: ONE call whose batch is the query blocks, each against its own L-block
+    slice of the keys (an `unfold` view, nothing copied), the own block causal through one
+    [B, L*B] additive mask shared by all blocks;
+  - the vertical blocks: query rows that see the same number c of vertical blocks are, per head,
+    V consecutive blocks offset by the head's residue; shifted by it, they are one slice for all
+    heads, one call per c against a prefix of each head's gathered vertical blocks, no mask.
+At 8K: 1 + 1 + 15 calls where the per-query-block loop made 240, plus ~1000 small ops of glue.
+Measured at 8K, real shape, float32, CPU time, A/B in one process (BENCHMARKS.md, "Blocksparse
+attention"; load average 10-12 on 2 cores): 1 thread 2.89 s against 3.02 s for the loop and
+6.18 s for dense causal SDPA (2.14x); 2 threads 4.18 s against 11.5 s for the loop and 7.08 s
+dense (1.69x). Decoding reads the local window and each head's vertical blocks only
+(`_one_token`, shared by both caches: the head-aware cache's logits equal the full cache's bit
+for bit). Training (gradients on) takes the same path with plain matmul and softmax.
 
 Which mask variant: the formula at absolute positions (§4.4): HF's SDPA fallback, vLLM, TRT and
 ORT agree; mlx's right-aligned prefill differs past 1024 tokens at lengths not multiples of 64.
@@ -278,16 +285,14 @@ _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", 
 
 
 def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-             alive: torch.Tensor | None = None, scale: float = 1.0,
-             bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q [B, H, t, hd] over one key set, and each row's log-sum-exp.
+             alive: torch.Tensor | None = None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, H, t, hd] over one key set, and each row's log-sum-exp (decoding).
 
     k, v [B, KV, n, hd] with KV < H are shared by the H/KV query heads of each group: those heads'
     rows are stacked ([B, KV, G*t, hd]), so one product serves the group and no key is copied;
     `mask` (bool, True = allowed) must then be the same for all heads ([B or 1, 1, t, n]). With
     KV == H, keys are per head and `mask` broadcasts to [B, H, t, n]. `alive` [B or 1, H, 1]: heads
-    with at least one allowed key (a row with none must weigh nothing in the merge). `bias`: instead
-    of `mask`, the flash path's additive mask made by the caller ([1, 1, G * t, n], already stacked)."""
+    with at least one allowed key (a row with none must weigh nothing in the merge)."""
     B, H, t, hd = q.shape
     KV, n = k.shape[1], k.shape[2]
     G = H // KV
@@ -297,9 +302,7 @@ def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     if mask is not None and G > 1 and t > 1:
         mask = mask.repeat(1, 1, G, 1)  # row g*t + r of the stack is row r of head g
     if _FLASH is not None and q.device.type == "cpu" and not torch.is_grad_enabled():
-        if mask is not None:
-            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        out, lse = _FLASH(qq, k, v, attn_mask=bias, scale=scale)
+        out, lse = _FLASH(qq, k, v, attn_mask=None if mask is None else _bias(mask, q.dtype)[0, 0], scale=scale)
     else:  # plain ops (training, other devices)
         scores = torch.matmul(qq, k.transpose(-1, -2)).float() * scale
         if mask is not None:
@@ -329,6 +332,34 @@ def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -
         else:
             out.addcmul_(parts[i][0], w[i])
     return out.to(dtype)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
+               causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [N, h, t, hd] over k, v [N, kv, n, hd] (kv divides h: query head i reads
+    key head i // (h // kv), as the kernel does; any strides, the last dimension contiguous) and
+    each row's log-sum-exp. `bias`: additive, broadcast to [N, h, t, n]; `causal`: row i sees keys
+    0..i (aligned at the top left, as the kernel does). Every row must see a key. The CPU flash
+    kernel; plain ops when gradients are on or on other devices."""
+    if _FLASH is not None and q.device.type == "cpu" and not torch.is_grad_enabled():
+        out, lse = _FLASH(q, k, v, is_causal=causal, attn_mask=bias, scale=scale)[:2]
+        return out, lse
+    if k.shape[1] != q.shape[1]:
+        k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if causal:
+        t, n = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(t, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    if bias is not None:
+        scores = scores + bias
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]).to(v.dtype), v), lse
+
+
+def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True = allowed) as the kernel's additive mask, [1, 1, *allowed.shape]."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    return bias[None, None]
 
 
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -455,81 +486,165 @@ class SmallAttention(nn.Module):
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p0: int) -> torch.Tensor:
         """Queries q [B, H, T, hd] at positions p0..p0+T-1 against keys [B, KV, S, hd] at positions
-        0..S-1 (S = p0 + T), computing only the allowed blocks. Per query block qb (window from
-        block lo = qb - L + 1):
-          - the window's whole blocks lo..qb-1: one product per KV group (its heads' rows stacked);
-          - the query's own block, causal inside (same; for a whole block, in the window's product
-            with a causal bias, else a product of its own);
-          - per head, the one vertical block that came into view since its chunk began (below);
-          - the chunk's common vertical blocks: query blocks are taken V at a time, and every
-            vertical block below the chunk's first window is seen by all of its rows, so those
-            rows go through one product per head (8 blocks x 64 rows instead of 64: the kernel
-            runs 40 instead of 32 GMAC/s, measured).
-        Partial results merge through their log-sum-exps (_merge)."""
+        0..S-1 (S = p0 + T), computing only the allowed blocks in a few large kernel calls:
+          - rows in the first L-1 blocks see everything before them: plain causal attention;
+          - from block L-1 on, the local window (_window): ONE call whose batch is the query
+            blocks, each against its own L-block slice of the keys;
+          - the vertical blocks (_vertical_rows): one call per count c of vertical blocks seen;
+          - both parts merge through their log-sum-exps (weight sigmoid(lse_a - lse_b)).
+        At 8K (real shape): 1 + 1 + 15 calls, in place of 240 calls of small blocks before
+        (their glue, not their products, was what kept blocksparse from 2x). T == 1 (decoding
+        with a full cache) goes to _one_token, which the head-aware cache shares."""
         B, H, T, hd = q.shape
+        if T == 1:
+            return self._one_token_full(q, k, v, p0)
         S = p0 + T
-        KV, G = k.shape[1], H // k.shape[1]
-        Bs, L, V = self.block, self.local_blocks, self.stride
-        if k.dtype != q.dtype and T > Bs:  # a long prefill reads every key several times: convert once
+        Bs, L = self.block, self.local_blocks
+        if k.dtype != q.dtype:  # a long prefill reads every key several times: convert once
             k, v = k.to(q.dtype), v.to(q.dtype)
         first, last = p0 // Bs, (S - 1) // Bs
-        upto = max(0, last - L + 1)  # the farthest window's first block: vertical blocks lie below
-        if upto:
-            k_vert, ids = self._vertical(k, upto)
-            v_vert, _ = self._vertical(v, upto)
-            M = ids.shape[1]
-            heads = torch.arange(H, device=q.device)
-        out = q.new_empty(B, H, T, hd)
-        common = None
-        fast = _FLASH is not None and q.device.type == "cpu" and not torch.is_grad_enabled()  # _partial's flash
-        biases: dict[int, torch.Tensor] = {}
-        for qb in range(first, last + 1):
-            lo_q, hi_q = max(qb * Bs, p0), min((qb + 1) * Bs, S)
-            lo = max(0, qb - L + 1)
-            qq = q[:, :, lo_q - p0:hi_q - p0]
-            if upto and (qb - first) % V == 0:  # a new chunk of V query blocks
-                lo0 = lo
-                seen = ids < lo0  # [H, M]: common vertical blocks (a prefix per head)
-                count = seen.sum(1)  # [H]
-                n = int(count.max())
-                c_lo, c_hi = lo_q, min((qb + V) * Bs, S)
-                common = None
-                if n:
-                    mask = None if bool(seen[:, :n].all()) else seen[:, :n].repeat_interleave(Bs, 1)[None, :, None, :]
-                    alive = None if bool(count.all()) else (count > 0)[None, :, None]
-                    common = self._part(q[:, :, c_lo - p0:c_hi - p0], k_vert[:, :, :n * Bs], v_vert[:, :, :n * Bs],
-                                      mask, alive)
-                # Each head's next vertical block, which some query blocks of the chunk will see.
-                nxt = count.clamp(max=M - 1)
-                nxt_id = torch.where(count < M, ids[heads, nxt], upto)  # [H] (upto: never seen)
-                k_next = k_vert.view(B, H, M, Bs, hd)[:, heads, nxt]  # [B, H, Bs, hd]
-                v_next = v_vert.view(B, H, M, Bs, hd)[:, heads, nxt]
-            parts = []
-            if lo < qb and lo_q == qb * Bs and hi_q == (qb + 1) * Bs and fast:
-                # A whole query block: window and own block in one product, the causal part as a
-                # bias made once per window length (the same for every block: 0.18 CPU s of
-                # separate 64-key products at 8K, 1 thread, measured, against a few % of bias adds).
-                n = (qb + 1 - lo) * Bs
-                if n not in biases:
-                    rows = n - Bs + torch.arange(Bs, device=q.device)  # the queries' key slots
-                    allowed = torch.arange(n, device=q.device)[None, :] <= rows[:, None]
-                    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, -math.inf)
-                    biases[n] = bias.repeat(G, 1)[None, None]  # row g*t + r of the group's stack is row r
-                parts.append(self._part(qq, k[:, :, lo * Bs:(qb + 1) * Bs], v[:, :, lo * Bs:(qb + 1) * Bs], None,
-                                        bias=biases[n]))
-            else:
-                if lo < qb:  # the window's whole blocks before the query's own: no mask
-                    parts.append(self._part(qq, k[:, :, lo * Bs:qb * Bs], v[:, :, lo * Bs:qb * Bs], None))
-                causal = (torch.arange(qb * Bs, hi_q, device=q.device)[None, :]
-                          <= torch.arange(lo_q, hi_q, device=q.device)[:, None])  # [t, n]
-                parts.append(self._part(qq, k[:, :, qb * Bs:hi_q], v[:, :, qb * Bs:hi_q], causal[None, None]))
-            visible = nxt_id < lo if upto else None  # [H]: heads whose next vertical block is now in view
-            if visible is not None and bool(visible.any()):
-                parts.append(self._part(qq, k_next, v_next, None, alive=visible[None, :, None]))
-            if common is not None:
-                parts.append((common[0][:, :, lo_q - c_lo:hi_q - c_lo], common[1][:, :, lo_q - c_lo:hi_q - c_lo]))
-            out[:, :, lo_q - p0:hi_q - p0] = _merge(parts, q.dtype)
-        return out
+        wf = max(first, L - 1)  # the first block whose window is L whole blocks
+        lo_pos = min(p0, wf * Bs)
+        res = q.new_empty(B, (last + 1) * Bs - lo_pos, H, hd)  # rows from position lo_pos, in attend's layout
+        if p0 < (L - 1) * Bs:
+            # Before block L-1 the window reaches position 0 and no block has left it: causal.
+            E = min(S, (L - 1) * Bs)
+            ke, ve = k[:, :, :E], v[:, :, :E]
+            if p0 == 0:
+                out, _ = _attention(q[:, :, :E], ke, ve, self.scale, causal=True)
+            else:  # queries p0..E-1 against keys 0..E-1: causal aligned at the bottom right
+                seen = torch.arange(E, device=q.device)[None, :] <= torch.arange(p0, E, device=q.device)[:, None]
+                out, _ = _attention(q[:, :, :E - p0], ke, ve, self.scale, bias=_bias(seen, q.dtype))
+            res[:, :E - p0] = out.transpose(1, 2)
+        if last >= wf:
+            frame = res[:, wf * Bs - lo_pos:]  # rows of blocks wf..last
+            self._window(q, k, v, p0, wf, last, frame)
+        return res[:, p0 - lo_pos:p0 - lo_pos + T].transpose(1, 2)
+
+    def _window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p0: int, wf: int, last: int,
+                frame: torch.Tensor) -> None:
+        """_prefill's query blocks wf..last (wf >= L-1): their local window and vertical blocks,
+        merged, written into frame [B, (last+1-wf)*Bs, H, hd] (rows of positions wf*Bs..).
+
+        The window: the query blocks are the batch of one kernel call, [nw, H, Bs, hd], a view of
+        the queries (the kernel reads key head h // G for query head h, so nothing is stacked or
+        copied). Block qb attends to keys (qb-L+1)*Bs..(qb+1)*Bs-1, an `unfold` of the keys
+        (overlapping views, nothing copied: [nw, KV, L*Bs, hd]); its own block is causal through
+        one additive [Bs, L*Bs] bias shared by every block. That computes 16 whole blocks where
+        15.5 are allowed (3% more products)."""
+        B, H, T, hd = q.shape
+        S = p0 + T
+        Bs, L = self.block, self.local_blocks
+        nw = last - wf + 1
+        R = nw * Bs
+        a = max(p0, wf * Bs) - wf * Bs  # frame row of the first real query
+        tw = S - wf * Bs - a  # real queries in the frame
+        rows = q.transpose(1, 2)[:, T - tw:]  # [B, tw, H, hd]: attend's layout, a view
+        if a or tw != R:  # a partial first or last block: pad the queries to whole blocks
+            rows = F.pad(rows, (0, 0, 0, 0, a, R - a - tw))
+        blocks = rows.unflatten(1, (nw, Bs)).transpose(2, 3)  # [B, nw, H, Bs, hd]
+        kw, vw = k[:, :, (wf - L + 1) * Bs:S], v[:, :, (wf - L + 1) * Bs:S]
+        if (last + 1) * Bs > S:
+            kw, vw = F.pad(kw, (0, 0, 0, (last + 1) * Bs - S)), F.pad(vw, (0, 0, 0, (last + 1) * Bs - S))
+        bias = _bias(torch.arange(L * Bs, device=q.device)[None, :]
+                     <= (L - 1) * Bs + torch.arange(Bs, device=q.device)[:, None], q.dtype)
+        outs, lses = [], []
+        for b in range(B):
+            windows_k = kw[b].unfold(1, L * Bs, Bs).permute(1, 0, 3, 2)  # [nw, KV, L*Bs, hd]
+            windows_v = vw[b].unfold(1, L * Bs, Bs).permute(1, 0, 3, 2)
+            o, lse = _attention(blocks[b], windows_k, windows_v, self.scale, bias=bias)
+            outs.append(o)
+            lses.append(lse)
+        out_w = outs[0][None] if B == 1 else torch.stack(outs)  # [B, nw, H, Bs, hd]
+        lse_w = lses[0][None] if B == 1 else torch.stack(lses)
+        target = frame.unflatten(1, (nw, Bs)).transpose(2, 3)  # [B, nw, H, Bs, hd], a view
+        vertical = self._vertical_rows(rows, k, v, wf, last)
+        if vertical is None:
+            target.copy_(out_w)
+            return
+        out_v, lse_v = vertical
+        w = torch.sigmoid(lse_w - lse_v)[..., None].to(q.dtype)  # the window's weight; 1 with no vertical block
+        if torch.is_grad_enabled():
+            target.copy_(torch.lerp(out_v, out_w, w))
+        else:
+            torch.lerp(out_v, out_w, w, out=target)
+
+    def _vertical_rows(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wf: int,
+                       last: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The vertical part of _window's queries, rows [B, R, H, hd] (blocks wf..last):
+        (out [B, nw, H, Bs, hd], lse [B, nw, H, Bs]) in _window's block layout, lse -inf where a
+        row sees no vertical block; None when no row sees one.
+
+        Query block qb of head h sees the vertical blocks r_h, r_h+V, ... up to qb-L, that is
+        c = (qb + V-1-r_h - L+1) // V of them. Shifting each head's rows down by V-1-r_h blocks
+        lines the heads up: shifted block s of every head sees (s - L+1) // V blocks, so the rows
+        that see c blocks are one slice of V*Bs rows for all heads, which attend, with no mask, to
+        the first c of each head's gathered vertical blocks. One row gather shifts, one unshifts
+        (index_select: plain indexing of [H, rows] pairs ran 4x slower, measured); at 8K: 15
+        calls of 32 heads x 512 rows against 64..896 keys, every product needed."""
+        B, R, H, hd = rows.shape
+        Bs, L, V = self.block, self.local_blocks, self.stride
+        upto = last - L + 1  # vertical blocks lie below the last window's first block
+        if upto <= 0:
+            return None
+        k_vert, ids = self._vertical(k, upto)
+        v_vert, _ = self._vertical(v, upto)
+        nw, Rs, dev = R // Bs, R + (V - 1) * Bs, rows.device
+        shift = (V - 1 - self.residues) * Bs  # [H] rows
+        heads = torch.arange(H, device=dev)[:, None]
+        # Shifted row s of head h holds row i = s - shift[h] (out of range: any row, never read back).
+        i = (torch.arange(Rs, device=dev)[None, :] - shift[:, None]).clamp(0, R - 1)
+        q_shifted = rows.reshape(B, R * H, hd).index_select(1, (i * H + heads).flatten()).view(B, H, Rs, hd)
+        outs, lses = [], []
+        c0 = max(1, (wf - L + 1) // V)
+        start = max(0, (L - 1 + V * c0 - wf) * Bs)
+        if start:  # rows that see no vertical block yet
+            outs.append(rows.new_zeros(B, H, start, hd))
+            lses.append(torch.full((B, H, start), float("-inf"), device=dev))
+        end = start
+        for c in range(c0, ids.shape[1] + 1):  # no real row sees more than M blocks
+            end = min(Rs, (L - 1 + V * (c + 1) - wf) * Bs)
+            o, s = _attention(q_shifted[:, :, start:end], k_vert[:, :, :c * Bs], v_vert[:, :, :c * Bs], self.scale)
+            outs.append(o)
+            lses.append(s.float())
+            start = end
+            if end == Rs:
+                break
+        if end < Rs:  # rows past the last chunk: none is a real query
+            outs.append(rows.new_zeros(B, H, Rs - end, hd))
+            lses.append(torch.full((B, H, Rs - end), float("-inf"), device=dev))
+        out, lse = torch.cat(outs, 2), torch.cat(lses, 2)  # [B, H, Rs(, hd)]
+        # Back: row r of block n of head h is shifted row n*Bs + r + shift[h] of head h.
+        n = torch.arange(nw, device=dev)[:, None, None]
+        back = heads[None] * Rs + n * Bs + torch.arange(Bs, device=dev) + shift[None, :, None]  # [nw, H, Bs]
+        back = back.flatten()
+        return (out.view(B, H * Rs, hd).index_select(1, back).view(B, nw, H, Bs, hd),
+                lse.view(B, H * Rs).index_select(1, back).view(B, nw, H, Bs))
+
+    def _one_token_full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
+        """One query (q [B, H, 1, hd], position pos) against keys [B, KV, pos+1, hd] laid out by
+        position: the window's keys are a slice, the vertical blocks _vertical's gather."""
+        lo = max(0, pos // self.block - self.local_blocks + 1)  # the window's first block
+        vertical = None
+        if lo:
+            k_vert, ids = self._vertical(k, lo)
+            v_vert, _ = self._vertical(v, lo)
+            vertical = (k_vert, v_vert, ids < lo)
+        return self._one_token(q, k[:, :, lo * self.block:pos + 1], v[:, :, lo * self.block:pos + 1], vertical)
+
+    def _one_token(self, q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,
+                   vertical: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """One query per row: q [B, H, 1, hd] against its window's keys k_win [B, KV, n, hd] in
+        position order (the group's heads stacked, no mask), and `vertical` = (k [B, H, M*Bs, hd],
+        v, have [H, M]): each head's gathered vertical blocks and which of them it may see. Both
+        caches call this with the same tensors, so their logits are equal bit for bit."""
+        parts = [self._part(q, k_win, v_win, None)]
+        if vertical is not None:
+            k_vert, v_vert, have = vertical
+            if bool(have.any()):
+                mask = have.repeat_interleave(self.block, 1)[None, :, None, :]
+                parts.append(self._part(q, k_vert, v_vert, mask, have[None, :, :1]))
+        return _merge(parts, q.dtype)
 
     def _general(self, q, k, v, plan: Plan) -> torch.Tensor:
         """Any mask (eval's packed `allowed`, masks with holes): a dense [B, H, T, S] mask, the
@@ -583,25 +698,29 @@ class SmallAttention(nn.Module):
         return out
 
     def _decode_head_aware(self, q: torch.Tensor, pos: torch.Tensor, cache: HeadAwareKVCache, j: int) -> torch.Tensor:
-        """One new token per row (at position pos [B], already stored): the ring's slots in the
-        window, and each head's vertical blocks below it (in any order: softmax does not care)."""
-        B, H, _, hd = q.shape
+        """One new token per row (at position pos [B], already stored): the window's keys read from
+        the ring in position order, each head's vertical blocks from the vertical store, laid out
+        as _one_token_full lays them out from a full cache (same order, same shapes)."""
+        B = q.shape[0]
         Bs, L, V = self.block, self.local_blocks, self.stride
-        lo = (torch.div(pos, Bs, rounding_mode="floor") - L + 1).clamp(min=0)  # [B] window's first block
-        ring_pos = cache.ring_pos[j]
-        loc_ok = ((ring_pos >= lo[:, None] * Bs) & (ring_pos <= pos[:, None]))[:, None, None, :]
-        parts = [self._part(q, cache.ring_k[j], cache.ring_v[j], loc_ok)]
-        M = min(cache.vert_k.shape[3], -(-(int(lo.max()) - self.min_residue) // V)) if int(lo.max()) else 0
-        if M > 0:
-            group = torch.arange(H, device=q.device) // (H // self.n_kv_heads)
-            # [H, B, M, Bs, hd] (advanced indices first) -> [B, H, M*Bs, hd]: the heads' own blocks only.
-            k_vert = cache.vert_k[j][:, group, :M, cache.slot_of_head].transpose(0, 1).reshape(B, H, M * Bs, hd)
-            v_vert = cache.vert_v[j][:, group, :M, cache.slot_of_head].transpose(0, 1).reshape(B, H, M * Bs, hd)
-            ids = self.residues[:, None] + V * torch.arange(M, device=q.device)  # [H, M]
-            have = ids[None] < lo[:, None, None]  # [B, H, M]
-            parts.append(self._part(q, k_vert, v_vert, have.repeat_interleave(Bs, dim=2)[:, :, None, :],
-                                  have[:, :, :1]))
-        return _merge(parts, q.dtype)
+        H = self.n_heads
+        group = torch.arange(H, device=q.device) // (H // self.n_kv_heads)
+        outs = []
+        for b in range(B):  # rows may be at different positions (left padding)
+            p = int(pos[b])
+            lo = max(0, p // Bs - L + 1)
+            slots = torch.arange(lo * Bs, p + 1, device=q.device) % cache.ring_len
+            vertical = None
+            if lo:
+                M = max(1, -(-(lo - self.min_residue) // V))  # as _vertical
+                # [H, 1, M, Bs, hd] (advanced indices first) -> [1, H, M*Bs, hd]: each head's own blocks.
+                k_vert, v_vert = (s[j][b:b + 1, group, :M, cache.slot_of_head].transpose(0, 1).reshape(1, H, M * Bs, -1)
+                                  for s in (cache.vert_k, cache.vert_v))
+                ids = self.residues[:, None] + V * torch.arange(M, device=q.device)
+                vertical = (k_vert, v_vert, ids < lo)
+            outs.append(self._one_token(q[b:b + 1], cache.ring_k[j][b:b + 1, :, slots],
+                                        cache.ring_v[j][b:b + 1, :, slots], vertical))
+        return torch.cat(outs) if B > 1 else outs[0]
 
 
 def gegelu(u: torch.Tensor, limit: float | None) -> torch.Tensor:

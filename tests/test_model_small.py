@@ -248,8 +248,8 @@ def test_head_aware_cache_gives_the_full_caches_logits_with_less_memory(model, k
                                             [model(ids[:, t:t + 1], cache) for t in range(45, SEQ)], 1)
     finally:
         model.kv_dtype = None
-    # The same keys and values; only the order of the sums differs (the ring holds the window rotated).
-    assert close(out[True], out[False]) <= 1e-5
+    # Both caches hand the kernel the same keys in the same order and layout: equal bit for bit.
+    assert torch.equal(out[True], out[False])
     if kv_dtype is not None:
         return
     cache = model.new_cache(1, SEQ, head_aware=True)
@@ -258,6 +258,29 @@ def test_head_aware_cache_gives_the_full_caches_logits_with_less_memory(model, k
     # 2 sparse layers: a ring of 12 positions + blocks of 2 of the 3 residues below block 13 (5 rounds x 2 x 4)
     assert kv_cache_bytes(cfg, 1, SEQ, 4, head_aware=True) == (2 * SEQ + 2 * (12 + 5 * 2 * 4)) * 2 * 2 * 8 * 4
     assert kv_cache_bytes(cfg, 1, SEQ, 4) == 4 * SEQ * 2 * 2 * 8 * 4
+
+
+def test_real_block_pattern_past_1024_tokens():
+    """Block 64, 16 local blocks, stride 8 and 8 heads (the 8 residues, 4 per KV group, as the real
+    model): a 1037-token prefill, 3 decode steps and a 60-token chunk (lengths not multiples of 64,
+    past the 1024-token window) equal the dense-mask path (`allowed`: SDPA over the pattern
+    intersected with a causal mask) within 1e-5, and the head-aware cache equals the full one bit
+    for bit."""
+    cfg = tiny(num_hidden_layers=2, num_attention_heads=8, blocksparse_block_size=64,
+               blocksparse_num_local_blocks=16, blocksparse_vert_stride=8, max_position_embeddings=1100,
+               original_max_position_embeddings=1100)
+    model = build(cfg, seed=9)
+    torch.manual_seed(9)
+    ids = torch.randint(0, 96, (1, 1100))
+    with torch.no_grad():
+        ref = model(ids, positions=torch.arange(1100)[None], allowed=torch.ones(1100, 1100, dtype=torch.bool).tril()[None])
+        out = {}
+        for head_aware in (False, True):
+            cache = model.new_cache(1, 1100, head_aware=head_aware)
+            parts = [model(ids[:, :1037], cache)] + [model(ids[:, t:t + 1], cache) for t in range(1037, 1040)]
+            out[head_aware] = torch.cat(parts + [model(ids[:, 1040:], cache)], 1)
+    assert close(out[False], ref) <= 1e-5
+    assert torch.equal(out[True], out[False])
 
 
 def test_kv_bytes_at_8k_of_the_real_shape():

