@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PACKAGES = ("python3.11-doc", "debian-handbook", "dict-gcide", "manpages")
+STAGES = ("ingest", "heuristics", "dedup", "decontaminate", "synthetic", "judge", "classify", "phases")
 TOPICS = ["fractions", "the water cycle", "photosynthesis", "Newton's laws of motion", "prime numbers",
           "binary search", "recursion in Python", "the French Revolution", "probability with dice",
           "how vaccines work", "the Pythagorean theorem", "supply and demand"]
@@ -169,7 +170,8 @@ def write_warcs(pages: dict[str, list[tuple[str, str]]], crawl: Path) -> int:
 
 def start_server(port: int, log: Path) -> subprocess.Popen:
     import urllib.request
-    proc = subprocess.Popen([str(BIN / "phi3"), "serve", "--port", str(port), "--name", "smollm2"],
+    # one thread: the machine is shared, and a 135M model's prefill gains little from a second core
+    proc = subprocess.Popen([str(BIN / "phi3"), "serve", "--port", str(port), "--name", "smollm2", "--threads", "1"],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     for _ in range(900):
         try:
@@ -190,6 +192,27 @@ def cpu_of(pid: int) -> float:
         return 0.0
 
 
+def choose_thresholds(classify: Path) -> tuple[float, float, str]:
+    """FineWeb-Edu's whole-number thresholds (phase 1 >= 2, phase 2 >= 3 on the rounded score) when
+    they make two nested, non-empty, different phases that filter something; otherwise thresholds
+    on the classifier's score itself at its median (phase 1: the better half) and 80th percentile
+    (phase 2: the best fifth), for a judge whose scores crowd into one unit."""
+    hist = json.loads((classify / "summary.json").read_text())["histogram"]
+    at = lambda t: sum(v for k, v in hist.items() if int(k) >= t)  # noqa: E731
+    total = at(0)
+    if 0 < at(3) < at(2) < total:
+        return 2, 3, "FineWeb-Edu's: the classifier's rounded scores split the corpus at 2 and at 3"
+    sys.path.insert(0, str(ROOT))
+    from phi3.recipe.ingest import docs_input
+    from phi3.recipe.judge import read_documents
+    scores = sorted(d["metadata"]["edu_score"] for d in read_documents(*docs_input(classify)).values())
+    q = lambda f: scores[min(len(scores) - 1, int(f * len(scores)))]  # noqa: E731
+    t1, t2 = q(0.5), q(0.8)
+    return t1, t2, (f"the classifier's rounded scores are {', '.join(f'{k}: {v}' for k, v in hist.items() if v)}, so "
+                    "whole-number thresholds cannot split them; t1 and t2 are the median and the 80th percentile of "
+                    f"its scores ({scores[0]:.3f}-{scores[-1]:.3f} over {len(scores)} documents)")
+
+
 def recipe_text(work: Path, url: str, upto: list[str], t1: int, t2: int, args) -> str:
     tables = {
         "executor": 'tasks = 2\nworkers = 1',
@@ -202,7 +225,7 @@ def recipe_text(work: Path, url: str, upto: list[str], t1: int, t2: int, args) -
         "synthetic": f'url = "{url}"\nmodel = "smollm2"\ntopics = "{work / "topics.txt"}"\nn = {args.synthetic}\n'
                      f'max_tokens = {args.gen_tokens}\ntemperature = 0.8\nbatch = 4\nseed = 0',
         "judge": f'url = "{url}"\nmodel = "smollm2"\nsample = {args.sample}\nmax_tokens = {args.judge_tokens}\n'
-                 f'max_chars = {args.judge_chars}\nprompt = "{args.judge_prompt}"\nseed = 0',
+                 f'max_chars = {args.judge_chars}\nprompt = "{args.judge_prompt}"\nscoring = "{args.judge_scoring}"\nseed = 0',
         "classify": f'embedder = "{args.embedder}"\nthreshold = 3',
         "phases": f'tokenizer = "default"\nt1 = {t1}\nt2 = {t2}',
     }
@@ -255,24 +278,29 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "phi3" / "data-demo"))
     ap.add_argument("--write", default=str(ROOT / "DATA.md"), help="the page to write")
-    ap.add_argument("--scale", type=float, default=1.0, help="multiplies the number of pages of each source")
-    ap.add_argument("--sample", type=int, default=24, help="documents the judge scores")
+    ap.add_argument("--scale", type=float, default=2.0,
+                    help="multiplies the number of pages of each source (2: 530 pages, 115 left for the judge)")
+    ap.add_argument("--sample", type=int, default=120, help="documents the judge scores (all of them, in logprobs mode: ~5 s each on 1 thread)")
     ap.add_argument("--synthetic", type=int, default=4, help="synthetic generations")
     ap.add_argument("--judge-tokens", type=int, default=16)
     ap.add_argument("--judge-prompt", default="brief", help="full or brief (see phi3/recipe/judge.py)")
     ap.add_argument("--judge-chars", type=int, default=1000, help="characters of each document the judge reads")
+    ap.add_argument("--judge-scoring", default="auto", choices=("auto", "logprobs", "text"),
+                    help="auto: the expected score from the digits' probabilities when the endpoint gives logprobs")
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--embedder", default="minilm-static")
     ap.add_argument("--port", type=int, default=18716)
     ap.add_argument("--url", help="an OpenAI-compatible endpoint serving the model as 'smollm2' (default: start phi3 serve)")
     ap.add_argument("--server-pid", type=int, help="that endpoint's process, to count its CPU seconds")
     ap.add_argument("--fresh", action="store_true", help="delete the previous run's stages first")
+    ap.add_argument("--until", choices=STAGES, help="stop after this stage (a later run goes on from there)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop the server too
     work = Path(args.work).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     if args.fresh:
         shutil.rmtree(work / "run", ignore_errors=True)
+        (work / "timings.json").unlink(missing_ok=True)
     started = time.time()
     root = fetch_packages(work)
     pages = build_pages(root, seed=0, scale=args.scale)
@@ -288,22 +316,24 @@ def main() -> int:
         server = start_server(args.port, work / "serve.log")
         server_pid = server.pid
         url = f"http://127.0.0.1:{args.port}/v1"
-    order = ["ingest", "heuristics", "dedup", "decontaminate", "synthetic", "judge", "classify", "phases"]
+    order = list(STAGES[:STAGES.index(args.until) + 1] if args.until else STAGES)
+    # each stage's timing as measured when it ran: a resumed demo skips finished stages, and keeps their numbers
+    timings_file = work / "timings.json"
+    earlier = {t["stage"]: t for t in json.loads(timings_file.read_text())} if timings_file.is_file() else {}
     timings = []
     failed = None
     recipe = work / "recipe.toml"
     try:
         for i, stage in enumerate(order):
             t1, t2 = 2, 3
-            if stage == "phases":  # FineWeb-Edu's 3 for phase 2 and 2 for phase 1, lowered if they keep nothing
-                hist = json.loads((work / "run" / "classify" / "summary.json").read_text())["histogram"]
-                at = lambda t: sum(v for k, v in hist.items() if int(k) >= t)  # noqa: E731
-                while t2 > 1 and at(t2) == 0:
-                    t2 -= 1
-                t1 = min(t1, t2 - 1) if t2 > 1 else t2
-                while t1 < t2 and at(t1) == at(t2):
-                    t1 -= 1
+            if stage == "phases":
+                t1, t2, why = choose_thresholds(work / "run" / "classify")
+                (work / "thresholds.json").write_text(json.dumps({"t1": t1, "t2": t2, "why": why}))
+                print(f"data-demo: phases t1 {t1}, t2 {t2}: {why}", flush=True)
             recipe.write_text(recipe_text(work, url, order[:i + 1], t1, t2, args))
+            if stage in earlier and (work / "run" / stage / "summary.json").is_file():
+                timings.append(earlier[stage])
+                continue
             load0, c0, s0, w0 = os.getloadavg(), resource.getrusage(resource.RUSAGE_CHILDREN), cpu_of(server_pid) if server_pid else 0, time.time()
             print(f"data-demo: phi3 data run {recipe}  (through {stage})", flush=True)
             r = subprocess.run([str(BIN / "phi3"), "data", "run", str(recipe)], stderr=subprocess.PIPE, text=True)
@@ -313,6 +343,9 @@ def main() -> int:
                             "cpu_s": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime,
                             "server_cpu_s": (cpu_of(server_pid) - s0) if server_pid else None,
                             "load": [round(x, 1) for x in (*load0, *os.getloadavg())]})
+            tmp = timings_file.with_name("timings.json.tmp")
+            tmp.write_text(json.dumps(timings + [t for s, t in earlier.items() if s not in {x["stage"] for x in timings}]))
+            os.replace(tmp, timings_file)
             if r.returncode:
                 failed = (stage, (r.stderr.strip().splitlines() or ["?"])[-1])
                 print(f"data-demo: {stage} failed: {failed[1]}", flush=True)
@@ -334,6 +367,45 @@ def main() -> int:
     return 0
 
 
+SOURCES = {"docs.python.org": "python-docs", "debian-handbook.info": "debian-handbook", "gcide.gnu.org.ua": "gcide",
+           "manpages.debian.org": "manpages", "metadata.ftp-master.debian.org": "changelogs",
+           "sources.debian.org": "changelogs", "python-docs-mirror.example.org": "mirrors",
+           "homework-forum.example.org": "forum"}
+
+
+def judge_lines(j: dict, judgments: Path) -> list[str]:
+    """The judge's numbers: in logprobs mode the expected scores' spread, a histogram in quarter
+    points, and the mean expected score of each source (does the judge tell the sources apart?)."""
+    if j.get("scoring") != "logprobs":
+        return ["", f"Judge: {j['sample']} documents scored by SmolLM2-135M-Instruct from its answer's text, "
+                f"{j['unparsable']} unparsable; scores " + ", ".join(f"{k}: {v}" for k, v in j["histogram"].items()) + "."]
+    records = [json.loads(line) for line in judgments.open() if line.strip()]
+    e = j["expected_score"]
+    lines = ["", "## The judge's scores (G-Eval: the expected digit under SmolLM2's token probabilities)", "",
+             f"{j['sample']} documents judged, {j['unparsable']} unparsable. The reply is prefilled with "
+             f"{j.get('prefill')!r}; at the next token P(\"0\")..P(\"5\") (top 20 log-probabilities) are renormalised.",
+             f"- expected score: min {e['min']:.2f}, median {e['median']:.2f}, mean {e['mean']:.2f}, max {e['max']:.2f}; "
+             f"the digits 0-5 held {100 * e['mean_digit_mass']:.0f} % of the probability at that token on average;",
+             "- by nearest whole score: " + ", ".join(f"{k}: {v}" for k, v in j["histogram"].items()) + ";",
+             "- the likeliest digit (the greedy answer): " + ", ".join(f"{k}: {v}" for k, v in j["argmax_histogram"].items()) + ".",
+             "", "| expected score | documents |", "|---|---|"]
+    scores = [r["score"] for r in records if r.get("score") is not None]
+    lo = int(min(scores) * 4) / 4 if scores else 0
+    while scores and lo <= max(scores):
+        lines.append(f"| {lo:.2f}-{lo + 0.25:.2f} | {sum(1 for x in scores if lo <= x < lo + 0.25)} |")
+        lo += 0.25
+    by: dict[str, list[float]] = {}
+    for r in records:
+        if r.get("score") is not None:
+            host = re.sub(r"^https?://([^/]+)/.*$", r"\1", r.get("url") or "")
+            by.setdefault(SOURCES.get(host, host or "?"), []).append(r["score"])
+    lines += ["", "| source | judged | mean expected score | min | max | at or above 3 |", "|---|---|---|---|---|---|"]
+    for src, xs in sorted(by.items(), key=lambda kv: -sum(kv[1]) / len(kv[1])):
+        lines.append(f"| {src} | {len(xs)} | {sum(xs) / len(xs):.2f} | {min(xs):.2f} | {max(xs):.2f} | "
+                     f"{sum(1 for x in xs if x >= 3)} |")
+    return lines
+
+
 def write_page(out: Path, work: Path, recipe: Path, timings: list[dict], compare: list[dict], n_pages: int,
                pages: dict, pipeline_s: float, total_s: float, args, failed: tuple[str, str] | None = None) -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -346,15 +418,15 @@ def write_page(out: Path, work: Path, recipe: Path, timings: list[dict], compare
              "CPU seconds (of `phi3 data` and of the judge server) are the numbers to compare, not wall time.", "",
              "Command (what the demo runs, one stage at a time so that each is timed; a whole run is the last line):", "",
              "```", f"make data-demo   # = .venv/bin/python benchmarks/data_demo.py {' '.join(sys.argv[1:])}".rstrip(),
-             f"phi3 serve --port {args.port} --name smollm2 &   # SmolLM2-135M-Instruct Q4_1, judge and generator"
+             f"phi3 serve --port {args.port} --name smollm2 --threads 1 &   # SmolLM2-135M-Instruct Q4_1, judge and generator"
              + ("" if not args.url else f" (this run: an already running one at {args.url})"),
              f"phi3 data run {recipe}", "```", "", "The recipe:", "", "```toml", recipe.read_text().replace(str(work), "WORK").rstrip(), "```", "",
              "## Input: Debian documentation packed as WARC", "",
              f"`apt-get download {' '.join(PACKAGES)}` + this machine's /usr/share/doc changelogs and licences: "
              f"{n_pages} pages in {len(pages)} WARC files (warcio):", "",
              "| source | pages | what |", "|---|---|---|"]
-    what = {"python-docs": "python3.11-doc HTML: tutorial, howtos, 50 library pages (educational)",
-            "debian-handbook": "debian-handbook HTML: 60 en-US, 12 fr-FR, 12 de-DE, 6 ja-JP pages",
+    what = {"python-docs": "python3.11-doc HTML: tutorial, howtos, library pages (educational)",
+            "debian-handbook": "debian-handbook HTML: en-US, fr-FR, de-DE and ja-JP pages, 10:2:2:1",
             "gcide": "dict-gcide: runs of 12 dictionary entries (low value)",
             "manpages": "manpages sections 2, 3, 5, 7, roff turned to text (reference)",
             "changelogs": "Debian changelogs and copyright files (low value)",
@@ -383,8 +455,7 @@ def write_page(out: Path, work: Path, recipe: Path, timings: list[dict], compare
                   "(5-gram shingles, 14 bands x 8 hashes)."]
     j = s.get("judge", {})
     if j:
-        lines += ["", f"Judge: {j['sample']} documents scored by SmolLM2-135M-Instruct, {j['unparsable']} unparsable; "
-                  "scores " + ", ".join(f"{k}: {v}" for k, v in j["histogram"].items()) + "."]
+        lines += judge_lines(j, run / "judge" / "judgments.jsonl")
     c = s.get("classify", {})
     if c:
         lines += [f"Classifier ({args.embedder}): scores of all {c['documents_in']} documents "

@@ -44,7 +44,31 @@ class QueueFull(Phi3Error):
     pass
 
 
-Event = Callable[[str, object], None]  # ("text", str) | ("done", Completion) | ("error", str)
+Event = Callable[[str, object], None]  # ("text", str) | ("logprobs", TokenLogprobs) | ("done", Completion) | ("error", str)
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+
+
+@dataclass
+class TokenLogprobs:
+    """One generated token's log-probability and the `top` most likely alternatives (id, logprob),
+    most likely first. The server spells them out in OpenAI's shape."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, token_id: int, top: int) -> TokenLogprobs:
+    """Log-probabilities as OpenAI and vLLM (its default "raw" mode) report them: the log-softmax of
+    the model's raw logits [V], before repetition penalty, temperature and top-k/top-p. They say
+    what the model believes whatever the request's sampler settings, which is what a G-Eval style
+    judge reads (a greedy request and a sampled one report the same numbers)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    pairs: list[tuple[int, float]] = []
+    if top > 0:
+        values, ids = lp.topk(min(top, lp.shape[-1]))
+        pairs = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprobs(int(token_id), float(lp[token_id]), pairs)
 
 
 @dataclass
@@ -84,6 +108,9 @@ class Request:
     on_event: Event
     stop_ids: set[int] | None = None
     prefix: Prefix | None = None  # shared keys and values to start from, where the prompt begins with them
+    # None: no log-probabilities (nothing computed, decode unchanged); k in 0..20: a ("logprobs",
+    # TokenLogprobs) event with the top k before each generated token's text (stop tokens excluded)
+    logprobs: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -152,6 +179,8 @@ class Engine:
         """Queue a request; Phi3Error for bad parameters or a prompt that does not fit, QueueFull
         when `max_queue` requests are already waiting."""
         request.params.validate()
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+            raise Phi3Error(f"top logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {request.logprobs}")
         check_fits(self.model, len(request.prompt), request.params.max_new_tokens)
         with self._wake:
             if self._stopping:
@@ -285,6 +314,8 @@ class Engine:
         if tid in req.stop_ids:
             text = run.row.end("stop")
         else:
+            if req.logprobs is not None:  # before the token's text: a stream attaches it to that chunk
+                req.on_event("logprobs", token_logprobs(logits[0], tid, req.logprobs))
             run.tokens.append(tid)
             text = run.row.add(tid)
             if run.row.finish_reason is None and run.generated >= p.max_new_tokens:

@@ -99,17 +99,49 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def _content(endpoint: str, raw: bytes) -> str:
+def _choice(endpoint: str, raw: bytes) -> dict:
     try:
         data = json.loads(raw)
-        message = data["choices"][0]["message"]
+        choice = data["choices"][0]
+        if not isinstance(choice, dict) or not isinstance(choice["message"], dict):
+            raise TypeError
     except (ValueError, KeyError, IndexError, TypeError):
         raise EndpointError(f"{endpoint}: the answer is not an OpenAI chat completion "
                             f"(got {_one_line(raw.decode('utf-8', 'replace'), 120)!r})") from None
-    content = message.get("content") if isinstance(message, dict) else None
+    return choice
+
+
+def _text(message: dict) -> str:
+    content = message.get("content")
     if isinstance(content, list):  # content parts
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))
     return content if isinstance(content, str) else ""  # null content (e.g. a refusal field): no text
+
+
+def _content(endpoint: str, raw: bytes) -> str:
+    return _text(_choice(endpoint, raw)["message"])
+
+
+@dataclass
+class ChatResult:
+    """A reply with its tokens' log-probabilities: OpenAI's choices[0].logprobs.content, a list of
+    {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}; None when the endpoint sent
+    none (it ignores `logprobs`, as some OpenAI-compatible servers do)."""
+
+    text: str
+    logprobs: list[dict] | None
+
+
+def _chat_result(endpoint: str, raw: bytes) -> ChatResult:
+    choice = _choice(endpoint, raw)
+    lp = choice.get("logprobs")
+    content = lp.get("content") if isinstance(lp, dict) else None
+    if content is not None and not (isinstance(content, list) and all(
+            isinstance(t, dict) and isinstance(t.get("token"), str) and isinstance(t.get("logprob"), (int, float))
+            for t in content)):
+        raise EndpointError(f"{endpoint}: choices[0].logprobs.content is not a list of {{token, logprob, ...}} "
+                            f"(got {_one_line(json.dumps(content), 120)!r})")
+    return ChatResult(_text(choice["message"]), content)
 
 
 def chat_completion(url: str, model: str, messages: list[dict[str, str]], temperature: float = 0.0,
@@ -121,9 +153,36 @@ def chat_completion(url: str, model: str, messages: list[dict[str, str]], temper
     Retries (with doubling backoff, or the server's Retry-After) on 408/429/5xx and on connection
     errors, since judges are rate-limited remote services; any other failure is an EndpointError
     (a Phi3Error) of one line naming the URL and the problem."""
+    return _content(chat_endpoint(url), _post_chat(url, model, messages, temperature, max_tokens, api_key, timeout,
+                                                   retries, seed))
+
+
+def chat_completion_logprobs(url: str, model: str, messages: list[dict[str, str]], top_logprobs: int = 20,
+                             temperature: float = 0.0, max_tokens: int = 2048, api_key: str | None = None,
+                             timeout: float = 300.0, retries: int = MAX_RETRIES, seed: int | None = None,
+                             prefill: str | None = None) -> ChatResult:
+    """chat_completion with OpenAI's `logprobs: true, top_logprobs: N` (0..20): the text and each
+    generated token's log-probability with its N likeliest alternatives (a G-Eval style judge
+    reads the distribution over the score's digits). `prefill`: the reply continues this
+    assistant text (vLLM's and phi3 serve's `continue_final_message`; OpenAI refuses it with a
+    400). Same retries and errors."""
+    if not 0 <= top_logprobs <= 20:
+        raise Phi3Error(f"top_logprobs {top_logprobs} is out of range: OpenAI allows 0 to 20")
+    extra: dict[str, Any] = {"logprobs": True, "top_logprobs": top_logprobs}
+    if prefill:
+        messages = [*messages, {"role": "assistant", "content": prefill}]
+        extra.update(continue_final_message=True, add_generation_prompt=False)
+    raw = _post_chat(url, model, messages, temperature, max_tokens, api_key, timeout, retries, seed, extra)
+    return _chat_result(chat_endpoint(url), raw)
+
+
+def _post_chat(url: str, model: str, messages: list[dict[str, str]], temperature: float, max_tokens: int,
+               api_key: str | None, timeout: float, retries: int, seed: int | None,
+               extra: dict[str, Any] | None = None) -> bytes:
+    """POST a chat-completions request (retrying as chat_completion says); the response body."""
     endpoint = chat_endpoint(url)
     request_body: dict[str, Any] = {"model": model, "messages": messages, "temperature": temperature,
-                                    "max_tokens": max_tokens, "n": 1}
+                                    "max_tokens": max_tokens, "n": 1, **(extra or {})}
     if seed is not None:
         request_body["seed"] = seed
     body = json.dumps(request_body).encode("utf-8")
@@ -138,8 +197,7 @@ def chat_completion(url: str, model: str, messages: list[dict[str, str]], temper
         retry_after = None
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                raw = response.read()
-            return _content(endpoint, raw)
+                return response.read()
         except urllib.error.HTTPError as e:  # before URLError: it is one
             status: int | None = e.code
             detail = _error_detail(e)
@@ -173,6 +231,13 @@ class Endpoint:
     def chat(self, messages: list[dict[str, str]], seed: int | None = None) -> str:
         return chat_completion(self.url, self.model, messages, temperature=self.temperature,
                                max_tokens=self.max_tokens, api_key=self.api_key, timeout=self.timeout, seed=seed)
+
+    def chat_logprobs(self, messages: list[dict[str, str]], top_logprobs: int = 20, seed: int | None = None,
+                      max_tokens: int | None = None, prefill: str | None = None) -> ChatResult:
+        """The reply and its tokens' top log-probabilities (chat_completion_logprobs)."""
+        return chat_completion_logprobs(self.url, self.model, messages, top_logprobs, temperature=self.temperature,
+                                        max_tokens=max_tokens or self.max_tokens, api_key=self.api_key,
+                                        timeout=self.timeout, seed=seed, prefill=prefill)
 
 
 # --- the model under test ------------------------------------------------------------------------------

@@ -6,10 +6,19 @@
     POST /v1/chat/completions   OpenAI chat completions, streamed (SSE) or not
     POST /v1/completions        OpenAI (legacy) text completions, streamed or not
 
+Token log-probabilities as OpenAI returns them: chat `logprobs: true` with `top_logprobs: 0..20`
+gives choices[0].logprobs.content = [{token, logprob, bytes, top_logprobs: [{token, logprob,
+bytes}]}], one per generated token (the stop token excluded), in each stream chunk for the tokens
+whose text it carries; completions' `logprobs: 0..20` gives the legacy {tokens, token_logprobs,
+top_logprobs, text_offset}. They are the log-softmax of the model's raw logits, before repetition
+penalty, temperature and top-p (OpenAI's and vLLM's convention; phi3.engine.token_logprobs).
+
 Extension: a chat request may carry `"search": true|false` (default: on when the server was
 started with --search). The last user message is then looked up in the index (or SearxNG), the
 top passages go into the prompt as numbered sources, and the response carries them as
-`"sources"` (in the first chunk when streaming).
+`"sources"` (in the first chunk when streaming). As vLLM, `"continue_final_message": true` (with
+`"add_generation_prompt": false`) continues the last message, an assistant prefill, instead of
+opening a new assistant turn.
 
 Requests go to phi3.engine.Engine, which decodes all running requests together, so clients are
 served at the same time and each gets the tokens it would get alone. Errors follow OpenAI's
@@ -47,9 +56,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from phi3.engine import Engine, QueueFull, Request
+from phi3.engine import MAX_TOP_LOGPROBS, Engine, QueueFull, Request, TokenLogprobs
 from phi3.errors import Phi3Error
 from phi3.generate import Completion, SamplingParams
+from phi3.tokenizer import from_byte_level
 
 MAX_BODY_BYTES = 4 << 20  # far above any prompt that fits a 128K context as text
 MAX_JSON_DEPTH = 64  # an OpenAI request nests 4 deep (body, messages, message, content part)
@@ -117,12 +127,19 @@ class _Sampling(_Strict):
 class ChatRequest(_Sampling):
     messages: list[Message]
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # vLLM's extension: the reply continues the last (assistant) message instead of opening a new
+    # turn, so a judge can prefill "Educational score:" and read the digit's probabilities next
+    continue_final_message: bool = False
+    add_generation_prompt: bool | None = None
     search: bool | None = None  # phi3 extension
 
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int]]
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # legacy: the number of top alternatives
 
 
 # --- errors --------------------------------------------------------------------------------------------
@@ -197,10 +214,6 @@ def _unsupported(data: dict) -> None:
         raise APIError(400, f"{feature} is not supported: {why}", feature.split(" ")[0].split("=")[0],
                        "unsupported_feature")
 
-    if data.get("logprobs") is not None and data.get("logprobs") is not False:
-        no("logprobs", "phi3 returns text without token log-probabilities; leave logprobs out")
-    if data.get("top_logprobs") not in (None, 0):
-        no("top_logprobs", "phi3 returns text without token log-probabilities; leave top_logprobs out")
     for key in ("tools", "functions"):
         if data.get(key):
             no(key, "phi3 does not call tools or functions; send plain messages")
@@ -309,6 +322,57 @@ class _Guard:
 
 # --- the app -------------------------------------------------------------------------------------------
 
+class TokenSpeller:
+    """A token id's text and UTF-8 bytes for OpenAI's logprobs objects. `bytes` is exact (a token may
+    hold part of a character: its text then shows U+FFFD, as OpenAI's does); ids are cached."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        # SentencePiece vocabularies (Phi-3-mini's) spell a space "\u2581" and raw bytes "<0xNN>";
+        # byte-level ones (SmolLM2's, cl100k) map each byte to a printable character
+        self.spm = tokenizer.token_to_id("<0x0A>") is not None
+        self.cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self.cache.get(token_id)
+        if hit is None:
+            raw = self._bytes(token_id)
+            hit = self.cache[token_id] = (raw.decode("utf-8", "replace"), list(raw))
+        return hit
+
+    def _bytes(self, token_id: int) -> bytes:
+        spelling = self.tokenizer.id_to_token(token_id)
+        if spelling is None:
+            return self.tokenizer.decode([token_id], skip_special=False).encode("utf-8")
+        if self.spm:
+            if len(spelling) == 6 and spelling.startswith("<0x") and spelling.endswith(">"):
+                return bytes([int(spelling[3:5], 16)])
+            return spelling.replace("\u2581", " ").encode("utf-8")
+        raw = from_byte_level(spelling)
+        return raw if raw is not None else spelling.encode("utf-8")
+
+    def chat_entry(self, t: TokenLogprobs) -> dict:
+        """One element of choices[].logprobs.content."""
+        token, raw = self(t.token_id)
+        return {"token": token, "logprob": t.logprob, "bytes": raw,
+                "top_logprobs": [{"token": self(i)[0], "logprob": lp, "bytes": self(i)[1]} for i, lp in t.top]}
+
+    def legacy(self, entries: list[TokenLogprobs], offset: int = 0) -> dict:
+        """The completions API's logprobs object; `offset`: text_offset of the first token."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t in entries:
+            token = self(t.token_id)[0]
+            out["tokens"].append(token)
+            out["token_logprobs"].append(t.logprob)
+            top: dict[str, float] = {}
+            for i, lp in t.top:  # two ids spelling the same text (partial characters): the likelier
+                top.setdefault(self(i)[0], lp)
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(token)
+        return out
+
+
 def create_app(engine: Engine, model_id: str, api_key: str | None = None, searcher: Any = None,
                search_k: int = 3, host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (),
                body_timeout: float = Limits.body_timeout) -> FastAPI:
@@ -319,6 +383,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
     app = FastAPI(title="phi3", docs_url=None, redoc_url=None)
     model, tokenizer = engine.model, engine.tokenizer
     context = model.config.max_position_embeddings
+    speller = TokenSpeller(tokenizer)
     created = int(time.time())
     bound = host.lower() if not _is_ip(host) or ":" not in host or host.startswith("[") else f"[{host.lower()}]"
     app.add_middleware(_Guard, api_key=api_key,
@@ -457,14 +522,14 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
         return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               seed=req.seed, stop=tuple(stop))
 
-    def submit(prompt: list[int], params: SamplingParams) -> tuple[Request, asyncio.Queue]:
+    def submit(prompt: list[int], params: SamplingParams, logprobs: int | None = None) -> tuple[Request, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def on_event(kind: str, value: object) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-        request = Request(prompt, params, on_event)
+        request = Request(prompt, params, on_event, logprobs=logprobs)
         try:
             engine.submit(request)
         except QueueFull as e:
@@ -473,14 +538,20 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
             raise APIError(400, str(e)) from None
         return request, events
 
-    async def collect(http: HTTPRequest, request: Request, events: asyncio.Queue) -> Completion:
-        """The completion of a non-streamed request. The client is watched all along: when it goes
+    async def collect(http: HTTPRequest, request: Request, events: asyncio.Queue,
+                      logprobs: list[TokenLogprobs] | None = None) -> Completion:
+        """The completion of a non-streamed request (its tokens' log-probabilities appended to
+        `logprobs`). The client is watched all along: when it goes
         away the request is cancelled at once, and the engine drops it before its next decode step
         (polling for a disconnect only while no token came, as before, never fired while tokens flowed)."""
         watcher = asyncio.create_task(cancel_on_disconnect(http, request))
         try:
             while True:
                 kind, value = await events.get()
+                if kind == "logprobs":
+                    if logprobs is not None:
+                        logprobs.append(value)  # type: ignore[arg-type]
+                    continue
                 if kind == "done":
                     return value  # type: ignore[return-value]
                 if kind == "error":
@@ -504,15 +575,30 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
             request.cancel()  # the client went away (or we are done: then this changes nothing)
 
     async def follow(events: asyncio.Queue, chunk: dict, piece: Any, final: Any,
-                     include_usage: bool) -> AsyncIterator[dict]:
+                     include_usage: bool, spell: Any = None) -> AsyncIterator[dict]:
         """The engine's events as stream chunks: one per text piece, then the finish reason (and
-        usage when asked), or an error object."""
+        usage when asked), or an error object. With `spell` (a list of TokenLogprobs -> the
+        logprobs object), each chunk carries the log-probabilities of the tokens since the last
+        chunk: text held back (a partial character, a possible stop string) comes later with
+        its tokens' entries, and what is left goes with the finish reason."""
+        pending: list[TokenLogprobs] = []
+
+        def take() -> Any:
+            if spell is None:
+                return None
+            out = spell(pending[:])
+            pending.clear()
+            return out
+
         while True:
             kind, value = await events.get()
-            if kind == "text":
-                yield {**chunk, "choices": [{"index": 0, "logprobs": None, "finish_reason": None, **piece(value)}]}
+            if kind == "logprobs":
+                pending.append(value)  # type: ignore[arg-type]
+            elif kind == "text":
+                yield {**chunk, "choices": [{"index": 0, "logprobs": take(), "finish_reason": None, **piece(value)}]}
             elif kind == "done":
-                yield {**chunk, "choices": [{"index": 0, "logprobs": None, **final(value.finish_reason)}]}
+                yield {**chunk, "choices": [{"index": 0, "logprobs": take() if pending else None,
+                                             **final(value.finish_reason)}]}
                 if include_usage:
                     yield {**chunk, "choices": [], "usage": usage(value)}
                 return
@@ -557,19 +643,43 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         check_chars(sum(len(m["content"]) for m in messages), "the messages", "messages")
         messages, sources = await asyncio.to_thread(search_sources, req, messages)
+        if req.continue_final_message:
+            if req.add_generation_prompt:
+                raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true; "
+                                    "send add_generation_prompt: false", "add_generation_prompt")
+            if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
+                raise APIError(400, "continue_final_message needs a last message from the assistant with some "
+                                    "content (the text to continue)", "messages")
+
+        def encode() -> list[int]:
+            if not req.continue_final_message:
+                return tokenizer.encode_chat(messages)
+            # vLLM's way: render the conversation closed, then cut after the last message's text
+            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+            end = rendered.rfind(messages[-1]["content"])
+            if end < 0:
+                raise ValueError("the template does not hold the last message's text as it is")
+            return tokenizer.encode(rendered[:end + len(messages[-1]["content"])], add_bos=False)
+
         try:
-            prompt = await asyncio.to_thread(tokenizer.encode_chat, messages)
+            prompt = await asyncio.to_thread(encode)
         except Exception as e:  # noqa: BLE001 - a template may refuse a message order
             raise APIError(400, f"the chat template rejected these messages: {e}", "messages") from None
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true; send both", "top_logprobs")
+        top = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens, None)
-        request, events = submit(prompt, params)
+        request, events = submit(prompt, params, top)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "created": now, "model": model_id, "system_fingerprint": None}
+        spell = (lambda entries: {"content": [speller.chat_entry(t) for t in entries], "refusal": None}) \
+            if top is not None else None
         if not req.stream:
-            c = await collect(http, request, events)
+            entries: list[TokenLogprobs] = []
+            c = await collect(http, request, events, entries)
             body = {**base, "object": "chat.completion",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                                 "logprobs": None, "finish_reason": c.finish_reason}],
+                                 "logprobs": spell(entries) if spell else None, "finish_reason": c.finish_reason}],
                     "usage": usage(c)}
             if sources:
                 body["sources"] = sources
@@ -584,7 +694,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
                 first["sources"] = sources
             yield first
             async for c in follow(events, chunk, lambda text: {"delta": {"content": text}},
-                                  lambda reason: {"delta": {}, "finish_reason": reason}, include_usage):
+                                  lambda reason: {"delta": {}, "finish_reason": reason}, include_usage, spell):
                 yield c
 
         return StreamingResponse(sse(chunks(), request), media_type="text/event-stream",
@@ -614,18 +724,28 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, search
                 raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary (0..{model.config.vocab_size - 1})",
                                "prompt")
         params = sampling(req, len(prompt), req.max_tokens, 16)  # OpenAI's default for completions
-        request, events = submit(prompt, params)
+        request, events = submit(prompt, params, req.logprobs)
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": now, "model": model_id, "system_fingerprint": None}
         if not req.stream:
-            c = await collect(http, request, events)
-            return {**base, "choices": [{"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}],
+            entries: list[TokenLogprobs] = []
+            c = await collect(http, request, events, entries)
+            return {**base, "choices": [{"index": 0, "text": c.text,
+                                         "logprobs": speller.legacy(entries) if req.logprobs is not None else None,
+                                         "finish_reason": c.finish_reason}],
                     "usage": usage(c)}
+        offset = [0]
+
+        def legacy(entries: list[TokenLogprobs]) -> dict:
+            out = speller.legacy(entries, offset[0])
+            offset[0] += sum(len(t) for t in out["tokens"])
+            return out
         include_usage = bool((req.stream_options or {}).get("include_usage"))
 
         async def chunks() -> AsyncIterator[dict]:
             async for c in follow(events, base, lambda text: {"text": text},
-                                  lambda reason: {"text": "", "finish_reason": reason}, include_usage):
+                                  lambda reason: {"text": "", "finish_reason": reason}, include_usage,
+                                  legacy if req.logprobs is not None else None):
                 yield c
 
         return StreamingResponse(sse(chunks(), request), media_type="text/event-stream",

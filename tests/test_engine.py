@@ -219,3 +219,61 @@ def test_a_request_in_prefill_counts_as_running_and_the_burst_bound_is_batch_plu
     finally:
         gate.release.set()
         engine.stop()
+
+
+def test_logprobs_are_the_log_softmax_of_the_raw_logits_and_cost_nothing_when_off(tmp_path):
+    """Each generated token's logprob and its top-k equal log_softmax of the model's own logits at
+    that position (a one-sequence forward over prompt + tokens so far), greedy and sampled alike:
+    temperature and top-p change which token is drawn, not the reported numbers (OpenAI's and
+    vLLM's convention). Without `logprobs` no such event is sent."""
+    import json
+
+    from phi3.engine import TokenLogprobs
+    from phi3.model import Transformer
+    from phi3.tokenizer import load_tokenizer
+    from tests.conftest import tiny_tokenizer_json
+    cfg = tiny_config("medium")
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()  # random weights: no transformers import (4 CPU-s) needed here
+    (tmp_path / "tokenizer.json").write_text(tiny_tokenizer_json(cfg.vocab_size))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    tokenizer = load_tokenizer(tmp_path)
+    engine = Engine(model, tokenizer).start()
+    prompt = [1, 5, 9, 2, 7]
+
+    def run(params: SamplingParams, logprobs: int | None) -> tuple[object, list]:
+        events: list = []
+        done = threading.Event()
+
+        def on_event(kind: str, value: object) -> None:
+            events.append((kind, value))
+            if kind in ("done", "error"):
+                done.set()
+        engine.submit(Request(prompt, params, on_event, stop_ids=set(), logprobs=logprobs))
+        done.wait()
+        return events[-1][1], [v for k, v in events if k == "logprobs"]
+
+    try:
+        for params in (SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=6, temperature=1.7, top_p=0.9, seed=3)):
+            completion, entries = run(params, 5)
+            assert [e.token_id for e in entries] == completion.token_ids and len(entries) == 6
+            assert all(isinstance(e, TokenLogprobs) and len(e.top) == 5 for e in entries)
+            with torch.inference_mode():
+                logits = model(torch.tensor([prompt + completion.token_ids[:-1]]), model.new_cache(1, 16))[0]
+            expect = torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1:]
+            assert float(expect.max(dim=-1).values.min()) < -0.5  # not a degenerate one-token model
+            for e, row in zip(entries, expect):
+                assert e.logprob == pytest.approx(float(row[e.token_id]), abs=1e-5)
+                values, ids = row.topk(5)
+                assert [i for i, _ in e.top] == ids.tolist()
+                assert [lp for _, lp in e.top] == pytest.approx(values.tolist(), abs=1e-5)
+            if params.temperature == 0:
+                assert all(e.top[0][0] == e.token_id for e in entries)  # greedy: the chosen token is the top one
+        completion0, entries0 = run(SamplingParams(max_new_tokens=3), 0)
+        assert [e.top for e in entries0] == [[], [], []] and len(entries0) == 3
+        completion_off, entries_off = run(SamplingParams(max_new_tokens=3), None)
+        assert entries_off == [] and completion_off.token_ids == completion0.token_ids
+        with pytest.raises(Phi3Error, match="top logprobs must be in 0..20"):
+            engine.submit(Request(prompt, SamplingParams(), lambda k, v: None, logprobs=21))
+    finally:
+        engine.stop()

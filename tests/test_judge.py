@@ -244,6 +244,28 @@ def test_chat_completion_errors_are_one_line(fake_api):
         J.chat_completion("ftp://example.com/v1", "m", [])
 
 
+def test_chat_completion_logprobs_sends_openais_fields_and_reads_the_content_list(fake_api):
+    entry = {"token": "4", "logprob": -0.5, "bytes": [52], "top_logprobs": [{"token": "4", "logprob": -0.5, "bytes": [52]}]}
+    api = fake_api(lambda body: (200, {"choices": [{"message": {"role": "assistant", "content": "4"},
+                                                     "logprobs": {"content": [entry]}}]}))
+    ep = J.Endpoint(api.url, "judge", max_tokens=9)
+    r = ep.chat_logprobs([{"role": "user", "content": "rate"}], 20, max_tokens=2, prefill="Score: ")
+    assert r == J.ChatResult("4", [entry])
+    assert api.requests[0] == {"model": "judge", "temperature": 0.0, "max_tokens": 2, "n": 1, "logprobs": True,
+                               "top_logprobs": 20, "continue_final_message": True, "add_generation_prompt": False,
+                               "messages": [{"role": "user", "content": "rate"}, {"role": "assistant", "content": "Score: "}]}
+    ep.chat_logprobs([{"role": "user", "content": "rate"}], 3)
+    assert api.requests[1]["max_tokens"] == 9 and "continue_final_message" not in api.requests[1]
+    # an endpoint that ignores logprobs: None, for the caller to fall back on the text
+    api = fake_api(lambda body: completion("4"))
+    assert J.chat_completion_logprobs(api.url, "m", [{"role": "user", "content": "x"}]) == J.ChatResult("4", None)
+    api = fake_api(lambda body: (200, {"choices": [{"message": {"content": "4"}, "logprobs": {"content": [{"t": 1}]}}]}))
+    with pytest.raises(J.EndpointError, match="logprobs.content is not a list of"):
+        J.chat_completion_logprobs(api.url, "m", [{"role": "user", "content": "x"}])
+    with pytest.raises(Phi3Error, match="top_logprobs 21 is out of range"):
+        J.chat_completion_logprobs(api.url, "m", [], top_logprobs=21)
+
+
 # --- MT-bench with a fake judge ---------------------------------------------------------------------------
 
 QIDS = [81, 82, 111, 112]  # two writing, two math

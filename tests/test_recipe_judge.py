@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,7 +30,11 @@ def hidden_rule(extract: str) -> str:
 
 
 class FakeJudge:
-    def __init__(self, rule=hidden_rule) -> None:
+    """`rule(extract)` -> the answer's text. With `logprobs_rule(extract)` -> [(token, probability)]
+    (likeliest first), a request with logprobs: true gets that as the first reply token's top
+    alternatives, the likeliest chosen; `refuse_prefill` answers continue_final_message with a 400."""
+
+    def __init__(self, rule=hidden_rule, logprobs_rule=None, refuse_prefill: bool = False) -> None:
         self.requests = 0
         self.down = False
         self.down_after: int | None = None  # answer this many, then 503
@@ -52,8 +57,15 @@ class FakeJudge:
                 found = re.search(r"<extract>\n(.*)\n</extract>", content, re.S)
                 extract = found.group(1) if found else content
                 answer = {"choices": [{"message": {"role": "assistant", "content": rule(extract)}}]}
+                status = 200
+                if logprobs_rule is not None and body.get("logprobs"):
+                    top = [{"token": t, "logprob": math.log(q), "bytes": list(t.encode())} for t, q in logprobs_rule(extract)]
+                    answer = {"choices": [{"message": {"role": "assistant", "content": top[0]["token"]}, "logprobs": {
+                        "content": [{**top[0], "top_logprobs": top[:body.get("top_logprobs", 0)]}]}}]}
+                    if refuse_prefill and body.get("continue_final_message"):
+                        status, answer = 400, {"error": {"message": "continue_final_message: unknown parameter"}}
                 raw = json.dumps(answer).encode()
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(raw)))
                 self.end_headers()
@@ -104,7 +116,8 @@ def test_brief_prompt_and_shorter_extracts_for_small_judges(tmp_path):
         src, docs = documents(tmp_path)
         out = tmp_path / "judge"
         assert main(["judge", str(src), "--out", str(out), "--url", server.url, "--model", "fake", "--sample", "5",
-                     "--prompt", "brief", "--max-chars", "200", "--max-tokens", "12", "--no-progress"]) == 0
+                     "--prompt", "brief", "--max-chars", "200", "--max-tokens", "12", "--scoring", "text",
+                     "--no-progress"]) == 0
     finally:
         server.server.shutdown()
     records = [json.loads(line) for line in (out / "judgments.jsonl").open()]
@@ -125,10 +138,14 @@ def test_judge_records_every_score_and_resumes_after_the_endpoint_goes_down(fake
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "HTTP 503" in err and "0 of 20 judged" in err
     assert not out.exists()
-    # the endpoint comes back: all 20 are judged, once each
+    # the endpoint comes back: all 20 are judged, once each, after one request that finds it gives
+    # no logprobs (the fake answers without them): scored from the text, with a one-line note
     fake.down = False
     assert main(argv) == 0
-    assert fake.requests == 20
+    assert fake.requests == 21 and fake.bodies[0]["logprobs"] is True and "logprobs" not in fake.bodies[1]
+    err = capsys.readouterr().err
+    assert "gives no token log-probabilities (its answer holds no choices[0].logprobs.content); scoring from the " \
+           "answer's text instead" in err
     records = [json.loads(line) for line in (out / "judgments.jsonl").open()]
     chosen = sample_ids(list(docs), 20, 0)
     assert sorted(r["id"] for r in records) == sorted(chosen)
@@ -141,8 +158,9 @@ def test_judge_records_every_score_and_resumes_after_the_endpoint_goes_down(fake
     assert {r["score"] for r in records} == {1, 4, None}  # the sample holds all three cases
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sample"] == 20 and sum(summary["histogram"].values()) + summary["unparsable"] == 20
+    assert summary["scoring"] == "text" and all(r["scoring"] == "text" for r in records)
     # a rerun of a finished stage asks nothing
-    assert main(argv) == 0 and fake.requests == 20
+    assert main(argv) == 0 and fake.requests == 21
 
 
 def test_killed_judge_rerun_judges_only_what_is_missing(fake, tmp_path):
@@ -182,7 +200,17 @@ def static_embedder(folder: Path) -> Path:
     return folder
 
 
-def test_classifier_learns_the_judges_hidden_rule_then_phases_feed_phi3_train(monkeypatch, tmp_path):
+def test_fractional_thresholds_compare_the_classifiers_score_whole_ones_fineweb_edus_int_score():
+    from datatrove.data import Document
+
+    from phi3.recipe.phases import ScoreFilter, threshold
+    assert threshold(3.0) == 3 and isinstance(threshold(3.0), int) and threshold(2.85) == 2.85
+    doc = Document(text="x", id="a", metadata={"edu_score": 2.6, "edu_int_score": 3})
+    assert ScoreFilter(3).filter(doc) is True  # FineWeb-Edu: the rounded score
+    assert ScoreFilter(2.85).filter(doc) == (False, "below_2.85") and ScoreFilter(2.6).filter(doc) is True
+
+
+def test_classifier_learns_the_judges_hidden_rule_then_phases_feed_phi3_train(monkeypatch, tmp_path, capsys):
     """Done-when 2: the judge scores Python-tutorial paragraphs 4 and Debian-handbook paragraphs 1 (a
     rule it does not state); the head trained on its labels reaches F1 >= 0.8 on held-out documents.
     Then the phases stage splits the scored documents by threshold, the report describes them, and
@@ -242,6 +270,11 @@ def test_classifier_learns_the_judges_hidden_rule_then_phases_feed_phi3_train(mo
     top = max(int(k) for k, v in s["histogram"].items() if v)
     assert main(["phases", str(out), "--out", str(phases), "--t1", "1", "--t2", str(top + 1), "--tokenizer", vocab]) == 2
     assert not phases.exists() and not (tmp_path / "phases.partial").exists()
+    # a fractional threshold compares edu_score itself: one above the highest score leaves nothing
+    highest = max(m["edu_score"] for m in scored.values())
+    assert main(["phases", str(out), "--out", str(phases), "--t1", "1", "--t2", str(round(highest + 0.01, 3)),
+                 "--tokenizer", vocab]) == 2
+    assert f"highest edu_score {highest:.3f}" in capsys.readouterr().err and not phases.exists()
     assert main(["phases", str(out), "--out", str(phases), "--t1", "1", "--t2", "3", "--synthetic", str(syn),
                  "--tokenizer", vocab]) == 0
     tok, _ = load_tokenizer_spec(vocab)
@@ -350,3 +383,74 @@ def test_endpoint_answering_junk_is_one_line(fake, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not an OpenAI chat completion" in err and "0 of 3 judged" in err
     assert not (tmp_path / "j").exists()
+
+
+def test_scores_from_logprobs_exactly():
+    """G-Eval: the expected digit under P(0..5) renormalised, at the first reply token that is a
+    digit, else the first whose alternatives hold one; no digit at all is recorded, never raised."""
+    from phi3.recipe.judge import score_from_logprobs
+
+    def tok(token, p, top=()):
+        return {"token": token, "logprob": math.log(p), "top_logprobs": [{"token": t, "logprob": math.log(q)} for t, q in top]}
+
+    r = score_from_logprobs([tok("4", 0.5, [("4", 0.5), (" 4", 0.1), ("2", 0.2), ("The", 0.1), ("9", 0.05)])])
+    assert r["distribution"] == {"0": 0.0, "1": 0.0, "2": 0.25, "3": 0.0, "4": 0.75, "5": 0.0}
+    assert r["score"] == 3.5 and r["argmax"] == 4 and r["digit_mass"] == 0.8 and r["position"] == 0
+    assert r["digit_chosen"] and not r["unparsable"]
+    # the chosen digit wins over an earlier token whose alternatives merely hold digits
+    r = score_from_logprobs([tok(" ", 0.9, [(" ", 0.9), ("1", 0.05)]), tok("3", 0.6, [("3", 0.6), ("5", 0.2)])])
+    assert (r["position"], r["score"], r["argmax"]) == (1, 3.5, 3)
+    r = score_from_logprobs([tok("The", 0.6, [("The", 0.6), ("0", 0.1), ("2", 0.1)])])
+    assert (r["position"], r["score"], r["digit_chosen"]) == (0, 1.0, False)
+    for content, reason in (([tok("Hi", 0.9, [("Hi", 0.9), ("7", 0.1)])], "no digit 0-5"), ([], "no tokens"),
+                            (None, "no tokens")):
+        r = score_from_logprobs(content)
+        assert r["score"] is None and r["unparsable"] and reason in r["reason"]
+    assert score_from_logprobs([tok("2", 1.0)])["score"] == 2.0  # top_logprobs 0: the chosen token alone
+
+
+def graded(extract: str) -> list[tuple[str, float]]:
+    """A judge unsure of itself: P(1) highest everywhere, more weight on 4 and 5 for classes."""
+    if "exception" in extract.lower():
+        return [("The", 0.7), ("This", 0.2)]
+    if "class" in extract.lower():
+        return [("1", 0.3), ("4", 0.25), ("5", 0.2), ("The", 0.15), ("0", 0.1)]
+    return [("1", 0.6), ("0", 0.2), ("2", 0.1), ("The", 0.1)]
+
+
+@pytest.mark.parametrize("refuse_prefill", [False, True])
+def test_judge_scores_from_logprobs_by_default_with_a_prefill_where_the_endpoint_takes_one(
+        monkeypatch, tmp_path, refuse_prefill):
+    from phi3.recipe.judge import DIGIT_ASK, PREFILL
+    monkeypatch.setattr(J, "RETRY_BACKOFF_S", 0.001)
+    server = FakeJudge(logprobs_rule=graded, refuse_prefill=refuse_prefill)
+    try:
+        src, docs = documents(tmp_path)
+        out = tmp_path / "judge"
+        assert main(["judge", str(src), "--out", str(out), "--url", server.url, "--model", "fake", "--sample", "12",
+                     "--no-progress"]) == 0
+    finally:
+        server.server.shutdown()
+    body = server.bodies[-1]
+    assert body["logprobs"] is True and body["top_logprobs"] == 20 and body["max_tokens"] == 4
+    assert body["messages"][0]["content"].endswith(DIGIT_ASK)
+    if refuse_prefill:  # two probes (with the prefill: refused; without), then no prefill
+        assert server.requests == 12 + 2 and "continue_final_message" not in body and len(body["messages"]) == 1
+    else:
+        assert server.requests == 12 + 1 and body["continue_final_message"] is True
+        assert body["messages"][1] == {"role": "assistant", "content": PREFILL}
+    records = {r["id"]: r for r in map(json.loads, (out / "judgments.jsonl").open())}
+    for i, r in records.items():
+        text = docs[i][:3000].lower()
+        assert r["scoring"] == "logprobs" and r["prefill"] == (None if refuse_prefill else PREFILL)
+        if "exception" in text:
+            assert r["score"] is None and r["unparsable"] and "no digit 0-5" in r["reason"]
+        elif "class" in text:
+            assert r["score"] == pytest.approx((0.3 + 4 * 0.25 + 5 * 0.2) / 0.85, abs=1e-4) and r["argmax"] == 1
+            assert r["digit_mass"] == 0.85 and r["distribution"]["4"] == round(0.25 / 0.85, 4)
+        else:
+            assert r["score"] == pytest.approx((0.6 + 0.2) / 0.9, abs=1e-4) and r["argmax"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scoring"] == "logprobs" and summary["sample"] == 12
+    assert {r["score"] is None for r in records.values()} == {True, False}  # the sample holds unparsable ones too
+    assert summary["histogram"]["3"] == sum(1 for r in records.values() if r["score"] and r["score"] > 2.5)

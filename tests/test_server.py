@@ -161,8 +161,16 @@ BAD_REQUESTS = [
     ("seed over int64, streamed", {"model": MODEL, "messages": FRANCE, "seed": 2 ** 63, "stream": True}, 400, "seed"),
     ("seed under int64", {"model": MODEL, "messages": FRANCE, "seed": -2 ** 63 - 1}, 400, "seed"),
     # issue 14 item 13: unsupported OpenAI features are named, not ignored
-    ("logprobs", {"model": MODEL, "messages": FRANCE, "logprobs": True}, 400, "logprobs is not supported"),
-    ("top_logprobs", {"model": MODEL, "messages": FRANCE, "top_logprobs": 3}, 400, "top_logprobs is not supported"),
+    ("top_logprobs without logprobs", {"model": MODEL, "messages": FRANCE, "top_logprobs": 3}, 400,
+     "top_logprobs needs logprobs: true"),
+    ("top_logprobs over 20", {"model": MODEL, "messages": FRANCE, "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs"),
+    ("logprobs as text", {"model": MODEL, "messages": FRANCE, "logprobs": "yes"}, 400, "logprobs"),
+    ("continue a user message", {"model": MODEL, "messages": FRANCE, "continue_final_message": True,
+                                 "add_generation_prompt": False}, 400, "continue_final_message needs a last message"),
+    ("continue and a generation prompt", {"model": MODEL, "messages": FRANCE + [{"role": "assistant", "content": "P"}],
+                                          "continue_final_message": True, "add_generation_prompt": True}, 400,
+     "cannot both be true"),
     ("tools", {"model": MODEL, "messages": FRANCE, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "tools is not supported"),
     ("tool_choice", {"model": MODEL, "messages": FRANCE, "tool_choice": "required"}, 400, "tool_choice is not supported"),
@@ -201,7 +209,7 @@ def test_accepted_forms_of_optional_openai_fields(server):
     post = lambda body: httpx.post(server.url + "/v1/completions", timeout=60, json={  # noqa: E731
         "model": MODEL, "prompt": "Hi", "max_tokens": 2, **body})
     assert post({"logprobs": None, "best_of": 1, "suffix": ""}).status_code == 200
-    for body, words in (({"logprobs": 0}, "logprobs is not supported"), ({"best_of": 2}, "best_of is not supported"),
+    for body, words in (({"logprobs": 21}, "logprobs"), ({"best_of": 2}, "best_of is not supported"),
                         ({"suffix": "end"}, "suffix is not supported")):
         r = post(body)
         assert r.status_code == 400 and words in r.json()["error"]["message"], (body, r.text)
@@ -647,3 +655,47 @@ def test_api_key_sources_and_the_exposure_warning(tmp_path):
     for host in ("0.0.0.0", "::", "192.168.1.5", "myhost"):
         w = exposure_warning(host, has_key=False)
         assert w.startswith(f"phi3: warning: --host {host} accepts connections from other machines") and "\n" not in w
+
+
+def test_logprobs_streamed_and_not_and_a_prefill_is_continued(server):
+    """OpenAI's logprobs shape, chat and completions, streamed and not, consistent with the text and
+    with greedy decoding (that the numbers are log_softmax of the model's logits is checked exactly
+    in test_engine on a tiny model: loading SmolLM2 here again cost ~15 CPU-s); continue_final_message
+    continues an assistant prefill (vLLM's extension), as a G-Eval judge asks."""
+    c = client(server)
+    r = c.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=6, logprobs=True,
+                                  top_logprobs=5)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert bytes(t.bytes).decode() == t.token and len(t.top_logprobs) == 5
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob  # greedy
+        assert [x.logprob for x in t.top_logprobs] == sorted((x.logprob for x in t.top_logprobs), reverse=True)
+    assert 0.5 < sum(2.718281828 ** x.logprob for x in content[0].top_logprobs) <= 1.0 + 1e-6
+
+    chunks = list(c.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=6, logprobs=True,
+                                            top_logprobs=5, stream=True))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    plain = c.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=6)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+    legacy = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "logprobs": 3}).json()
+    lp = legacy["choices"][0]["logprobs"]
+    assert "".join(lp["tokens"]) == legacy["choices"][0]["text"] and len(lp["token_logprobs"]) == 4
+    assert all(len(top) == 3 and max(top.values()) == x for top, x in zip(lp["top_logprobs"], lp["token_logprobs"]))
+    assert lp["text_offset"][0] == 0 and lp["text_offset"][1] == len(lp["tokens"][0])
+
+    prefill = FRANCE + [{"role": "assistant", "content": "The capital of France is"}]
+    cont = c.chat.completions.create(model=MODEL, messages=prefill, temperature=0, max_tokens=3, logprobs=True,
+                                     extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert cont.choices[0].message.content.startswith(" Paris")  # the sentence goes on, no new turn
+    # the same prompt as a raw completion of the template's text, cut after the prefill
+    legacy_prompt = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                     "<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+                     "The capital of France is")
+    same = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": legacy_prompt, "max_tokens": 3, "temperature": 0}).json()
+    assert same["choices"][0]["text"] == cont.choices[0].message.content

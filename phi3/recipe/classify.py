@@ -126,7 +126,7 @@ def _spec(embedder: str) -> str:
     return embedder if embedder in EMBEDDERS else str(Path(embedder).resolve())
 
 
-def train_head(src: Path, judge_dir: Path, embedder: str, threshold: int = 3, holdout: float = 0.2,
+def train_head(src: Path, judge_dir: Path, embedder: str, threshold: float = 3, holdout: float = 0.2,
                seed: int = 0, alpha: float = 1.0) -> dict:
     """Fit the head on the judge's labels; returns head.json's content (weights and held-out metrics)."""
     from sklearn.linear_model import Ridge
@@ -134,6 +134,7 @@ def train_head(src: Path, judge_dir: Path, embedder: str, threshold: int = 3, ho
     from sklearn.model_selection import train_test_split
 
     judge_dir = Path(judge_dir)
+    threshold = int(threshold) if float(threshold).is_integer() else float(threshold)
     if not (judge_dir / "summary.json").is_file():
         raise Phi3Error(f"--judgments {judge_dir}: not a finished `phi3 data judge` folder (no summary.json)")
     if not 0 < holdout < 1:

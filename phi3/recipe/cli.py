@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", default="full", choices=("full", "brief"),
                     help="full: FineWeb-Edu-style additive rubric, justification, then the score; brief: the scale "
                          "in four lines and the score alone (small judges on a CPU: --max-tokens 12)")
+    sp.add_argument("--scoring", default="auto", choices=("auto", "logprobs", "text"),
+                    help="logprobs: the expected score over the digits 0-5 from the reply's token log-probabilities "
+                         "(G-Eval; the answer is one digit); text: parse \"Educational score: N\"; auto (default): "
+                         "logprobs when the endpoint returns them, else text")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--no-progress", action="store_true")
 
@@ -100,15 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--judgments", required=True, help="a finished `phi3 data judge` --out folder")
     sp.add_argument("--embedder", required=True, help="minilm (all-MiniLM-L6-v2, 15 docs/CPU-s), minilm-static (model2vec distilled "
                     "from it once, 5,000 docs/CPU-s) or a model2vec static model folder")
-    sp.add_argument("--threshold", type=int, default=3, help="score counted as educational in the held-out F1")
+    sp.add_argument("--threshold", type=float, default=3, help="score counted as educational in the held-out F1")
     sp.add_argument("--holdout", type=float, default=0.2, help="share of the judged documents held out")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--alpha", type=float, default=1.0, help="Ridge regularization")
     common(sp)
 
     sp = sub.add_parser("phases", help="phase 1 (score >= t1) and phase 2 (score >= t2 + synthetic), tokenized, + mixture.toml")
-    sp.add_argument("--t1", type=int, default=2, help="phase 1 keeps edu_int_score >= t1")
-    sp.add_argument("--t2", type=int, default=3, help="phase 2 keeps edu_int_score >= t2 (FineWeb-Edu's 3)")
+    sp.add_argument("--t1", type=float, default=2, help="phase 1 keeps edu_int_score >= t1 (a fractional t1: "
+                    "edu_score >= t1, for judges whose scores crowd into one unit)")
+    sp.add_argument("--t2", type=float, default=3, help="phase 2 keeps edu_int_score >= t2 (FineWeb-Edu's 3; "
+                    "fractional: edu_score >= t2)")
     sp.add_argument("--synthetic", help="synthetic documents added to phase 2 (a stage's --out folder or jsonl)")
     sp.add_argument("--tokenizer", default="default", help="as for tokenize")
     sp.add_argument("--eos", help="as for tokenize")
@@ -186,7 +192,7 @@ def load_recipe(path: Path) -> tuple[dict, list[list[str]]]:
         [dedup]         ngrams = 5, buckets = 14, hashes_per_bucket = 8, seed = 1
         [decontaminate] data_dir = "bench", ngrams = 13, benchmarks = ["gsm8k"]
         [synthetic]     url, model, topics = "topics.txt", n, temperature, seed, batch, styles, audiences
-        [judge]         url, model, sample = 1000, seed
+        [judge]         url, model, sample = 1000, seed, prompt, scoring = "auto" (logprobs or text)
         [classify]      embedder = "minilm-static" (or "minilm", or a model2vec folder), threshold = 3
         [phases]        t1 = 2, t2 = 3, tokenizer
         [tokenize]      tokenizer = "default", eos = "...", seed = 0
@@ -321,7 +327,8 @@ def _endpoint(args: argparse.Namespace, temperature: float):
 def run_judge_stage(args: argparse.Namespace) -> dict:
     from phi3.recipe.judge import run_judge
     return run_judge(Path(args.input), Path(args.out), _endpoint(args, 0.0), args.sample, args.seed,
-                     progress=not args.no_progress, max_chars=args.max_chars, prompt=args.prompt)
+                     progress=not args.no_progress, max_chars=args.max_chars, prompt=args.prompt,
+                     scoring=args.scoring)
 
 
 def run_synthetic_stage(args: argparse.Namespace) -> dict:

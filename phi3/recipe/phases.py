@@ -32,33 +32,53 @@ from phi3.recipe.pipeline import Step, step_stats
 from phi3.recipe.tokens import load_target_tokenizer
 
 
+def threshold(t: float) -> int | float:
+    """A whole-number threshold compares FineWeb-Edu's edu_int_score (the rounded score: 3 keeps
+    scores from 2.5); a fractional one, such as 2.87, compares the classifier's edu_score itself.
+    The second is for judges whose scores crowd into one unit (SmolLM2-135M's expected scores in
+    `make data-demo` lie within 2.1-3.3, so every document's int score is 2 or 3)."""
+    return int(t) if float(t).is_integer() else float(t)
+
+
 class ScoreFilter(BaseFilter):
-    """Keeps documents whose metadata edu_int_score is at least `minimum`."""
+    """Keeps documents whose score is at least `minimum` (see `threshold` for which score)."""
     name = "🎓 edu score >= t"
 
-    def __init__(self, minimum: int) -> None:
+    def __init__(self, minimum: float) -> None:
         super().__init__()
-        self.minimum = minimum
+        self.minimum = threshold(minimum)
+        self.key = "edu_int_score" if isinstance(self.minimum, int) else "edu_score"
 
     def filter(self, doc) -> bool | tuple[bool, str]:
-        score = doc.metadata.get("edu_int_score")
+        score = doc.metadata.get(self.key)
         if score is None:
-            raise Phi3Error(f"document {doc.id!r} has no edu_int_score: give phases the output of `phi3 data classify`")
+            raise Phi3Error(f"document {doc.id!r} has no {self.key}: give phases the output of `phi3 data classify`")
         return True if score >= self.minimum else (False, f"below_{self.minimum}")
 
 
-def check_thresholds(src: Path, t1: int, t2: int) -> dict:
-    """Refuse thresholds that leave a phase empty, from classify's histogram, before anything runs."""
+def check_thresholds(src: Path, t1: float, t2: float) -> dict:
+    """Refuse thresholds that leave a phase empty, from classify's histogram (or, for a fractional
+    threshold, its documents' edu_score), before anything runs."""
     if not 0 <= t1 <= t2 <= 5:
         raise Phi3Error(f"thresholds --t1 {t1} --t2 {t2}: need 0 <= t1 <= t2 <= 5 (phase 2 is the stricter subset)")
     summary = Path(src) / "summary.json"
     hist = json.loads(summary.read_text()).get("histogram") if summary.is_file() else None
     if hist is None or json.loads(summary.read_text()).get("stage") != "classify":
         raise Phi3Error(f"{src}: not a finished `phi3 data classify` folder (its documents carry the edu scores)")
-    for name, t in (("--t1", t1), ("--t2", t2)):
-        if sum(v for k, v in hist.items() if int(k) >= t) == 0:
-            raise Phi3Error(f"{name} {t} leaves no documents (scores: {', '.join(f'{k}: {v}' for k, v in hist.items())}); "
-                            "lower it")
+    scores = None
+    for name, t in (("--t1", threshold(t1)), ("--t2", threshold(t2))):
+        if isinstance(t, int):
+            kept = sum(v for k, v in hist.items() if int(k) >= t)
+        else:
+            if scores is None:
+                from phi3.recipe.ingest import docs_input
+                from phi3.recipe.judge import read_documents
+                scores = [d.get("metadata", {}).get("edu_score") for d in read_documents(*docs_input(src)).values()]
+            kept = sum(1 for x in scores if x is not None and x >= t)
+        if kept == 0:
+            top = f"highest edu_score {max(x for x in scores if x is not None):.3f}" if scores else \
+                "scores: " + ", ".join(f"{k}: {v}" for k, v in hist.items())
+            raise Phi3Error(f"{name} {t} leaves no documents ({top}); lower it")
     return hist
 
 
@@ -106,7 +126,7 @@ def _tokens(work: Path, step: str) -> int:
     return sum(b["stats"].get("tokens", 0) for b in step_stats(work, step))
 
 
-def summarize_phases(work: Path, out: Path, t1: int, t2: int, synthetic: bool) -> dict:
+def summarize_phases(work: Path, out: Path, t1: float, t2: float, synthetic: bool) -> dict:
     """Token counts per phase and OUT/mixture.toml (paths as they will be once OUT is published)."""
     parts = {"phase1": _tokens(work, "phase1-tokenize"), "phase2/web": _tokens(work, "phase2-web-tokenize")}
     if synthetic:
@@ -117,7 +137,7 @@ def summarize_phases(work: Path, out: Path, t1: int, t2: int, synthetic: bool) -
         from phi3.recipe.dedup import summarize_synthetic_dedup
         extra["synthetic_dedup"] = sd = summarize_synthetic_dedup(work, "phase2/synthetic")
         extra["removed"] = {f"synthetic_{k}": {"dropped": v, "kept": sd["documents_out"]} for k, v in sd["removed"].items()}
-    lines = [f"# phi3 data phases: phase 1 = edu score >= {t1}, phase 2 = score >= {t2}"
+    lines = [f"# phi3 data phases: phase 1 = edu score >= {threshold(t1)}, phase 2 = score >= {threshold(t2)}"
              + (" + synthetic" if synthetic else "") + "; paste into a `phi3 train pretrain` recipe and set",
              "# each phase's token budget (these are the tokens on disk; a budget above them repeats data)."]
     for phase in ("phase1", "phase2"):
@@ -127,4 +147,5 @@ def summarize_phases(work: Path, out: Path, t1: int, t2: int, synthetic: bool) -
             # weights proportional to tokens: each document is seen about equally often
             lines += ["[[phases.sources]]", f'path = "{out / p / "tokens"}"', f"weight = {max(parts[p], 1)}"]
     (work / "mixture.toml").write_text("\n".join(lines) + "\n")
-    return {"documents_out": docs["phase1"], "phase_documents": docs, "tokens": parts, "t1": t1, "t2": t2, **extra}
+    return {"documents_out": docs["phase1"], "phase_documents": docs, "tokens": parts, "t1": threshold(t1),
+            "t2": threshold(t2), **extra}

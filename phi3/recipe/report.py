@@ -95,7 +95,10 @@ def write_report(paths: list[Path], out: Path) -> dict:
             lines += [f"- `{h['id']}` shares \"{h['ngram']}\" with {h['task']} ({h['benchmark_record']})" for h in s["hits"]]
         if name == "judge":
             histograms["judge (sample)"] = s["histogram"]
-            lines += ["", f"## judge: {s['sample']} documents scored by {s['model']}, {s['unparsable']} unparsable"]
+            lines += ["", f"## judge: {s['sample']} documents scored by {s['model']}, {s['unparsable']} unparsable"
+                      + (f"; scores from token probabilities (G-Eval), expected score {s['expected_score']['min']:.2f}-"
+                         f"{s['expected_score']['max']:.2f}, mean {s['expected_score']['mean']:.2f}"
+                         if s.get("scoring") == "logprobs" and s.get("expected_score") else "")]
         if name == "classify":
             histograms["classifier (all documents)"] = s["histogram"]
             lines += ["", f"## classify: held-out ({s['heldout']} judged documents) at score >= {s['threshold']}: "
@@ -104,11 +107,16 @@ def write_report(paths: list[Path], out: Path) -> dict:
             for f in sorted((folder / "docs").glob("*.jsonl.gz")):
                 with gzip.open(f, "rt", encoding="utf-8") as fh:
                     docs += [json.loads(line) for line in fh]
-            for t in range(1, 6):
-                above = sorted((d for d in docs if d["metadata"]["edu_int_score"] >= t), key=lambda d: d["metadata"]["edu_score"])
-                below = sorted((d for d in docs if d["metadata"]["edu_int_score"] < t), key=lambda d: -d["metadata"]["edu_score"])
+            # the whole-number thresholds on edu_int_score, and the phases' fractional ones on edu_score
+            phase_ts = sorted({p[2][k] for p in stages if p[0] == "phases" for k in ("t1", "t2")
+                               if isinstance(p[2].get(k), float)})
+            for t in [*range(1, 6), *phase_ts]:
+                key = "edu_int_score" if isinstance(t, int) else "edu_score"
+                above = sorted((d for d in docs if d["metadata"][key] >= t), key=lambda d: d["metadata"]["edu_score"])
+                below = sorted((d for d in docs if d["metadata"][key] < t), key=lambda d: -d["metadata"]["edu_score"])
                 if above and below:
-                    lines += ["", f"### threshold {t}: {len(above)} kept, {len(below)} dropped",
+                    lines += ["", f"### threshold {t}{' (edu_score, a phase threshold)' if key == 'edu_score' else ''}: "
+                              f"{len(above)} kept, {len(below)} dropped",
                               f"- kept, lowest score {above[0]['metadata']['edu_score']:.2f}: {_snippet(above[0])}",
                               f"- dropped, highest score {below[0]['metadata']['edu_score']:.2f}: {_snippet(below[0])}"]
     if histograms:
