@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned: an unpinned torch resolves to a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench bench-train parity finetune-demo clean data-demo
+.PHONY: demo test bench bench-train parity finetune-demo clean data-demo data-quality
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -97,3 +97,8 @@ bench-train: $(VENV)/.test
 data-demo: $(VENV)/.test
 	$(BIN)/phi3 fetch
 	$(BIN)/python benchmarks/data_demo.py --write DATA.md
+
+# EXPERIMENTS.md: tiny models trained on the raw crawl and on phase 1 then 2, same tokens (after
+# make data-demo; ~6 runs x 3 CPU-minutes).
+data-quality: $(VENV)/.test
+	$(BIN)/python benchmarks/data_quality_experiment.py --data-out $(HOME)/.cache/phi3/data-demo/run --judged-by "make data-demo's SmolLM2 judge"

@@ -453,6 +453,24 @@ def test_over_long_dpo_pair_is_an_error_naming_the_record(tmp_path, tiny_tok):
         open_pairs(path, tiny_tok, max_len=64)
 
 
+def test_a_datatrove_task_with_no_documents_leaves_an_empty_shard_that_a_folder_skips(tmp_path, tiny_tok):
+    # datatrove writes a 0-byte .ds and .ds.index for a task that got no documents (phases with tasks=2)
+    eos = tiny_tok.eos_id
+    folder = tmp_path / "tokens"
+    folder.mkdir()
+    write_ds(folder / "00000_unshuffled.ds", [[5, 6, eos], [7, eos]])
+    (folder / "00001_unshuffled.ds").write_bytes(b"")
+    (folder / "00001_unshuffled.ds.index").write_bytes(b"")
+    src = open_documents(folder, tiny_tok)
+    assert len(src) == 2 and [src[i].tolist() for i in range(2)] == [[5, 6, eos], [7, eos]]
+    (folder / "00000_unshuffled.ds").unlink()
+    (folder / "00000_unshuffled.ds.index").unlink()
+    with pytest.raises(Phi3Error, match="holds no documents"):
+        open_documents(folder, tiny_tok)
+    with pytest.raises(Phi3Error, match="holds no documents"):
+        open_documents(folder / "00001_unshuffled.ds", tiny_tok)
+
+
 def test_a_mixture_of_empty_documents_is_an_error():
     with pytest.raises(Phi3Error, match="every document in the mixture is empty"):
         PackedStream([ListSource([[], []])], [1.0], 4, 0).next_rows(1)

@@ -99,6 +99,14 @@ class TokenFile(DocumentSource):
         if not index_path.exists():
             raise Phi3Error(f"{path}: no {index_path.name} next to it (datatrove writes both; re-run the tokenizer)")
         size = path.stat().st_size
+        self.vocab = tokenizer.vocab_size if tokenizer is not None else None
+        self.eos = tokenizer.eos_id if tokenizer is not None else None
+        if size == 0 and index_path.stat().st_size == 0:
+            # datatrove's tokenizer writes a 0-byte shard and index for a task that got no documents
+            # (more tasks than documents: `phi3 data phases` with tasks=2 on 4 synthetic passages).
+            # An empty shard, not a broken one; a folder of shards skips it.
+            self.ends, self.tokens, self.loss = np.zeros(0, "<u8"), np.zeros(0, np.uint16), None
+            return
         if index_path.stat().st_size == 0 or index_path.stat().st_size % 8:
             raise Phi3Error(f"{index_path}: empty or not a uint64 array; re-run the tokenizer")
         self.ends = np.memmap(index_path, dtype="<u8", mode="r")
@@ -110,8 +118,6 @@ class TokenFile(DocumentSource):
         if len(self.ends) > 1 and bool((np.diff(self.ends.astype(np.int64)) < 0).any()):
             raise Phi3Error(f"{index_path}: document ends are not increasing; the index is corrupt")
         self.tokens = np.memmap(path, dtype="<u2" if width == 2 else "<u4", mode="r") if total else np.zeros(0, np.uint16)
-        self.vocab = tokenizer.vocab_size if tokenizer is not None else None
-        self.eos = tokenizer.eos_id if tokenizer is not None else None
         # datatrove's optional loss mask (save_loss_metadata): one bool byte per token, 0 = no loss
         loss_path = Path(str(path) + ".loss")
         self.loss = None
@@ -293,6 +299,11 @@ def _need(path: str | Path) -> Path:
     return path
 
 
+def _empty_shard(path: Path) -> bool:
+    index_path = Path(str(path) + ".index")
+    return path.stat().st_size == 0 and index_path.exists() and index_path.stat().st_size == 0
+
+
 def open_documents(path: str | Path, tokenizer, text_key: str = "text") -> DocumentSource:
     """A token source: a datatrove `.ds` shard, a folder of shards and/or text files, or a
     .txt/.jsonl/.parquet file tokenized on the fly (see the module docstring for the rules)."""
@@ -302,7 +313,10 @@ def open_documents(path: str | Path, tokenizer, text_key: str = "text") -> Docum
         if not files:
             raise Phi3Error(f"{path}: no .ds, .txt, .jsonl or .parquet files in this folder")
         txt = [p for p in files if p.suffix == ".txt"]
-        parts = [open_documents(p, tokenizer, text_key) for p in files if p.suffix != ".txt"]
+        parts = [open_documents(p, tokenizer, text_key) for p in files
+                 if p.suffix != ".txt" and not (p.name.endswith(".ds") and _empty_shard(p))]
+        if not parts and not txt:
+            raise Phi3Error(f"{path}: holds no documents (every .ds shard in it is empty)")
         if txt:
             parts.append(TextFiles(txt, tokenizer, f"{path}/*.txt"))
         source: DocumentSource = parts[0] if len(parts) == 1 else ConcatSource(parts, str(path))
