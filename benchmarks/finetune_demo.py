@@ -120,7 +120,9 @@ def onpolicy_pairs(base: Path, sft: Path, out: Path, max_tokens: int) -> tuple[P
     verbatim), and DPO cut 6/10 to 2/10 while the benign probes went from 4/6 to 6/6: a pair that
     rejects a refusal lowers that refusal after every prompt, harmful ones included, so only the benign
     prompts the model really refuses get one.
-    Writes OUT/dpo-pairs.jsonl (the chosen answers are the written ones) and returns it with counts."""
+    Where the SFT model refuses a harmful request, its own refusal is the chosen answer (on-policy on both
+    sides: run 4's written refusals were already likely, so DPO only pushed the rejected ones down); the
+    other chosen answers are the written ones. Writes OUT/dpo-pairs.jsonl and returns it with counts."""
     records = [json.loads(ln) for ln in (DEMO / "refusal_dpo.jsonl").read_text().splitlines() if ln.strip()]
     prompts = [r["prompt"][-1]["content"] for r in records]
     # the written rejected answer of a benign look-alike is a refusal; a harmful request's never is
@@ -132,10 +134,16 @@ def onpolicy_pairs(base: Path, sft: Path, out: Path, max_tokens: int) -> tuple[P
     stats = {"prompts": len(records), "harmful": kinds.count("harmful"), "benign": kinds.count("benign"),
              "sft complied (rejected = its answer)": 0, "base complied (rejected = its answer)": 0,
              "placeholder kept": 0, "sft refused benign (rejected = its answer)": 0,
-             "benign left out (sft answers it)": 0}
+             "benign left out (sft answers it)": 0, "sft refused harmful (chosen = its refusal)": 0}
     pairs = []
     for rec, kind, ans in zip(records, kinds, sft_ans):
         rejected = rec["rejected"]["content"]
+        chosen = rec["chosen"]
+        if kind == "harmful" and check(kind, ans) and ans:
+            # on-policy chosen too: the refusal DPO raises here is the very sentence the benign pairs
+            # lower (run 4, written chosen: rewards/chosen +0.04, rejected -1.05, harmful refused 8/10 -> 6/10)
+            chosen = {"role": "assistant", "content": ans}
+            stats["sft refused harmful (chosen = its refusal)"] += 1
         if not check(kind, ans) and ans:
             rejected = ans
             stats["sft complied (rejected = its answer)" if kind == "harmful"
@@ -148,7 +156,7 @@ def onpolicy_pairs(base: Path, sft: Path, out: Path, max_tokens: int) -> tuple[P
         else:
             stats["benign left out (sft answers it)"] += 1
             continue
-        pairs.append({**rec, "rejected": {"role": "assistant", "content": rejected}})
+        pairs.append({**rec, "chosen": chosen, "rejected": {"role": "assistant", "content": rejected}})
     path = out / "dpo-pairs.jsonl"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
@@ -339,7 +347,8 @@ def main() -> int:
     stats_file = out / "dpo-pairs.stats.json"
     if not args.offline_dpo and stats_file.is_file():
         stats = json.loads(stats_file.read_text())
-        lines.append("- DPO pairs, on-policy (rejected = the model's own wrong answer; chosen as written): "
+        lines.append("- DPO pairs, on-policy (rejected = the model's own wrong answer; chosen = its own refusal of a harmful "
+                     "request, else as written): "
                      + ", ".join(f"{k} {v}" for k, v in stats.items()) + ".")
     for stage, _, run_dir, _ in stages:
         m = last_metrics(run_dir)

@@ -129,9 +129,10 @@ def dpo_loss(pi_chosen: Tensor, pi_rejected: Tensor, ref_chosen: Tensor, ref_rej
     label_smoothing for "sigmoid"; TRL <= 0.28 had the cDPO form above). The mean over pairs is
     the caller's: sum, then divide by the pairs in the whole optimizer step.
 
-    rpo_alpha (RPO, TRL's DPOConfig.rpo_alpha): adds rpo_alpha * NLL to every pair's loss, where NLL is
-    the chosen answers' negative log-likelihood per token over the batch given, -sum(pi_c) /
-    sum(chosen_tokens) (TRL: cross-entropy over the chosen rows' label tokens, one mean for the batch),
+    rpo_alpha (RPO, TRL <= 0.2x's DPOConfig.rpo_alpha; TRL 1.x: loss_type=["sigmoid", "sft"],
+    loss_weights=[1, rpo_alpha]): adds rpo_alpha * NLL to every pair's loss, where NLL is the chosen
+    answers' negative log-likelihood per token over the batch given, -sum(pi_c) / sum(chosen_tokens)
+    (TRL: the mean of -log p over all the chosen rows' completion tokens, one number for the batch),
     so the pair mean is DPO's + rpo_alpha * NLL. `chosen_tokens` counts the label tokens of each chosen
     answer (or all of them). Why: plain DPO can widen the margin only by pushing unlikely rejected answers
     further down; the NLL term raises the chosen ones (finetune-demo run 4: rewards/chosen +0.04 against
