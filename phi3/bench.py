@@ -159,6 +159,10 @@ def bench(shape: str = "phi-3-mini", layers: int | None = None, qtype: str = "q4
     (per layer of the prompt, per decoded token: a 32-layer 8K prompt takes many minutes) show on stderr."""
     if prompt_tokens < 1 or new_tokens < 1:
         raise Phi3Error("--prompt-tokens and --new-tokens must be at least 1")
+    if head_aware and shape in SHAPES and shape != "phi-3-small":
+        # say so before minutes of building a file, not from the worker afterwards
+        raise Phi3Error(f"--head-aware-cache applies to phi-3-small (blocksparse attention), not {shape}: "
+                        "drop the flag or use --shape phi-3-small")
     path, info = _prepare(shape, layers, qtype, save_gguf, quiet)
     try:
         args = json.dumps([str(path), prompt_tokens, new_tokens, threads, context, exact, head_aware, not quiet])

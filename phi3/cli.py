@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV-cache length to allocate (default: the model's context, e.g. 4096)")
     bn.add_argument("--save-gguf", default=None, metavar="PATH", help="keep the quantized file that was measured")
     bn.add_argument("--exact", action="store_true", help=EXACT_HELP)
+    _add_head_aware_arg(bn)
     bn.add_argument("--json", action="store_true",
                     help="print one JSON object (load_s, prefill_tok_s, decode_tok_s, peak_rss_mb, file_mb, ...)")
 
@@ -407,7 +408,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from phi3.bench import bench
     set_threads(args.threads)
     result = bench(args.shape, args.layers, args.type, args.prompt_tokens, args.new_tokens, args.threads,
-                   Path(args.save_gguf) if args.save_gguf else None, args.context, quiet=args.json, exact=args.exact)
+                   Path(args.save_gguf) if args.save_gguf else None, args.context, quiet=args.json, exact=args.exact,
+                   head_aware=args.head_aware_cache)
     if args.json:
         print(json.dumps(result))
     else:

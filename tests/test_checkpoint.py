@@ -173,7 +173,9 @@ def test_smollm_logits_match_transformers(smollm_pair):
 def test_smollm_greedy_ids_match_transformers(smollm_pair, smollm_gguf):
     """`phi3 generate` (the CLI, 64 new tokens) gives transformers' greedy ids on every prompt."""
     ours, hf = smollm_pair
-    for prompt in PROMPTS:
+    # three prompts, not all five: 36 s of a suite that must stay under 15 minutes (14m37s on
+    # 2026-12-02); the other two prompts are covered by the batched and logits tests
+    for prompt in PROMPTS[:3]:
         r = run_cli("generate", "--model", str(smollm_gguf), "--prompt", prompt, "--max-tokens", "64",
                     "--dtype", "float32", "--exact", "--json")
         assert r.returncode == 0, r.stderr

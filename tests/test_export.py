@@ -180,6 +180,7 @@ def test_bad_quantize_and_bench_input(phi3_folder, tmp_path):
     assert_one_line_error(run_cli("bench", "--threads", "0"), "out of range")
     assert_one_line_error(run_cli("bench", "--shape", "phi-3-mini", "--layers", "99"), "out of range")
     assert_one_line_error(run_cli("bench", "--shape", "no-such-model"), "neither")
+    assert_one_line_error(run_cli("bench", "--shape", "phi-3-mini", "--head-aware-cache"), "applies to phi-3-small")
 
 
 def _tensor_count_offset() -> int:
