@@ -59,7 +59,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from phi3.engine import MAX_TOP_LOGPROBS, Engine, QueueFull, Request, TokenLogprobs
 from phi3.errors import Phi3Error
 from phi3.generate import Completion, SamplingParams
-from phi3.tokenizer import from_byte_level
 
 MAX_BODY_BYTES = 4 << 20  # far above any prompt that fits a 128K context as text
 MAX_JSON_DEPTH = 64  # an OpenAI request nests 4 deep (body, messages, message, content part)
@@ -328,28 +327,14 @@ class TokenSpeller:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        # SentencePiece vocabularies (Phi-3-mini's) spell a space "\u2581" and raw bytes "<0xNN>";
-        # byte-level ones (SmolLM2's, cl100k) map each byte to a printable character
-        self.spm = tokenizer.token_to_id("<0x0A>") is not None
         self.cache: dict[int, tuple[str, list[int]]] = {}
 
     def __call__(self, token_id: int) -> tuple[str, list[int]]:
         hit = self.cache.get(token_id)
         if hit is None:
-            raw = self._bytes(token_id)
+            raw = self.tokenizer.token_bytes(token_id)
             hit = self.cache[token_id] = (raw.decode("utf-8", "replace"), list(raw))
         return hit
-
-    def _bytes(self, token_id: int) -> bytes:
-        spelling = self.tokenizer.id_to_token(token_id)
-        if spelling is None:
-            return self.tokenizer.decode([token_id], skip_special=False).encode("utf-8")
-        if self.spm:
-            if len(spelling) == 6 and spelling.startswith("<0x") and spelling.endswith(">"):
-                return bytes([int(spelling[3:5], 16)])
-            return spelling.replace("\u2581", " ").encode("utf-8")
-        raw = from_byte_level(spelling)
-        return raw if raw is not None else spelling.encode("utf-8")
 
     def chat_entry(self, t: TokenLogprobs) -> dict:
         """One element of choices[].logprobs.content."""

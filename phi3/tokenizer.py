@@ -63,6 +63,20 @@ class TokenizerBase:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token `token_id` stands for (it may hold part of a character): SentencePiece
+        vocabularies (Phi-3-mini's) spell a space "\u2581" and a raw byte "<0xNN>"; byte-level ones
+        (SmolLM2's, cl100k) map each byte to a printable character; special tokens are their text."""
+        spelling = self.id_to_token(token_id)
+        if spelling is None:
+            return self.decode([token_id], skip_special=False).encode("utf-8")
+        if self.token_to_id("<0x0A>") is not None:  # SentencePiece byte fallback
+            if len(spelling) == 6 and spelling.startswith("<0x") and spelling.endswith(">"):
+                return bytes([int(spelling[3:5], 16)])
+            return spelling.replace("\u2581", " ").encode("utf-8")
+        raw = from_byte_level(spelling)
+        return raw if raw is not None else spelling.encode("utf-8")
+
     @property
     def bos_id(self) -> int | None:
         return self.token_to_id(self.bos_token) if self.bos_token else None

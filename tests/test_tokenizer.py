@@ -163,3 +163,14 @@ def test_empty_chat_is_an_error(phi3_tok):
     from phi3.errors import Phi3Error
     with pytest.raises(Phi3Error, match="empty conversation"):
         phi3_tok.apply_chat_template([])
+
+
+def test_token_bytes_on_sentencepiece_and_byte_level_spellings():
+    # what the server's logprobs report as `bytes`: SentencePiece's "\u2581" and "<0xNN>" (Phi-3-mini),
+    # GPT-2 byte-level spellings (SmolLM2, cl100k)
+    from tokenizers import Tokenizer as HF, models
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<0x0A>": 3, "<0xC3>": 4, "\u2581hi": 5, "x": 6}
+    spm = Tokenizer(HF(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>")))
+    assert [spm.token_bytes(i) for i in range(3, 7)] == [b"\n", b"\xc3", b" hi", b"x"]
+    level = Tokenizer(HF(models.BPE(vocab={"\u0120w": 0, "\u00c3\u00b6": 1, "\u010a": 2}, merges=[])))
+    assert [level.token_bytes(i) for i in range(3)] == [b" w", b"\xc3\xb6", b"\n"]
