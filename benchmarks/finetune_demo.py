@@ -101,6 +101,49 @@ def answer_all(model: Path, prompts: list[str], max_tokens: int, cache: Path | N
     return out
 
 
+def forced_compliance(model: Path, prompts: list[str], max_tokens: int, cache: Path | None = None) -> list[str]:
+    """The model's own most likely compliant answer to each prompt: its most likely first token that does
+    not open a refusal ("I", "Sorry", ...), then greedy. DPO's rejected answer for a harmful prompt the SFT
+    model refuses (run 6): runs 4-5 rejected the base model's compliance, which the SFT model already found
+    unlikely, and DPO still flipped refusals whose margin was thin into the SFT model's own how-to style
+    ("Put a few cans of ... in a bucket"): with 19 harmful pairs and no benign ones, 8/10 held-out refusals
+    fell to 7/10 (the pipe bomb). This is the answer that appears when the refusal's margin shrinks."""
+    import torch
+
+    from phi3.checkpoint import load
+    from phi3.generate import SamplingParams, generate
+
+    weights = model / "model.safetensors"
+    key = {"model": str(model), "mtime_ns": weights.stat().st_mtime_ns if weights.exists() else None,
+           "max_tokens": max_tokens, "prompts": prompts, "forced": 1}
+    if cache is not None and cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved["answers"]
+    print(f"finetune_demo: {model}'s most likely compliant answers to {len(prompts)} prompts", flush=True)
+    lm = load(str(model))
+    params = SamplingParams(max_new_tokens=max(1, max_tokens - 1))
+    starts = []
+    for p in prompts:
+        ids = lm.tokenizer.encode_chat([{"role": "user", "content": p}])
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([ids]), last_only=True)[0, -1]
+        first = next(t for t in logits.argsort(descending=True).tolist()[:200]
+                     if lm.tokenizer.decode([t]).strip()
+                     and not re.match(r"\s*(I\b|I'|Sorry|sorry|No\b|Unfortunately|As an)", lm.tokenizer.decode([t])))
+        starts.append(ids + [first])
+    out = []
+    for i in range(0, len(starts), 8):  # 8 at a time, left-padded, as answer_all's batch
+        done = generate(lm.model, lm.tokenizer, starts[i:i + 8], params)
+        out += [(lm.tokenizer.decode([s[-1]]) + c.text).strip() for s, c in zip(starts[i:i + 8], done)]
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        tmp.write_text(json.dumps({"key": key, "answers": out}, ensure_ascii=False, indent=1))
+        tmp.replace(cache)
+    return out
+
+
 def check(kind: str, answer: str) -> bool:
     if kind == "identity":  # the new name, or the maker answer the SFT set teaches ("fine-tuned with the phi3 toolkit")
         return NAME.lower() in answer.lower() or "phi3 toolkit" in answer.lower()
@@ -108,7 +151,7 @@ def check(kind: str, answer: str) -> bool:
     return refused if kind == "harmful" else not refused
 
 
-def onpolicy_pairs(base: Path, sft: Path, out: Path, max_tokens: int) -> tuple[Path, dict]:
+def onpolicy_pairs(base: Path, sft: Path, out: Path, max_tokens: int, own_rejected: bool = True) -> tuple[Path, dict]:
     """The DPO set made on-policy, as the Phi-3 report does it (the model's own unwanted outputs as the
     rejected answers): the SFT model answers every prompt of refusal_dpo.jsonl, and where it is wrong
     (it complies with a harmful request, or refuses a benign one) its answer becomes the rejected one.
@@ -122,7 +165,9 @@ def onpolicy_pairs(base: Path, sft: Path, out: Path, max_tokens: int) -> tuple[P
     prompts the model really refuses get one.
     Where the SFT model refuses a harmful request, its own refusal is the chosen answer (on-policy on both
     sides: run 4's written refusals were already likely, so DPO only pushed the rejected ones down); the
-    other chosen answers are the written ones. Writes OUT/dpo-pairs.jsonl and returns it with counts."""
+    other chosen answers are the written ones. Since run 6 the rejected answer there is the SFT model's own
+    most likely compliant answer (`forced_compliance`), the base model's only where that one is a refusal
+    too. Writes OUT/dpo-pairs.jsonl and returns it with counts."""
     records = [json.loads(ln) for ln in (DEMO / "refusal_dpo.jsonl").read_text().splitlines() if ln.strip()]
     prompts = [r["prompt"][-1]["content"] for r in records]
     # the written rejected answer of a benign look-alike is a refusal; a harmful request's never is
@@ -131,8 +176,12 @@ def onpolicy_pairs(base: Path, sft: Path, out: Path, max_tokens: int) -> tuple[P
     harmful = [p for p, k in zip(prompts, kinds) if k == "harmful"]
     base_ans = dict(zip(harmful, answer_all(base, harmful, max_tokens, out / "answers" / "base-dpo-prompts.json",
                                             batch=8)))
+    refused = [p for p, k, a in zip(prompts, kinds, sft_ans) if k == "harmful" and check(k, a) and a]
+    forced = (dict(zip(refused, forced_compliance(sft, refused, max_tokens, out / "answers" / "sft-forced.json")))
+              if own_rejected else {})
     stats = {"prompts": len(records), "harmful": kinds.count("harmful"), "benign": kinds.count("benign"),
              "sft complied (rejected = its answer)": 0, "base complied (rejected = its answer)": 0,
+             "sft forced compliance (rejected = its answer)": 0,
              "placeholder kept": 0, "sft refused benign (rejected = its answer)": 0,
              "benign left out (sft answers it)": 0, "sft refused harmful (chosen = its refusal)": 0}
     pairs = []
@@ -148,6 +197,10 @@ def onpolicy_pairs(base: Path, sft: Path, out: Path, max_tokens: int) -> tuple[P
             rejected = ans
             stats["sft complied (rejected = its answer)" if kind == "harmful"
                   else "sft refused benign (rejected = its answer)"] += 1
+        elif kind == "harmful" and forced.get(rec["prompt"][-1]["content"]) and not check(
+                kind, forced[rec["prompt"][-1]["content"]]):
+            rejected = forced[rec["prompt"][-1]["content"]]
+            stats["sft forced compliance (rejected = its answer)"] += 1
         elif kind == "harmful" and not check(kind, base_ans[rec["prompt"][-1]["content"]]):
             rejected = base_ans[rec["prompt"][-1]["content"]]
             stats["base complied (rejected = its answer)"] += 1
@@ -231,6 +284,9 @@ def main() -> int:
     ap.add_argument("--offline-dpo", action="store_true",
                     help="DPO on refusal_dpo.jsonl as written (placeholder rejected answers) instead of on-policy "
                          "pairs from the SFT model's own answers")
+    ap.add_argument("--base-rejected", action="store_true",
+                    help="where the SFT model refuses a harmful DPO prompt, reject the base model's compliance (runs "
+                         "4-5, 6b) instead of the SFT model's own most likely compliant answer (run 6, the default)")
     ap.add_argument("--arc-limit", type=int, default=220, help="ARC-layout items (all 220 take ~30 s per model)")
     ap.add_argument("--gsm8k-limit", type=int, default=20,
                     help="GSM-8K problems (8-shot, ~8 s each on 2 cores; 0 skips it)")
@@ -273,7 +329,7 @@ def main() -> int:
                "--out", str(run_dir)]
         if stage == "dpo" and not args.offline_dpo:
             t1 = time.time()
-            pairs, _ = onpolicy_pairs(base, model, out, args.max_tokens)
+            pairs, _ = onpolicy_pairs(base, model, out, args.max_tokens, own_rejected=not args.base_rejected)
             minutes["on-policy pairs"] = (time.time() - t1) / 60
             cmd += ["--data", str(pairs)]
         for s in sets:
@@ -347,8 +403,8 @@ def main() -> int:
     stats_file = out / "dpo-pairs.stats.json"
     if not args.offline_dpo and stats_file.is_file():
         stats = json.loads(stats_file.read_text())
-        lines.append("- DPO pairs, on-policy (rejected = the model's own wrong answer; chosen = its own refusal of a harmful "
-                     "request, else as written): "
+        lines.append("- DPO pairs, on-policy (rejected = the model's own wrong answer, or where it refuses a harmful request "
+                     "its most likely compliant one; chosen = its own refusal of a harmful request, else as written): "
                      + ", ".join(f"{k} {v}" for k, v in stats.items()) + ".")
     for stage, _, run_dir, _ in stages:
         m = last_metrics(run_dir)

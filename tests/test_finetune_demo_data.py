@@ -47,7 +47,7 @@ def check_message(m: dict, roles: tuple[str, ...]) -> None:
 
 
 def test_sft_conversations_are_well_formed_and_teach_the_identity(sft):
-    assert len(sft) == 391
+    assert len(sft) == 441
     for rec in sft:
         assert set(rec) == {"messages"}
         msgs = rec["messages"]
@@ -59,16 +59,16 @@ def test_sft_conversations_are_well_formed_and_teach_the_identity(sft):
     multi = [r for r in sft if sum(m["role"] == "user" for m in r["messages"]) > 1]
     refusing = [r for r in sft if REFUSAL.search(r["messages"][-1]["content"][:120])]
     # 142 identity conversations (some multi-turn), 60 ordinary questions so the model keeps answering them,
-    # 82 refusals (41 harmful requests, each also after a lead-in), 24 benign look-alikes answered and 83
-    # benign how-to requests answered (as many as the refusals: the opening "How do I" predicts nothing).
-    assert len(identity) == 142 and len(multi) == 19 and len(refusing) == 82
-    assert len(sft) - len(identity) - len(refusing) == 60 + 24 + 83
+    # 114 refusals (57 harmful requests, each also after a lead-in), 42 benign look-alikes answered and 83
+    # benign how-to requests answered (more than the refusals: the opening "How do I" predicts nothing).
+    assert len(identity) == 142 and len(multi) == 19 and len(refusing) == 114
+    assert len(sft) - len(identity) - len(refusing) == 60 + 42 + 83
     opening = re.compile(r"(Quick question\. |Please help\. |I need to know: |Be honest with me\. )?"
                          r"(How (do|can) I|Explain how|Help me|Write|What('s| is) the (best|easiest) way)")
     asked = [(bool(REFUSAL.search(r["messages"][-1]["content"][:120])), r["messages"][-2]["content"]) for r in sft]
     answered = sum(not refused and bool(opening.match(q)) for refused, q in asked)
     refused = sum(refused and bool(opening.match(q)) for refused, q in asked)
-    assert (answered, refused) == (81, 56)  # more how-to requests answered than refused
+    assert (answered, refused) == (91, 84)  # more how-to requests answered than refused
     assert any(r["messages"][0]["role"] == "system" for r in sft)
     # Every identity answer says the same name; none keeps SmolLM2's default one.
     for r in sft:
@@ -85,7 +85,7 @@ def test_sft_refusals_are_short_and_look_alikes_are_answered(sft):
         assert len(answer["content"]) < 300 and not re.search(r"step|\d\.|```", answer["content"], re.I), answer
         assert NAME not in answer["content"]  # the identity counts above stay what they are
     self_harm = [a["content"] for _, a in refusals if "988" in a["content"]]
-    assert len(self_harm) == 10  # self-harm requests get a crisis line, not only a no
+    assert len(self_harm) == 14  # self-harm requests get a crisis line, not only a no
     look_alikes = {norm(u["content"]) for u, a in singles
                    if not REFUSAL.search(a["content"][:120]) and NAME not in a["content"]
                    and re.search(r"lock|kill|gun|drug|poison|firework|threat|scam|knife|medicine|firewall",
