@@ -213,6 +213,19 @@ def choose_thresholds(classify: Path) -> tuple[float, float, str]:
                     f"its scores ({scores[0]:.3f}-{scores[-1]:.3f} over {len(scores)} documents)")
 
 
+def classify_threshold(judge: Path) -> float:
+    """FineWeb-Edu's 3 when at least a fifth of the judged documents fall on each side of it; else
+    the judge's median score. The yes/no judge's 5 P(yes) rarely reaches 3 (SmolLM2-135M's P(yes)
+    stays under 0.6: 0 of 115 documents at 3 in the first run with it), and a classifier needs both
+    sides to learn and to be scored."""
+    scores = sorted(json.loads(line)["score"] for line in (judge / "judgments.jsonl").open()
+                    if line.strip() and json.loads(line).get("score") is not None)
+    above = sum(1 for x in scores if x >= 3)
+    if scores and min(above, len(scores) - above) >= len(scores) / 5:
+        return 3
+    return round(scores[len(scores) // 2], 4) if scores else 3
+
+
 def recipe_text(work: Path, url: str, upto: list[str], t1: int, t2: int, args) -> str:
     tables = {
         "executor": 'tasks = 2\nworkers = 1',
@@ -225,8 +238,9 @@ def recipe_text(work: Path, url: str, upto: list[str], t1: int, t2: int, args) -
         "synthetic": f'url = "{url}"\nmodel = "smollm2"\ntopics = "{work / "topics.txt"}"\nn = {args.synthetic}\n'
                      f'max_tokens = {args.gen_tokens}\ntemperature = 0.8\nbatch = 4\nseed = 0',
         "judge": f'url = "{url}"\nmodel = "smollm2"\nsample = {args.sample}\nmax_tokens = {args.judge_tokens}\n'
-                 f'max_chars = {args.judge_chars}\nprompt = "{args.judge_prompt}"\nscoring = "{args.judge_scoring}"\nseed = 0',
-        "classify": f'embedder = "{args.embedder}"\nthreshold = 3',
+                 f'max_chars = {args.judge_chars}\nmethod = "{args.judge_method}"\nask = "{args.judge_ask}"\nshots = {args.judge_shots}\nprompt = "{args.judge_prompt}"\n'
+                 f'scoring = "{args.judge_scoring}"\nseed = 0',
+        "classify": f'embedder = "{args.embedder}"\nthreshold = {getattr(args, "classify_threshold", 3)}',
         "phases": f'tokenizer = "default"\nt1 = {t1}\nt2 = {t2}',
     }
     body = [f'out = "{work / "run"}"']
@@ -235,7 +249,7 @@ def recipe_text(work: Path, url: str, upto: list[str], t1: int, t2: int, args) -
     return "\n".join(body) + "\n"
 
 
-def compare_embedders(run: Path, embedders: list[str]) -> list[dict]:
+def compare_embedders(run: Path, embedders: list[str], threshold: float = 3) -> list[dict]:
     """Held-out F1 of the head on the judge's labels with each embedder, and its embedding speed
     over every classified document (CPU seconds of this process: torch's threads included)."""
     sys.path.insert(0, str(ROOT))
@@ -253,7 +267,7 @@ def compare_embedders(run: Path, embedders: list[str]) -> list[dict]:
         c0, t0 = time.process_time(), time.time()
         X = embed(model, texts)
         cpu, wall = time.process_time() - c0, time.time() - t0
-        head = train_head(run / "decontaminate", run / "judge", spec)
+        head = train_head(run / "decontaminate", run / "judge", spec, threshold=threshold)
         rows.append({"embedder": spec, "dims": int(X.shape[1]), "docs": len(texts), "cpu_s": cpu, "wall_s": wall,
                      "docs_per_cpu_s": len(texts) / max(cpu, 1e-9), **{k: head[k] for k in (
                          "heldout", "heldout_precision", "heldout_recall", "heldout_f1", "heldout_mse")}})
@@ -283,7 +297,14 @@ def main() -> int:
     ap.add_argument("--sample", type=int, default=120, help="documents the judge scores (all of them, in logprobs mode: ~5 s each on 1 thread)")
     ap.add_argument("--synthetic", type=int, default=4, help="synthetic generations")
     ap.add_argument("--judge-tokens", type=int, default=16)
-    ap.add_argument("--judge-prompt", default="brief", help="full or brief (see phi3/recipe/judge.py)")
+    # yesno, its question before and after the page, two answered examples first: SmolLM2-135M's best
+    # way of asking in benchmarks/judge_variants.py (AUC of docs against changelogs + dictionary 0.93
+    # and 1.00 on two samples of 50 pages; the digit 0.69 and 0.68, 0.49 against changelogs; DATA.md)
+    ap.add_argument("--judge-method", default="yesno", choices=("digit", "yesno", "contrast", "additive"),
+                    help="how the judge is asked (phi3/recipe/judge.py, `phi3 data judge --method`)")
+    ap.add_argument("--judge-ask", default="both", choices=("end", "both"), help="the yes/no question after the page, or before and after it")
+    ap.add_argument("--judge-shots", type=int, default=2, choices=(0, 2), help="few-shot examples before the page")
+    ap.add_argument("--judge-prompt", default="brief", help="the digit method's rubric: full or brief (see phi3/recipe/judge.py)")
     ap.add_argument("--judge-chars", type=int, default=1000, help="characters of each document the judge reads")
     ap.add_argument("--judge-scoring", default="auto", choices=("auto", "logprobs", "text"),
                     help="auto: the expected score from the digits' probabilities when the endpoint gives logprobs")
@@ -326,6 +347,8 @@ def main() -> int:
     try:
         for i, stage in enumerate(order):
             t1, t2 = 2, 3
+            if stage == "classify" and (work / "run" / "judge" / "summary.json").is_file():
+                args.classify_threshold = classify_threshold(work / "run" / "judge")
             if stage == "phases":
                 t1, t2, why = choose_thresholds(work / "run" / "classify")
                 (work / "thresholds.json").write_text(json.dumps({"t1": t1, "t2": t2, "why": why}))
@@ -359,7 +382,8 @@ def main() -> int:
     if (work / "run" / "classify" / "summary.json").is_file():
         print("data-demo: comparing embedders on the judge's labels ...", flush=True)
         embedders = ["minilm", "minilm-static", standin_embedder(work / "standin-random-static")]
-        compare = compare_embedders(work / "run", embedders)
+        compare = compare_embedders(work / "run", embedders,
+                                    json.loads((work / "run" / "classify" / "summary.json").read_text())["threshold"])
     sh([str(BIN / "phi3"), "data", "report", str(work / "run"), "--out", str(work / "report" / "DATA.md")])
     write_page(Path(args.write), work, recipe, timings, compare, n_pages, pages, pipeline_s, time.time() - started, args,
                failed)
@@ -373,6 +397,12 @@ SOURCES = {"docs.python.org": "python-docs", "debian-handbook.info": "debian-han
            "homework-forum.example.org": "forum"}
 
 
+VARIANT_NAMES = ("Names: digit = the recipe's G-Eval digit (brief rubric, 1,000 characters); yesno = `--method yesno`;"
+                 ' -sandwich = `--ask both`; -fewshot = `--shots 2`; -short = 500 characters; contrast, additive = '
+                 'those methods; pairwise = the page against a sports-results page, "A or B?", both orders (in the '
+                 'script only).')
+
+
 def judge_lines(j: dict, judgments: Path) -> list[str]:
     """The judge's numbers: in logprobs mode the expected scores' spread, a histogram in quarter
     points, and the mean expected score of each source (does the judge tell the sources apart?)."""
@@ -381,14 +411,24 @@ def judge_lines(j: dict, judgments: Path) -> list[str]:
                 f"{j['unparsable']} unparsable; scores " + ", ".join(f"{k}: {v}" for k, v in j["histogram"].items()) + "."]
     records = [json.loads(line) for line in judgments.open() if line.strip()]
     e = j["expected_score"]
-    lines = ["", "## The judge's scores (G-Eval: the expected digit under SmolLM2's token probabilities)", "",
-             f"{j['sample']} documents judged, {j['unparsable']} unparsable. The reply is prefilled with "
-             f"{j.get('prefill')!r}; at the next token P(\"0\")..P(\"5\") (top 20 log-probabilities) are renormalised.",
-             f"- expected score: min {e['min']:.2f}, median {e['median']:.2f}, mean {e['mean']:.2f}, max {e['max']:.2f}; "
-             f"the digits 0-5 held {100 * e['mean_digit_mass']:.0f} % of the probability at that token on average;",
-             "- by nearest whole score: " + ", ".join(f"{k}: {v}" for k, v in j["histogram"].items()) + ";",
-             "- the likeliest digit (the greedy answer): " + ", ".join(f"{k}: {v}" for k, v in j["argmax_histogram"].items()) + ".",
-             "", "| expected score | documents |", "|---|---|"]
+    if j.get("method", "digit") == "digit":
+        lines = ["", "## The judge's scores (G-Eval: the expected digit under SmolLM2's token probabilities)", "",
+                 f"{j['sample']} documents judged, {j['unparsable']} unparsable. The reply is prefilled with "
+                 f"{j.get('prefill')!r}; at the next token P(\"0\")..P(\"5\") (top 20 log-probabilities) are renormalised.",
+                 f"- expected score: min {e['min']:.2f}, median {e['median']:.2f}, mean {e['mean']:.2f}, max {e['max']:.2f}; "
+                 f"the digits 0-5 held {100 * e['mean_digit_mass']:.0f} % of the probability at that token on average;",
+                 "- by nearest whole score: " + ", ".join(f"{k}: {v}" for k, v in j["histogram"].items()) + ";",
+                 "- the likeliest digit (the greedy answer): " + ", ".join(f"{k}: {v}" for k, v in j["argmax_histogram"].items()) + "."]
+    else:
+        qs = " / ".join(f'"{q}"' for q in j["questions"])
+        lines = ["", f"## The judge's scores (method `{j['method']}`: P(yes) under SmolLM2's token probabilities)", "",
+                 f"{j['sample']} documents judged, {j['unparsable']} unparsable. Each question ({qs}) follows the extract; "
+                 f"the reply is prefilled with {j.get('prefill')!r} and p = P(yes) / (P(yes) + P(no)) is read at the next "
+                 "token (top 20 log-probabilities); the score combines the questions' p (phi3/recipe/judge.py, YES_NO).",
+                 f"- score: min {e['min']:.2f}, median {e['median']:.2f}, mean {e['mean']:.2f}, max {e['max']:.2f}; "
+                 f"yes and no held {100 * e['mean_answer_mass']:.0f} % of the probability at that token on average;",
+                 "- by nearest whole score: " + ", ".join(f"{k}: {v}" for k, v in j["histogram"].items()) + "."]
+    lines += ["", "| expected score | documents |", "|---|---|"]
     scores = [r["score"] for r in records if r.get("score") is not None]
     lo = int(min(scores) * 4) / 4 if scores else 0
     while scores and lo <= max(scores):
@@ -460,7 +500,7 @@ def write_page(out: Path, work: Path, recipe: Path, timings: list[dict], compare
     if c:
         lines += [f"Classifier ({args.embedder}): scores of all {c['documents_in']} documents "
                   + ", ".join(f"{k}: {v}" for k, v in c["histogram"].items())
-                  + f"; held out ({c['heldout']} judged documents) at score >= 3: precision {c['heldout_precision']:.3f}, "
+                  + f"; held out ({c['heldout']} judged documents) at score >= {c['threshold']}: precision {c['heldout_precision']:.3f}, "
                   f"recall {c['heldout_recall']:.3f}, F1 {c['heldout_f1']:.3f}."]
     p = s.get("phases", {})
     if p:
@@ -471,11 +511,20 @@ def write_page(out: Path, work: Path, recipe: Path, timings: list[dict], compare
             sd = p["synthetic_dedup"]
             lines += [f"Synthetic against web (MinHash): {sd['documents_in']} generations in, {sd['documents_out']} kept, "
                       f"{sd['removed']['near_web']} near web text, {sd['removed']['near_synthetic']} near another generation."]
+    # benchmarks/judge_variants.py's last tables, if run: the sample it chose on (seed 0), and a second one
+    for seed, folder in ((0, "judge-variants"), (1, "judge-variants-seed1")):
+        variants = work.parent / folder / "table.md"
+        if variants.is_file():
+            lines += ["", f"## Ways of asking the judge (benchmarks/judge_variants.py, sample seed {seed})", "",
+                      "50 ingested pages (10 per source, English handbook only) judged by SmolLM2-135M-Instruct in each "
+                      "way; AUC: a docs page (python-docs, handbook) scores above a low-value one (changelogs, gcide). "
+                      f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/judge_variants.py --seed {seed} --out "
+                      f"~/.cache/phi3/{folder}`", "", VARIANT_NAMES, "", variants.read_text().rstrip()]
     if compare:
         lines += ["", "## The classifier's embedder, on the judge's labels", "",
               "The same Ridge head and held-out split (20 % of the judged documents), three embedders; speed is embedding every "
               "classified document once in this process (CPU seconds count all its threads).", "",
-              "| embedder | dims | held out | precision | recall | F1 at 3 | MSE | docs | CPU s | docs per CPU s |",
+              f"| embedder | dims | held out | precision | recall | F1 at {s.get('classify', {}).get('threshold', 3)} | MSE | docs | CPU s | docs per CPU s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in compare:
         name = r["embedder"] if r["embedder"] in ("minilm", "minilm-static") else "stand-in (random static, tests)"

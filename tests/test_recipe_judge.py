@@ -32,9 +32,10 @@ def hidden_rule(extract: str) -> str:
 class FakeJudge:
     """`rule(extract)` -> the answer's text. With `logprobs_rule(extract)` -> [(token, probability)]
     (likeliest first), a request with logprobs: true gets that as the first reply token's top
-    alternatives, the likeliest chosen; `refuse_prefill` answers continue_final_message with a 400."""
+    alternatives, the likeliest chosen; `refuse_prefill` answers continue_final_message with a 400;
+    `whole`: the rules get the whole prompt, not only the extract."""
 
-    def __init__(self, rule=hidden_rule, logprobs_rule=None, refuse_prefill: bool = False) -> None:
+    def __init__(self, rule=hidden_rule, logprobs_rule=None, refuse_prefill: bool = False, whole: bool = False) -> None:
         self.requests = 0
         self.down = False
         self.down_after: int | None = None  # answer this many, then 503
@@ -53,9 +54,9 @@ class FakeJudge:
                     return
                 judge.requests += 1
                 judge.bodies.append(body)
-                content = body["messages"][0]["content"]
+                content = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]  # after any few-shot turns
                 found = re.search(r"<extract>\n(.*)\n</extract>", content, re.S)
-                extract = found.group(1) if found else content
+                extract = content if whole or not found else found.group(1)  # whole: the rule sees the question too
                 answer = {"choices": [{"message": {"role": "assistant", "content": rule(extract)}}]}
                 status = 200
                 if logprobs_rule is not None and body.get("logprobs"):
@@ -454,3 +455,55 @@ def test_judge_scores_from_logprobs_by_default_with_a_prefill_where_the_endpoint
     assert summary["scoring"] == "logprobs" and summary["sample"] == 12
     assert {r["score"] is None for r in records.values()} == {True, False}  # the sample holds unparsable ones too
     assert summary["histogram"]["3"] == sum(1 for r in records.values() if r["score"] and r["score"] > 2.5)
+
+
+def yes_no_rule(prompt: str) -> list[tuple[str, float]]:
+    """A yes/no judge: says yes to everything more often for classes (its bias), and only the
+    contrast with the second question shows whether a page teaches."""
+    if "exception" in prompt.lower():
+        return [("The", 0.7), ("This", 0.2)]
+    cls, contra = "class" in prompt.split("</extract>")[0].lower(), "only a log" in prompt
+    table = {(True, False): [(" Yes", 0.6), ("No", 0.1), (" No", 0.1)], (True, True): [(" No", 0.7), ("yes", 0.1)],
+             (False, False): [(" Yes", 0.7), (" No", 0.2)], (False, True): [(" Yes", 0.8), (" No", 0.1)]}
+    return table[cls, contra]
+
+
+def test_yes_no_methods_with_few_shot_read_p_yes_per_question_and_combine_them_exactly(monkeypatch, tmp_path):
+    from phi3.recipe.judge import CONTRA, QUESTION, SHOT_HIGH, SHOT_LOW, YES_PREFILL, yes_from_text, yes_no_score
+    monkeypatch.setattr(J, "RETRY_BACKOFF_S", 0.001)
+    server = FakeJudge(logprobs_rule=yes_no_rule, whole=True)
+    try:
+        src, docs = documents(tmp_path)
+        out = tmp_path / "judge"
+        assert main(["judge", str(src), "--out", str(out), "--url", server.url, "--model", "fake", "--sample", "8",
+                     "--method", "contrast", "--shots", "2", "--ask", "both", "--max-chars", "1500", "--no-progress"]) == 0
+    finally:
+        server.server.shutdown()
+    assert server.requests == 1 + 8 * 2  # the probe, then both questions for every document
+    body = server.bodies[-1]  # two answered examples (few-shot), the page, the prefill
+    assert body["max_tokens"] == 1 and body["messages"][5] == {"role": "assistant", "content": YES_PREFILL}
+    assert SHOT_HIGH in body["messages"][0]["content"] and SHOT_LOW in body["messages"][2]["content"]
+    asked = {b["messages"][4]["content"].split("</extract>\n\n")[1]: (b["messages"][1]["content"], b["messages"][3]["content"])
+             for b in server.bodies[1:]}  # the examples' answers flip for the contrast's negative question
+    assert asked == {f"{QUESTION} Answer Yes or No.": ("Answer: Yes", "Answer: No"),
+                     f"{CONTRA} Answer Yes or No.": ("Answer: No", "Answer: Yes")}
+    assert {b["messages"][4]["content"].split("\n\n<extract>")[0] for b in server.bodies[1:]} == {QUESTION, CONTRA}  # ask both
+    records = {r["id"]: r for r in map(json.loads, (out / "judgments.jsonl").open())}
+    for i, r in records.items():
+        text = docs[i][:1500].lower()
+        assert r["method"] == "contrast" and r["scoring"] == "logprobs" and len(r["answer"]) == 2
+        if "exception" in text:
+            assert r["score"] is None and r["unparsable"] and "neither yes nor no" in r["reason"]
+        elif "class" in text:  # 2.5 + 2.5 (3/4 - 1/8): yes to teaching, no to "only a log" (" No" and "No" added)
+            assert r["p_yes"] == [0.75, 0.125] and r["mass"] == [0.8, 0.8] and r["score"] == 4.0625
+        else:  # yes to both questions: the contrast cancels the bias, below the middle
+            assert r["score"] == pytest.approx(2.5 + 2.5 * (0.7 / 0.9 - 0.8 / 0.9), abs=1e-3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "contrast" and summary["shots"] == 2 and summary["ask"] == "both"
+    assert summary["questions"] == [QUESTION, CONTRA]
+    assert 0 < summary["expected_score"]["mean_answer_mass"] <= 1 and "argmax_histogram" not in summary
+    assert {r["score"] is None for r in records.values()} == {True, False}
+    # additive: a point per criterion, P(yes) each; text mode reads the answer's first word
+    assert yes_no_score("additive", [1, 0.5, 0.25, 0, 0]) == 1.75 and yes_no_score("additive", [1, None, 0, 0, 0]) is None
+    assert yes_no_score("yesno", [0.3]) == 1.5 and yes_no_score("contrast", [0, 1]) == 0.0
+    assert [yes_from_text(a)["p"] for a in ("Yes.", "Answer: no", " NO, it is a log", "Maybe")] == [1.0, 0.0, 0.0, None]

@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", default="full", choices=("full", "brief"),
                     help="full: FineWeb-Edu-style additive rubric, justification, then the score; brief: the scale "
                          "in four lines and the score alone (small judges on a CPU: --max-tokens 12)")
+    sp.add_argument("--method", default="digit", choices=("digit", "yesno", "contrast", "additive"),
+                    help="digit (default): the --prompt rubric, the score one digit; yesno: 5 P(yes) to \"would this "
+                         "page teach a student something?\"; contrast: 2.5 + 2.5 (P(yes) to that - P(yes) to \"is it only "
+                         "a log, list or record?\"); additive: FineWeb-Edu's 5 criteria as 5 yes/no questions, "
+                         "P(yes) summed. The yes/no methods suit small judges (see DATA.md); --prompt is the digit's")
+    sp.add_argument("--ask", default="end", choices=("end", "both"),
+                    help="the yes/no methods' question after the page (end), or before and after it (both)")
+    sp.add_argument("--shots", type=int, default=0, choices=(0, 2),
+                    help="2: a short high-value and a low-value example, answered, before the page (few-shot). "
+                         "--method yesno --ask both --shots 2 is the best SmolLM2-135M judge measured (DATA.md)")
     sp.add_argument("--scoring", default="auto", choices=("auto", "logprobs", "text"),
                     help="logprobs: the expected score over the digits 0-5 from the reply's token log-probabilities "
                          "(G-Eval; the answer is one digit); text: parse \"Educational score: N\"; auto (default): "
@@ -192,7 +202,8 @@ def load_recipe(path: Path) -> tuple[dict, list[list[str]]]:
         [dedup]         ngrams = 5, buckets = 14, hashes_per_bucket = 8, seed = 1
         [decontaminate] data_dir = "bench", ngrams = 13, benchmarks = ["gsm8k"]
         [synthetic]     url, model, topics = "topics.txt", n, temperature, seed, batch, styles, audiences
-        [judge]         url, model, sample = 1000, seed, prompt, scoring = "auto" (logprobs or text)
+        [judge]         url, model, sample = 1000, seed, method = "digit" (or yesno, contrast, additive),
+                        ask = "end" (or "both"), shots = 0 (or 2), prompt, scoring = "auto" (logprobs or text)
         [classify]      embedder = "minilm-static" (or "minilm", or a model2vec folder), threshold = 3
         [phases]        t1 = 2, t2 = 3, tokenizer
         [tokenize]      tokenizer = "default", eos = "...", seed = 0
@@ -328,7 +339,7 @@ def run_judge_stage(args: argparse.Namespace) -> dict:
     from phi3.recipe.judge import run_judge
     return run_judge(Path(args.input), Path(args.out), _endpoint(args, 0.0), args.sample, args.seed,
                      progress=not args.no_progress, max_chars=args.max_chars, prompt=args.prompt,
-                     scoring=args.scoring)
+                     scoring=args.scoring, method=args.method, shots=args.shots, ask=args.ask)
 
 
 def run_synthetic_stage(args: argparse.Namespace) -> dict:

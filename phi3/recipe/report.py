@@ -96,7 +96,9 @@ def write_report(paths: list[Path], out: Path) -> dict:
         if name == "judge":
             histograms["judge (sample)"] = s["histogram"]
             lines += ["", f"## judge: {s['sample']} documents scored by {s['model']}, {s['unparsable']} unparsable"
-                      + (f"; scores from token probabilities (G-Eval), expected score {s['expected_score']['min']:.2f}-"
+                      + (f" (method {s['method']})" if s.get("method", "digit") != "digit" else "")
+                      + (f"; scores from token probabilities ({'G-Eval' if s.get('method', 'digit') == 'digit' else 'P(yes)'}), "
+                         f"expected score {s['expected_score']['min']:.2f}-"
                          f"{s['expected_score']['max']:.2f}, mean {s['expected_score']['mean']:.2f}"
                          if s.get("scoring") == "logprobs" and s.get("expected_score") else "")]
         if name == "classify":
