@@ -322,7 +322,7 @@ def _check_same_run(path: Path, records: Iterable[dict], key: str, expected: Any
                             "choose another --output folder (or delete that file to start over)")
 
 
-def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Any:
+def progress_bar(iterable: Iterable, total: int, desc: str, enabled: bool) -> Any:
     from tqdm import tqdm
     return tqdm(iterable, total=total, desc=desc, unit="item", file=sys.stderr, disable=not enabled)
 
@@ -538,7 +538,7 @@ def mt_bench_answers(questions: list[dict], make_answerer: Callable[[], Answerer
     if not todo:
         return answers
     answerer = make_answerer()
-    for q in _progress(todo, len(todo), "mt-bench answers", progress):
+    for q in progress_bar(todo, len(todo), "mt-bench answers", progress):
         temperature = _temperature(q["category"], temperatures)
         messages: list[dict[str, str]] = []
         turns, reasons = [], []
@@ -567,7 +567,7 @@ def mt_bench_judgments(bench: MTBench, questions: list[dict], answers: dict[int,
             if r.get("question_id") in answers and r.get("answer_id") == answers[r["question_id"]]["answer_id"]}
     matches = [(q, 1) for q in questions] + [(q, 2) for q in questions if len(q["turns"]) == 2]
     todo = [(q, t) for q, t in matches if (q["question_id"], t) not in done]
-    for q, turn in _progress(todo, len(todo), "mt-bench judgments", progress):
+    for q, turn in progress_bar(todo, len(todo), "mt-bench judgments", progress):
         qid, multi = q["question_id"], turn == 2
         answer = answers[qid]
         name = judge_prompt_name(q["category"], multi)
@@ -991,7 +991,7 @@ def run_safety(seeds: list[SafetySeed], make_answerer: Callable[[], Answerer], s
     todo = [s for s in seeds if s.id not in conversations]
     if todo:
         answerer = make_answerer()
-        for seed in _progress(todo, len(todo), "safety conversations", progress):
+        for seed in progress_bar(todo, len(todo), "safety conversations", progress):
             try:
                 convo = simulate_conversation(seed, answerer, simulator, turns)
             except EndpointError as e:
@@ -1009,7 +1009,7 @@ def run_safety(seeds: list[SafetySeed], make_answerer: Callable[[], Answerer], s
     judged = {r.get("id"): r for r in existing
               if r.get("id") in conversations and r.get("conversation_id") == conversations[r["id"]]["conversation_id"]}
     todo = [s for s in seeds if s.id not in judged]
-    for seed in _progress(todo, len(todo), "safety judgments", progress):
+    for seed in progress_bar(todo, len(todo), "safety judgments", progress):
         convo = conversations[seed.id]
         record: dict[str, Any] = {"id": seed.id, "category": seed.category,
                                   "conversation_id": convo["conversation_id"], "model_id": model_id,

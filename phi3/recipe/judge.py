@@ -327,7 +327,7 @@ def _supports_logprobs(endpoint, probe: list[dict[str, str]], first_prefill: str
 def run_judge(src: Path, out: Path, endpoint, sample: int, seed: int = 0, progress: bool = True,
               max_chars: int = MAX_DOC_CHARS, prompt: str = "full", scoring: str = "auto", method: str = "digit",
               shots: int = 0, ask: str = "end") -> dict:
-    from phi3.judge import EndpointError, _progress, append_record, read_records
+    from phi3.judge import EndpointError, append_record, progress_bar, read_records
     from phi3.recipe.ingest import docs_input
     from phi3.recipe.pipeline import _write_json
 
@@ -392,7 +392,7 @@ def run_judge(src: Path, out: Path, endpoint, sample: int, seed: int = 0, progre
         if rec.get("model") != endpoint.model or rec.get("prompt_sha1") != _prompt_sha1(prompt, mode, method, shots, ask):
             raise Phi3Error(f"{path} holds judgments by {rec.get('model')!r} or another prompt or scoring; "
                             f"delete {work} to start over with {endpoint.model!r}")
-    for doc_id in _progress(todo, len(todo), "judging", progress):
+    for doc_id in progress_bar(todo, len(todo), "judging", progress):
         if method != "digit":
             try:
                 fields, answer, cut = _judge_yes_no(endpoint, docs[doc_id]["text"], method, mode, prefill, max_chars,

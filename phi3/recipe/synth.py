@@ -66,7 +66,7 @@ def _normalized(text: str) -> str:
 
 def run_synthetic(out: Path, endpoint, topics: list[str], audiences: list[str], styles: list[str], n: int,
                   seed: int = 0, batch: int = 8, progress: bool = True) -> dict:
-    from phi3.judge import EndpointError, _progress, append_record, read_records
+    from phi3.judge import EndpointError, append_record, progress_bar, read_records
     from phi3.recipe.pipeline import _write_json
 
     out = Path(out)
@@ -96,7 +96,7 @@ def run_synthetic(out: Path, endpoint, topics: list[str], audiences: list[str], 
         sampling_seed = int(hashlib.sha1(f"{seed}:{_key(s)}".encode()).hexdigest()[:15], 16)
         return s, endpoint.chat([{"role": "user", "content": prompt(s)}], seed=sampling_seed)
 
-    bar = _progress(None, len(todo), "generating", progress)
+    bar = progress_bar(None, len(todo), "generating", progress)
     with ThreadPoolExecutor(max_workers=batch) as pool:
         for i in range(0, len(todo), batch):
             try:
