@@ -260,6 +260,26 @@ def test_head_aware_cache_gives_the_full_caches_logits_with_less_memory(model, k
     assert kv_cache_bytes(cfg, 1, SEQ, 4) == 4 * SEQ * 2 * 2 * 8 * 4
 
 
+def test_dense_decode_on_a_float16_cache_merges_chunks(model, monkeypatch):
+    """A dense layer's decode step reads a float16 cache under float32 activations in pieces of
+    DENSE_DECODE_CHUNK keys merged through their log-sum-exps: pieces of 16 give the logits of one
+    piece within 1e-5."""
+    import phi3.model_small as model_small
+    torch.manual_seed(4)
+    ids = torch.randint(0, 96, (1, SEQ))
+    out = {}
+    model.kv_dtype = torch.float16
+    try:
+        for chunk in (16, 1 << 30):
+            monkeypatch.setattr(model_small, "DENSE_DECODE_CHUNK", chunk)
+            cache = model.new_cache(1, SEQ)
+            with torch.no_grad():
+                out[chunk] = torch.cat([model(ids[:, :62], cache)] + [model(ids[:, t:t + 1], cache) for t in range(62, SEQ)], 1)
+    finally:
+        model.kv_dtype = None
+    assert close(out[16], out[1 << 30]) <= 1e-5
+
+
 def test_real_block_pattern_past_1024_tokens():
     """Block 64, 16 local blocks, stride 8 and 8 heads (the 8 residues, 4 per KV group, as the real
     model): a 1037-token prefill, 3 decode steps and a 60-token chunk (lengths not multiples of 64,
@@ -281,6 +301,38 @@ def test_real_block_pattern_past_1024_tokens():
             out[head_aware] = torch.cat(parts + [model(ids[:, 1040:], cache)], 1)
     assert close(out[False], ref) <= 1e-5
     assert torch.equal(out[True], out[False])
+
+
+def test_head_grid_of_several_rows_of_residues():
+    """16 heads, stride 8 (two heads per residue, as the real model's 32 heads make four): the
+    blocksparse prefill's one kernel call per count of vertical blocks over a strided view of all
+    heads (_head_grids: 2 x 8), whole and in chunks not multiples of the block, and left-padded
+    rows through both caches, equal the dense-mask path within 1e-5; head-aware == full, bit for bit."""
+    cfg = tiny(num_hidden_layers=2, num_attention_heads=16, blocksparse_block_size=16, blocksparse_num_local_blocks=4,
+               blocksparse_vert_stride=8, max_position_embeddings=320, original_max_position_embeddings=320)
+    assert SmallTransformer(cfg).model.layers[0].self_attn._head_grids(fast=True) == [(0, 2, 8, 8, 1, 0)]
+    model = build(cfg, seed=3)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 96, (2, 300))
+    with torch.no_grad():
+        ref = model(ids, positions=torch.arange(300).expand(2, 300),
+                    allowed=torch.ones(300, 300, dtype=torch.bool).tril().expand(2, 300, 300))
+        assert close(model(ids), ref) <= 1e-5
+        cache = model.new_cache(2, 300)
+        chunks = [model(ids[:, a:e], cache) for a, e in ((0, 70), (70, 71), (71, 203), (203, 300))]
+        assert close(torch.cat(chunks, 1), ref) <= 1e-5
+        mask = torch.ones(2, 300, dtype=torch.long)
+        mask[1, :37] = 0
+        padded = {}
+        for head_aware in (False, True):
+            cache = model.new_cache(2, 300, head_aware=head_aware)
+            padded[head_aware] = torch.cat([model(ids[:, :250], cache, attention_mask=mask[:, :250]),
+                                            model(ids[:, 250:], cache, attention_mask=mask[:, 250:])], 1)
+        assert torch.equal(padded[True], padded[False])
+        assert close(padded[False][0], ref[0]) <= 1e-5
+        alone = model(ids[1:, 37:], positions=torch.arange(263)[None],
+                      allowed=torch.ones(263, 263, dtype=torch.bool).tril()[None])
+        assert close(padded[False][1, 37:], alone[0]) <= 1e-5
 
 
 def test_kv_bytes_at_8k_of_the_real_shape():
