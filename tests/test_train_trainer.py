@@ -406,3 +406,38 @@ def test_budget_flag_errors_are_one_line(tmp_path, capsys):
     assert train(*base, "--data", str(tmp_path / "text.txt"), "--tokens", "2e3", "--set", "global_batch_size=2",
                  "--set", "micro_batch_size=2", "--set", "save_every=0") == 0
     assert len(metrics(tmp_path / "run")) == 16
+
+
+def test_cpu_training_reuses_freed_memory_and_restores_malloc():
+    """Inside the training loop (CPU) glibc serves a large tensor from its heap, where freed memory
+    is kept for the next step, not from a fresh mmap that every step faults in again (phi3-shape
+    bf16: ~300,000 page faults and 0.7 s of system time per step); after the loop, from mmap again."""
+    import ctypes
+    import sys
+
+    from phi3.train.trainer import _reuse_freed_memory
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt: Linux only")
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("no glibc >= 2.33 (mallinfo2)")
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+    mallinfo2.restype = Info
+
+    def mapped_for_64mib() -> int:
+        before = mallinfo2().hblkhd  # bytes in mmap-served blocks
+        t = torch.empty(16 << 20)
+        grew = mallinfo2().hblkhd - before
+        del t
+        return grew
+
+    with _reuse_freed_memory(torch.device("cpu")):
+        inside = mapped_for_64mib()
+    after = mapped_for_64mib()
+    assert inside == 0
+    assert after >= 64 << 20
