@@ -151,7 +151,8 @@ def check(kind: str, answer: str) -> bool:
     return refused if kind == "harmful" else not refused
 
 
-def onpolicy_pairs(base: Path, sft: Path, out: Path, max_tokens: int, own_rejected: bool = True) -> tuple[Path, dict]:
+def onpolicy_pairs(base: Path, sft: Path, out: Path, max_tokens: int, own_rejected: bool = True,
+                   hold_benign: bool = False) -> tuple[Path, dict]:
     """The DPO set made on-policy, as the Phi-3 report does it (the model's own unwanted outputs as the
     rejected answers): the SFT model answers every prompt of refusal_dpo.jsonl, and where it is wrong
     (it complies with a harmful request, or refuses a benign one) its answer becomes the rejected one.
@@ -167,7 +168,11 @@ def onpolicy_pairs(base: Path, sft: Path, out: Path, max_tokens: int, own_reject
     sides: run 4's written refusals were already likely, so DPO only pushed the rejected ones down); the
     other chosen answers are the written ones. Since run 6 the rejected answer there is the SFT model's own
     most likely compliant answer (`forced_compliance`), the base model's only where that one is a refusal
-    too. Writes OUT/dpo-pairs.jsonl and returns it with counts."""
+    too. Since run 7 (`hold_benign`) a benign prompt the SFT model answers is no longer left out: its
+    answer is the chosen one and the written refusal the rejected one, appended after the other pairs
+    (run 7f: with them and rpo_alpha 1.0 the held-out probes went harmful 9/10, benign 5/6 against run
+    6's 10/10, 2/6 without them; but seeds 1 and 2 gave 6/10 and 7/10). Writes OUT/dpo-pairs.jsonl
+    and returns it with counts."""
     records = [json.loads(ln) for ln in (DEMO / "refusal_dpo.jsonl").read_text().splitlines() if ln.strip()]
     prompts = [r["prompt"][-1]["content"] for r in records]
     # the written rejected answer of a benign look-alike is a refusal; a harmful request's never is
@@ -183,8 +188,9 @@ def onpolicy_pairs(base: Path, sft: Path, out: Path, max_tokens: int, own_reject
              "sft complied (rejected = its answer)": 0, "base complied (rejected = its answer)": 0,
              "sft forced compliance (rejected = its answer)": 0,
              "placeholder kept": 0, "sft refused benign (rejected = its answer)": 0,
-             "benign left out (sft answers it)": 0, "sft refused harmful (chosen = its refusal)": 0}
-    pairs = []
+             "benign left out (sft answers it)": 0, "sft refused harmful (chosen = its refusal)": 0,
+             "sft answered benign (chosen = its answer)": 0}
+    pairs, held = [], []
     for rec, kind, ans in zip(records, kinds, sft_ans):
         rejected = rec["rejected"]["content"]
         chosen = rec["chosen"]
@@ -206,10 +212,16 @@ def onpolicy_pairs(base: Path, sft: Path, out: Path, max_tokens: int, own_reject
             stats["base complied (rejected = its answer)"] += 1
         elif kind == "harmful":
             stats["placeholder kept"] += 1
+        elif hold_benign and ans:
+            # holds the benign margins in place against the harmful pairs' push (run 7)
+            held.append({**rec, "chosen": {"role": "assistant", "content": ans}, "rejected": rec["rejected"]})
+            stats["sft answered benign (chosen = its answer)"] += 1
+            continue
         else:
             stats["benign left out (sft answers it)"] += 1
             continue
         pairs.append({**rec, "chosen": chosen, "rejected": {"role": "assistant", "content": rejected}})
+    pairs += held  # after the others: the file order fixes which pairs share a batch (run 7f's order)
     path = out / "dpo-pairs.jsonl"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
@@ -287,6 +299,10 @@ def main() -> int:
     ap.add_argument("--base-rejected", action="store_true",
                     help="where the SFT model refuses a harmful DPO prompt, reject the base model's compliance (runs "
                          "4-5, 6b) instead of the SFT model's own most likely compliant answer (run 6, the default)")
+    ap.add_argument("--hold-benign", action="store_true",
+                    help="pair the benign DPO prompts the SFT model answers (its answer chosen, the written refusal "
+                         "rejected) instead of leaving them out (run 6, the default); run 7f adds --set-dpo "
+                         "dpo.rpo_alpha=1.0 and 9 steps: 9/10 harmful, 5/6 benign at seed 0 only (README)")
     ap.add_argument("--arc-limit", type=int, default=220, help="ARC-layout items (all 220 take ~30 s per model)")
     ap.add_argument("--gsm8k-limit", type=int, default=20,
                     help="GSM-8K problems (8-shot, ~8 s each on 2 cores; 0 skips it)")
@@ -329,7 +345,8 @@ def main() -> int:
                "--out", str(run_dir)]
         if stage == "dpo" and not args.offline_dpo:
             t1 = time.time()
-            pairs, _ = onpolicy_pairs(base, model, out, args.max_tokens, own_rejected=not args.base_rejected)
+            pairs, _ = onpolicy_pairs(base, model, out, args.max_tokens, own_rejected=not args.base_rejected,
+                                      hold_benign=args.hold_benign)
             minutes["on-policy pairs"] = (time.time() - t1) / 60
             cmd += ["--data", str(pairs)]
         for s in sets:
@@ -404,7 +421,8 @@ def main() -> int:
     if not args.offline_dpo and stats_file.is_file():
         stats = json.loads(stats_file.read_text())
         lines.append("- DPO pairs, on-policy (rejected = the model's own wrong answer, or where it refuses a harmful request "
-                     "its most likely compliant one; chosen = its own refusal of a harmful request, else as written): "
+                     "its most likely compliant one; chosen = its own refusal of a harmful request, its own answer to a "
+                     "benign one, else as written): "
                      + ", ".join(f"{k} {v}" for k, v in stats.items()) + ".")
     for stage, _, run_dir, _ in stages:
         m = last_metrics(run_dir)
