@@ -93,12 +93,17 @@ def answer_all(model: Path, prompts: list[str], max_tokens: int, cache: Path | N
     for i in range(0, len(prompts), batch):
         ids = [lm.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts[i:i + batch]]
         out += [c.text.strip() for c in generate(lm.model, lm.tokenizer, ids, params)]
+    _save_answers(cache, key, out)
+    return out
+
+
+def _save_answers(cache: Path | None, key: dict, answers: list[str]) -> None:
+    """Cache a model's answers under the key that identifies them, atomically (tmp, then rename)."""
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp")
-        tmp.write_text(json.dumps({"key": key, "answers": out}, ensure_ascii=False, indent=1))
+        tmp.write_text(json.dumps({"key": key, "answers": answers}, ensure_ascii=False, indent=1))
         tmp.replace(cache)
-    return out
 
 
 def forced_compliance(model: Path, prompts: list[str], max_tokens: int, cache: Path | None = None) -> list[str]:
@@ -136,11 +141,7 @@ def forced_compliance(model: Path, prompts: list[str], max_tokens: int, cache: P
     for i in range(0, len(starts), 8):  # 8 at a time, left-padded, as answer_all's batch
         done = generate(lm.model, lm.tokenizer, starts[i:i + 8], params)
         out += [(lm.tokenizer.decode([s[-1]]) + c.text).strip() for s, c in zip(starts[i:i + 8], done)]
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        tmp.write_text(json.dumps({"key": key, "answers": out}, ensure_ascii=False, indent=1))
-        tmp.replace(cache)
+    _save_answers(cache, key, out)
     return out
 
 
