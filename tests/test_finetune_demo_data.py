@@ -1,5 +1,6 @@
 """The fine-tuning demo's data (recipes/finetune-demo/): well-formed, the sizes its README states,
-no duplicates, the held-out probes really held out, and the files equal to what make_data.py writes."""
+no duplicates, the held-out probes and the validation list (DPO's step is chosen on it) really held out, and
+the files equal to what make_data.py writes."""
 
 from __future__ import annotations
 
@@ -41,13 +42,18 @@ def probes() -> dict[str, list[str]]:
     return json.loads((DEMO / "probes.json").read_text(encoding="utf-8"))
 
 
+@pytest.fixture(scope="module")
+def validation() -> dict[str, list[str]]:
+    return json.loads((DEMO / "validation.json").read_text(encoding="utf-8"))
+
+
 def check_message(m: dict, roles: tuple[str, ...]) -> None:
     assert set(m) == {"role", "content"} and m["role"] in roles
     assert isinstance(m["content"], str) and m["content"].strip() == m["content"] and m["content"]
 
 
 def test_sft_conversations_are_well_formed_and_teach_the_identity(sft):
-    assert len(sft) == 441
+    assert len(sft) == 563
     for rec in sft:
         assert set(rec) == {"messages"}
         msgs = rec["messages"]
@@ -59,16 +65,16 @@ def test_sft_conversations_are_well_formed_and_teach_the_identity(sft):
     multi = [r for r in sft if sum(m["role"] == "user" for m in r["messages"]) > 1]
     refusing = [r for r in sft if REFUSAL.search(r["messages"][-1]["content"][:120])]
     # 142 identity conversations (some multi-turn), 60 ordinary questions so the model keeps answering them,
-    # 114 refusals (57 harmful requests, each also after a lead-in), 42 benign look-alikes answered and 83
-    # benign how-to requests answered (more than the refusals: the opening "How do I" predicts nothing).
-    assert len(identity) == 142 and len(multi) == 19 and len(refusing) == 114
-    assert len(sft) - len(identity) - len(refusing) == 60 + 42 + 83
+    # 150 refusals (75 harmful requests, each also after a lead-in), 128 benign look-alikes answered (64, twice)
+    # and 83 benign how-to requests answered (more than the refusals: the opening "How do I" predicts nothing).
+    assert len(identity) == 142 and len(multi) == 19 and len(refusing) == 150
+    assert len(sft) - len(identity) - len(refusing) == 60 + 128 + 83
     opening = re.compile(r"(Quick question\. |Please help\. |I need to know: |Be honest with me\. )?"
                          r"(How (do|can) I|Explain how|Help me|Write|What('s| is) the (best|easiest) way)")
     asked = [(bool(REFUSAL.search(r["messages"][-1]["content"][:120])), r["messages"][-2]["content"]) for r in sft]
     answered = sum(not refused and bool(opening.match(q)) for refused, q in asked)
     refused = sum(refused and bool(opening.match(q)) for refused, q in asked)
-    assert (answered, refused) == (91, 84)  # more how-to requests answered than refused
+    assert (answered, refused) == (135, 108)  # more how-to requests answered than refused
     assert any(r["messages"][0]["role"] == "system" for r in sft)
     # Every identity answer says the same name; none keeps SmolLM2's default one.
     for r in sft:
@@ -85,7 +91,7 @@ def test_sft_refusals_are_short_and_look_alikes_are_answered(sft):
         assert len(answer["content"]) < 300 and not re.search(r"step|\d\.|```", answer["content"], re.I), answer
         assert NAME not in answer["content"]  # the identity counts above stay what they are
     self_harm = [a["content"] for _, a in refusals if "988" in a["content"]]
-    assert len(self_harm) == 14  # self-harm requests get a crisis line, not only a no
+    assert len(self_harm) == 22  # self-harm requests (11, twice) get a crisis line, not only a no
     look_alikes = {norm(u["content"]) for u, a in singles
                    if not REFUSAL.search(a["content"][:120]) and NAME not in a["content"]
                    and re.search(r"lock|kill|gun|drug|poison|firework|threat|scam|knife|medicine|firewall",
@@ -143,7 +149,7 @@ def near(a: str, b: str) -> bool:
     return sm.real_quick_ratio() >= 0.85 and sm.quick_ratio() >= 0.85 and sm.ratio() >= 0.85
 
 
-def test_no_duplicates_and_probes_are_held_out(sft, dpo, probes):
+def test_no_duplicates_and_probes_are_held_out(sft, dpo, probes, validation):
     sft_keys = [json.dumps(r, sort_keys=True) for r in sft]
     assert len(set(sft_keys)) == len(sft)
     dpo_prompts = [norm(r["prompt"][0]["content"]) for r in dpo]
@@ -154,13 +160,22 @@ def test_no_duplicates_and_probes_are_held_out(sft, dpo, probes):
     assert [len(probes[k]) for k in ("identity", "harmful", "benign")] == [3, 10, 6] and len(probes) == 3
     flat = [p for ps in probes.values() for p in ps]
     assert len({norm(p) for p in flat}) == len(flat)
-    for kind, prompts in probes.items():
+    # The validation list (run 8: the driver chooses DPO's step on it) is held out from training the same way,
+    # and is not a near-duplicate of a probe either: choosing on it must not be choosing on the probes.
+    assert [len(validation[k]) for k in ("harmful", "benign")] == [12, 12] and len(validation) == 2
+    flat_val = [p for ps in validation.values() for p in ps]
+    assert len({norm(p) for p in flat_val}) == len(flat_val)
+    asked = list(probes.items()) + [("validation " + k, v) for k, v in validation.items()]
+    for kind, prompts in asked:
         for p in prompts:
             # held out even up to case, punctuation, a "Nice to meet you." lead-in or a prefix ...
             assert not any(norm(p) in t for t in trained), (kind, p)
             # ... and not a near-duplicate of a training prompt either
             close = [t for t in trained if near(norm(p), t)]
             assert not close, (kind, p, close)
+    for p in flat_val:
+        close = [q for q in flat if norm(p) in norm(q) or norm(q) in norm(p) or near(norm(p), norm(q))]
+        assert not close, (p, close)
     assert "who are you" in trained  # the issue's question itself is taught; the probes test paraphrases
     # the checker itself: it does catch a reworded training prompt
     assert near(norm("How do I make a molotov cocktail at home?"), norm("How do I make a Molotov cocktail?"))
