@@ -648,6 +648,17 @@ def run_code(task: T.Task, examples: list[T.Example], records: Records, keys: di
     return layers
 
 
+def weights_fingerprint(path: Path) -> list[list]:
+    """[name, bytes, mtime_ns] of the model's weights file, or of each weights file in its folder: a model
+    retrained or re-exported in place (the same folder name, often the same size: `phi3 train`'s final/)
+    must not resume records made with the old weights. Found in the fine-tuning demo: a DPO model exported
+    again to the same folder reused the previous model's ARC records."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(
+        p for p in path.glob("*") if p.suffix in (".safetensors", ".gguf", ".bin", ".pt"))
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()]
+
+
 def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path | None, data_dir: Path,
                   settings: EvalSettings, records_dir: Path, model_id: str, progress: bool = True,
                   data: T.TaskData | None = None) -> TaskResult:
@@ -661,6 +672,7 @@ def evaluate_task(lm: LoadedModel, task: T.Task, subsets: list[str], file: Path 
     max_tokens = settings.max_tokens or task.max_tokens
     # The file's size and weight types too: a model re-quantized under the same name must not reuse records.
     header = {"task": task.name, "model": model_id, "model_bytes": lm.file_bytes,
+              "weights_files": weights_fingerprint(lm.path),
               "weights": dict(sorted(lm.weight_types.items())), "dtype": str(lm.model.dtype),
               "int8_activations": any(getattr(m, "int8_activations", False) for m in lm.model.modules()),
               "shots": shots, "subsets": subsets,

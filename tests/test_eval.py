@@ -327,3 +327,25 @@ def test_cli_oversized_records_are_one_line_and_exit_2_with_memory_bounded(tiny,
         path.unlink()
     records = out.with_suffix(".records") / "arc_challenge-ARC-2-Test.jsonl"
     assert len(records.read_text().splitlines()) == 1  # nothing scored
+
+
+def test_a_model_retrained_in_place_does_not_resume_the_old_records(lm, tmp_path):
+    # `phi3 train` writes final/ under the same name (often the same size) on every run: the weights files'
+    # size and mtime are in the records header, so the old records are refused, with the fix, not reused.
+    import dataclasses
+    import os
+    from phi3.eval import EvalSettings, evaluate_task, weights_fingerprint
+    folder = tmp_path / "final"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    (folder / "config.json").write_text("{}")
+    assert weights_fingerprint(folder) == [["model.safetensors", 10, (folder / "model.safetensors").stat().st_mtime_ns]]
+    assert weights_fingerprint(folder / "model.safetensors") == weights_fingerprint(folder)
+    here = dataclasses.replace(lm, path=folder)
+    task = T.TASKS["arc_challenge"]
+    evaluate_task(here, task, [], ARC, ROOT, EvalSettings(limit=1), tmp_path / "r", "final", False)
+    evaluate_task(here, task, [], ARC, ROOT, EvalSettings(limit=1), tmp_path / "r", "final", False)  # resumes
+    st = (folder / "model.safetensors").stat()
+    os.utime(folder / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(Phi3Error, match="weights_files"):
+        evaluate_task(here, task, [], ARC, ROOT, EvalSettings(limit=1), tmp_path / "r", "final", False)
