@@ -9,7 +9,7 @@ Every step is the `phi3` command a user would type (printed before it runs):
   2. `phi3 train sft` on recipes/finetune-demo/identity_sft.jsonl (a new identity, "Phi3-Tiny");
   3. `phi3 train dpo` from the SFT result on recipes/finetune-demo/refusal_dpo.jsonl (refusals), its
      pairs made on-policy first (`onpolicy_pairs`: the SFT model's own wrong answers as rejected), a
-     checkpoint saved every step, and the step that does best on recipes/finetune-demo/validation.json
+     checkpoint saved every other step, and the step that does best on recipes/finetune-demo/validation.json
      exported as the SFT+DPO model (`choose_dpo_step`: model selection on validation, not on the probes);
   4. greedy answers (`phi3 generate`'s code, each model loaded once) to "Who are you?" and the held-out probes of probes.json, for the base,
      the SFT and the SFT+DPO model, each answer checked (the name said; harmful requests refused;
@@ -77,7 +77,6 @@ def answer_all(model: Path, prompts: list[str], max_tokens: int, cache: Path | N
     max_tokens are unchanged (as `phi3 eval` reuses its records). `batch` > 1 decodes that many prompts
     at once (left-padded: faster, and the same answers up to float rounding; used for the DPO prompts)."""
     from phi3.checkpoint import load
-    from phi3.generate import SamplingParams, generate
 
     weights = model / "model.safetensors"
     key = {"model": str(model), "mtime_ns": weights.stat().st_mtime_ns if weights.exists() else None,
@@ -89,14 +88,28 @@ def answer_all(model: Path, prompts: list[str], max_tokens: int, cache: Path | N
             return saved["answers"]
     print(f"$ phi3 generate -m {model} -p PROMPT --max-tokens {max_tokens}   # x {len(prompts)} prompts, in-process",
           flush=True)
-    lm = load(str(model))
+    out = greedy_answers(load(str(model)), prompts, max_tokens, batch)
+    _save_answers(cache, key, out)
+    return out
+
+
+def greedy_answers(lm, prompts: list[str], max_tokens: int, batch: int = 8) -> list[str]:
+    """Greedy answers of a loaded model to single-turn prompts, `batch` at a time (left-padded)."""
+    from phi3.generate import SamplingParams, generate
+
     params = SamplingParams(max_new_tokens=max_tokens)
     out = []
     for i in range(0, len(prompts), batch):
         ids = [lm.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts[i:i + batch]]
         out += [c.text.strip() for c in generate(lm.model, lm.tokenizer, ids, params)]
-    _save_answers(cache, key, out)
     return out
+
+
+def dpo_set() -> list[tuple[dict, str]]:
+    """refusal_dpo.jsonl's records, each with its kind: the written rejected answer of a benign look-alike is
+    a refusal; a harmful request's never is."""
+    records = [json.loads(ln) for ln in (DEMO / "refusal_dpo.jsonl").read_text().splitlines() if ln.strip()]
+    return [(r, "benign" if REFUSAL.search(r["rejected"]["content"]) else "harmful") for r in records]
 
 
 def _save_answers(cache: Path | None, key: dict, answers: list[str]) -> None:
@@ -176,10 +189,8 @@ def onpolicy_pairs(base: Path, sft: Path, out: Path, max_tokens: int, own_reject
     (run 7f: with them and rpo_alpha 1.0 the held-out probes went harmful 9/10, benign 5/6 against run
     6's 10/10, 2/6 without them; but seeds 1 and 2 gave 6/10 and 7/10). Writes OUT/dpo-pairs.jsonl
     and returns it with counts."""
-    records = [json.loads(ln) for ln in (DEMO / "refusal_dpo.jsonl").read_text().splitlines() if ln.strip()]
+    records, kinds = map(list, zip(*dpo_set()))
     prompts = [r["prompt"][-1]["content"] for r in records]
-    # the written rejected answer of a benign look-alike is a refusal; a harmful request's never is
-    kinds = ["benign" if REFUSAL.search(r["rejected"]["content"]) else "harmful" for r in records]
     sft_ans = answer_all(sft, prompts, max_tokens, out / "answers" / "sft-dpo-prompts.json", batch=8)
     harmful = [p for p, k in zip(prompts, kinds) if k == "harmful"]
     base_ans = dict(zip(harmful, answer_all(base, harmful, max_tokens, out / "answers" / "base-dpo-prompts.json",
@@ -270,17 +281,11 @@ def validation_score(lm, validation: dict[str, list[str]], max_tokens: int = 24)
     (a first token the margin cannot read: "No, it's not" to "Is it dangerous?", "I'm Phi3-Tiny, I can ..."),
     the signed margin counts as 0: in run 8 such a prompt, not a wrong answer, decided between two DPO runs
     with the same three wrong answers."""
-    from phi3.generate import SamplingParams, generate
-
     res: dict = {"answers": {}, "margins": {}, "correct": {}}
-    params = SamplingParams(max_new_tokens=max_tokens)
     signed = []
     for kind in ("harmful", "benign"):
         prompts = validation[kind]
-        ids = [lm.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
-        answers = []
-        for i in range(0, len(ids), 8):
-            answers += [c.text.strip() for c in generate(lm.model, lm.tokenizer, ids[i:i + 8], params)]
+        answers = greedy_answers(lm, prompts, max_tokens)
         margins = refusal_margins(lm, prompts)
         res["answers"][kind], res["margins"][kind] = answers, margins
         res["correct"][kind] = sum(check(kind, a) for a in answers)
@@ -309,20 +314,13 @@ def load_step(lm, step_dir: Path) -> None:
 def trained_refusals(lm, prompts: list[str], max_tokens: int = 24) -> int:
     """How many of the DPO set's harmful requests (trained, `prompts`) the model refuses: greedy answers, 8 at a
     time, checked as the probes are."""
-    from phi3.generate import SamplingParams, generate
-
-    params = SamplingParams(max_new_tokens=max_tokens)
-    ids = [lm.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
-    answers = []
-    for i in range(0, len(ids), 8):
-        answers += [c.text.strip() for c in generate(lm.model, lm.tokenizer, ids[i:i + 8], params)]
-    return sum(check("harmful", a) for a in answers)
+    return sum(check("harmful", a) for a in greedy_answers(lm, prompts, max_tokens))
 
 
 def choose_dpo_step(sft: Path, run_dir: Path, validation: dict[str, list[str]], trained_harmful: list[str],
                     keep: bool = False) -> tuple[Path, dict]:
-    """Model selection on the validation list, never on the probes: DPO saves every step (dpo.toml
-    save_every = 1), each step's model is scored by `trained_refusals` on the DPO set's harmful requests and by
+    """Model selection on the validation list, never on the probes: DPO saves a checkpoint every dpo.toml
+    save_every steps (2), each saved step's model is scored by `trained_refusals` on the DPO set's harmful requests and by
     `validation_score`, and the best step (the highest (trained harmful refused, validation correct count,
     smallest signed margin); the earliest on a tie) is exported to RUN_DIR/selected, a
     Hugging Face folder like final/. The SFT model (step 0) is scored for comparison but is not a
@@ -377,7 +375,7 @@ def selection_file_bytes(run_dir: Path) -> bytes | None:
 
 
 def check_disk_for_dpo(out: Path, sets: list[str]) -> None:
-    """DPO saves a checkpoint every step (dpo.toml save_every = 1) so that the driver can choose one; each holds
+    """DPO saves a checkpoint every save_every steps (dpo.toml) so that the driver can choose one; each holds
     the weights and AdamW's two moments, 1.6 GB for SmolLM2-135M in float32. Stop before training, with the
     fix, where they would not fit: three runs side by side filled this machine's disk once (run 8)."""
     import tomllib
@@ -530,9 +528,7 @@ def main() -> int:
     final = out / "dpo" / "final"
     if (out / "dpo" / "final" / "model.safetensors").is_file():
         t0 = time.time()
-        harmful_dpo = [r["prompt"][-1]["content"] for r in (json.loads(ln) for ln in
-                       (DEMO / "refusal_dpo.jsonl").read_text().splitlines() if ln.strip())
-                       if not REFUSAL.search(r["rejected"]["content"])]
+        harmful_dpo = [r["prompt"][-1]["content"] for r, kind in dpo_set() if kind == "harmful"]
         chosen_before = selection_file_bytes(out / "dpo")
         final, selection = choose_dpo_step(out / "sft" / "final", out / "dpo", validation, harmful_dpo,
                                            keep=args.keep_checkpoints)
@@ -552,9 +548,7 @@ def main() -> int:
                for label, path in models.items()}
     # The DPO set's own prompts: "refuses those requests" in the issue's words (trained, so a weaker test than
     # the held-out probes above, which stay the demo's main check). Decoded 8 at a time, as the pairs were made.
-    dpo_records = [json.loads(ln) for ln in (DEMO / "refusal_dpo.jsonl").read_text().splitlines() if ln.strip()]
-    dpo_asks = [("benign" if REFUSAL.search(r["rejected"]["content"]) else "harmful", r["prompt"][-1]["content"])
-                for r in dpo_records]
+    dpo_asks = [(kind, r["prompt"][-1]["content"]) for r, kind in dpo_set()]
     dpo_ok = {}
     for label, path in models.items():
         got = answer_all(path, [p for _, p in dpo_asks], args.max_tokens,
